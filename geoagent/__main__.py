@@ -1,0 +1,3 @@
+from geoagent.cli import app
+
+app()

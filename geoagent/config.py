@@ -1,0 +1,188 @@
+"""Settings: named backend profiles, task routing, cache, retrieval and agent options.
+
+Precedence, highest first: explicit overrides (CLI flags) > environment (``GEOAGENT_...``, nested
+with ``__``) > the TOML file (``--config FILE`` or ``./geoagent.toml``) > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from geoagent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_FILE = Path("geoagent.toml")
+TASKS = ("prior", "reasoning", "pairwise", "pointwise")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackendProfile(_Section):
+    """One named VLM endpoint: which client, which model, where, and how hard to push it."""
+
+    kind: str = Field(default="ollama", description="ollama | openai | litellm (a module in geoagent/vlm/backends/)")
+    model: str = "llava:7b"
+    base_url: str | None = Field(
+        default=None, description="Server URL; None means the client's default (Ollama: http://127.0.0.1:11434)."
+    )
+    api_key_env: str = Field(default="", description="NAME of the environment variable holding the API key.")
+    max_concurrency: int = Field(default=4, ge=1, le=1024)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int = 0
+    max_tokens: int = Field(default=512, ge=16)
+    retry_backoff_s: float = Field(default=0.5, ge=0, description="First backoff; doubles per attempt, with jitter.")
+    retry_backoff_max_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from geoagent.vlm.backend import backend_kinds
+
+        if value not in backend_kinds():
+            raise ValueError(f"unknown backend kind '{value}' (known: {', '.join(backend_kinds())})")
+        return value
+
+    def api_key(self, profile_name: str) -> str | None:
+        """The key from the named environment variable; a clear error if it is named but unset."""
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ConfigError(
+                f"backend '{profile_name}': environment variable {self.api_key_env} is not set "
+                f"(api_key_env names it); export {self.api_key_env}=<your key>"
+            )
+        return value
+
+
+class TasksConfig(_Section):
+    """Which backend profile serves which task; unset tasks fall back to ``default``."""
+
+    default: str = "local"
+    prior: str | None = None
+    reasoning: str | None = None
+    pairwise: str | None = None
+    pointwise: str | None = None
+
+    def profile_for(self, task: str) -> str:
+        if task != "default" and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}")
+        return getattr(self, task) or self.default
+
+
+class CacheConfig(_Section):
+    dir: Path = Path("cache")
+    enabled: bool = True
+
+
+class AgentConfig(_Section):
+    max_image_side: int = Field(default=768, ge=64, le=8192)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Field names are the public TOML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GEOAGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    backends: dict[str, BackendProfile] = Field(default_factory=lambda: {"local": BackendProfile()})
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+
+    @model_validator(mode="after")
+    def _routes_exist(self) -> Settings:
+        for task in ("default", *TASKS):
+            name = getattr(self.tasks, task)
+            if name is not None and name not in self.backends:
+                known = ", ".join(sorted(self.backends)) or "none"
+                raise ValueError(f"tasks.{task} routes to backend profile '{name}', which is not defined (defined: {known})")
+        return self
+
+    def profile(self, task: str) -> tuple[str, BackendProfile]:
+        name = self.tasks.profile_for(task)
+        return name, self.backends[name]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{loc}'"
+    if first["type"] == "value_error" and not loc:
+        return f"{origin}: {first['msg'].removeprefix('Value error, ')}"
+    return f"{origin}: {loc or 'config'}: {first['msg']}"
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from the file (explicit or ``./geoagent.toml``), environment and overrides.
+
+    Raises ConfigError with one line naming the file or key and the problem.
+    """
+    toml_file: Path | None = None
+    if path is not None:
+        toml_file = Path(path).expanduser()
+        _check_toml(toml_file)
+    elif DEFAULT_CONFIG_FILE.is_file():
+        toml_file = DEFAULT_CONFIG_FILE
+        _check_toml(toml_file)
+
+    settings_cls: type[Settings] = Settings
+    if toml_file is not None:
+        settings_cls = type(
+            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}}
+        )
+    origin = str(toml_file) if toml_file else "configuration"
+    try:
+        return settings_cls(**(overrides or {}))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None

@@ -1,0 +1,93 @@
+"""Safe image loading: guard against junk, honour EXIF orientation, normalise mode, downscale, encode once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from geoagent.errors import InputError
+from geoagent.vlm.types import EncodedImage
+
+try:  # HEIC/HEIF photos, where the optional pillow-heif is installed.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - optional
+    pass
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif"})
+JPEG_QUALITY = 90
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB 8-bit: alpha composited on white, 16-bit and float rescaled, palette and CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open a photo fully decoded, upright and in RGB; InputError naming the file if it is unusable."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as raw:
+                raw.load()
+                upright = ImageOps.exif_transpose(raw)
+                return to_rgb(upright)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: refused: too many pixels (possible decompression bomb)") from None
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable image ({exc})") from None
+    except (ValueError, SyntaxError) as exc:  # Pillow raises these for some corrupt headers
+        raise InputError(f"{path}: corrupt image ({exc})") from None
+
+
+def downscale(image: Image.Image, max_side: int) -> Image.Image:
+    """Shrink so the longer side is at most ``max_side``; aspect kept (panoramas are never cropped)."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_image(image: Image.Image, max_side: int, label: str = "") -> EncodedImage:
+    """JPEG-encode once; the content hash identifies the image in cache keys."""
+    image = downscale(to_rgb(image), max_side)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    data = buffer.getvalue()
+    return EncodedImage(
+        data=data, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height, label=label
+    )
+
+
+def load_image(path: str | Path, max_side: int) -> EncodedImage:
+    """Open, orient, downscale and encode a photo (blocking: call it from a worker thread)."""
+    return encode_image(open_image(path), max_side, label=str(path))

@@ -1,0 +1,118 @@
+"""The one interface every VLM backend implements, and the name -> class registry.
+
+A backend is one module in ``geoagent/vlm/backends/`` named after its ``kind`` and exposing ``Backend``:
+adding one touches that file only. Backends do a single request each and classify failures; retries,
+concurrency, caching and answer validation live in :mod:`geoagent.vlm.client`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import importlib
+import pkgutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from geoagent.errors import BackendError, ConfigError
+from geoagent.vlm.types import ChatRequest, Completion
+
+if TYPE_CHECKING:
+    from geoagent.config import BackendProfile
+
+#: HTTP statuses worth another attempt: timeouts, conflicts, rate limits and server-side failures.
+TRANSIENT_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class TransientError(Exception):
+    """A failure that another attempt may fix; ``retry_after`` is the server's requested wait in seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class VLMBackend(ABC):
+    """Sends one chat request to one model and returns its raw text."""
+
+    kind: ClassVar[str]
+    default_url: ClassVar[str | None] = None
+
+    def __init__(self, name: str, profile: BackendProfile) -> None:
+        self.name = name
+        self.profile = profile
+        self.api_key = profile.api_key(name)
+
+    @property
+    def url(self) -> str:
+        return self.profile.base_url or self.default_url or "(provider default)"
+
+    @abstractmethod
+    async def complete(self, request: ChatRequest) -> Completion:
+        """One request. Raise TransientError to ask for a retry, BackendError to stop."""
+
+    async def check(self) -> str:
+        """A cheap reachability and model check for ``geoagent check``; raises BackendError with the fix."""
+        return f"configured for {self.profile.model} (this backend has no cheap health check; the first ask will tell)"
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # Shared classification so every backend words the same failure the same way.
+
+    def auth_error(self, status: int) -> BackendError:
+        if self.profile.api_key_env:
+            hint = f"check the key in environment variable {self.profile.api_key_env}"
+        else:
+            hint = f"set api_key_env for backend '{self.name}' to the NAME of an environment variable holding the key"
+        return BackendError(f"backend '{self.name}': {self.url} refused the credentials (HTTP {status}); {hint}")
+
+    def unreachable_error(self, hint: str = "is the server running there?") -> BackendError:
+        return BackendError(f"backend '{self.name}': cannot connect to {self.url}; {hint}")
+
+    def status_error(self, status: int, message: str, retry_after: float | None = None) -> Exception:
+        """Map an HTTP status to TransientError or a BackendError worded for the user."""
+        if status in TRANSIENT_STATUSES:
+            return TransientError(f"HTTP {status}: {message}", retry_after)
+        if status in (401, 403):
+            return self.auth_error(status)
+        if status == 404:
+            return BackendError(f"backend '{self.name}': no model '{self.profile.model}' at {self.url} ({message})")
+        return BackendError(f"backend '{self.name}': HTTP {status} from {self.url}: {message}")
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    if not headers:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def backend_kinds() -> list[str]:
+    """Names of the available backends, found without importing them."""
+    from geoagent.vlm import backends
+
+    return sorted(m.name for m in pkgutil.iter_modules(backends.__path__) if not m.name.startswith("_"))
+
+
+def create_backend(name: str, profile: BackendProfile) -> VLMBackend:
+    """Instantiate the backend class for ``profile.kind``."""
+    if profile.kind not in backend_kinds():
+        raise ConfigError(f"backends.{name}.kind: unknown backend '{profile.kind}' (known: {', '.join(backend_kinds())})")
+    module = importlib.import_module(f"geoagent.vlm.backends.{profile.kind}")
+    backend_cls: type[VLMBackend] = module.Backend
+    return backend_cls(name, profile)

@@ -1,0 +1,70 @@
+"""Hosted providers (Anthropic, Gemini, Bedrock, ...) and anything else litellm routes, via ``litellm.acompletion``.
+
+litellm is imported on first use: it takes seconds to import, and with ``LITELLM_LOCAL_MODEL_COST_MAP``
+set it never reaches the network while doing so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import openai
+
+from geoagent.vlm.backend import VLMBackend
+from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
+from geoagent.vlm.types import ChatRequest, Completion, Usage
+
+
+def _litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def litellm_model(model: str) -> str:
+    """``ollama/`` flattens chats onto ``/api/generate``; ``ollama_chat/`` keeps ``/api/chat``."""
+    return "ollama_chat/" + model.removeprefix("ollama/") if model.startswith("ollama/") else model
+
+
+class Backend(VLMBackend):
+    kind = "litellm"
+
+    def _key(self) -> str | None:
+        # A local OpenAI-compatible server takes any key, but litellm insists on one; providers reached
+        # without a base_url read their own variables (ANTHROPIC_API_KEY, ...) when none is passed.
+        if self.api_key is None and self.profile.base_url and self.profile.model.startswith("openai/"):
+            return "not-needed"
+        return self.api_key
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        litellm = _litellm()
+        try:
+            response = await litellm.acompletion(
+                model=litellm_model(self.profile.model),
+                messages=openai_messages(request),
+                response_format=json_schema_format(request),
+                temperature=request.temperature,
+                seed=request.seed,
+                max_tokens=request.max_tokens,
+                api_base=self.profile.base_url,
+                api_key=self._key(),
+                timeout=self.profile.timeout_s,
+                num_retries=0,  # geoagent's single retry layer decides
+                max_retries=0,
+            )
+        except openai.OpenAIError as exc:  # litellm's exceptions subclass openai's
+            if "Missing credentials" in str(exc) or "api_key" in str(exc).lower() and "missing" in str(exc).lower():
+                raise self.auth_error(401) from None
+            raise classify_openai_error(self, exc) from None
+        usage = getattr(response, "usage", None)
+        return Completion(
+            text=response.choices[0].message.content or "",
+            usage=Usage(
+                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            ),
+        )

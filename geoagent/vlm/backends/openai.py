@@ -1,0 +1,118 @@
+"""Any OpenAI-compatible server (OpenAI, vLLM, llama.cpp server, LM Studio) through ``openai.AsyncOpenAI``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from geoagent.errors import BackendError
+from geoagent.vlm.backend import TransientError, VLMBackend, parse_retry_after
+from geoagent.vlm.types import ChatRequest, Completion, Usage
+
+
+def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """Chat messages in OpenAI's shape: text first, then ``image_url`` data URLs in order."""
+    messages: list[dict[str, Any]] = []
+    for message in request.messages:
+        if not message.images:
+            messages.append({"role": message.role, "content": message.text})
+            continue
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}]
+        parts += [{"type": "image_url", "image_url": {"url": image.data_url}} for image in message.images]
+        messages.append({"role": message.role, "content": parts})
+    return messages
+
+
+def json_schema_format(request: ChatRequest) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": request.schema_name, "schema": request.schema}}
+
+
+class Backend(VLMBackend):
+    kind = "openai"
+    default_url = "https://api.openai.com/v1"
+
+    def __init__(self, name: str, profile: Any) -> None:
+        super().__init__(name, profile)
+        # Local OpenAI-compatible servers take any key; the client insists on one.
+        # max_retries=0: geoagent's single retry layer decides, so attempts do not multiply.
+        self._client = openai.AsyncOpenAI(
+            base_url=self.profile.base_url,
+            api_key=self.api_key or "not-needed",
+            timeout=profile.timeout_s,
+            max_retries=0,
+        )
+
+    @property
+    def url(self) -> str:
+        return str(self._client.base_url).rstrip("/") if hasattr(self, "_client") else super().url
+
+    async def check(self) -> str:
+        try:
+            models = [model.id async for model in self._client.models.list()]
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(self, exc) from None
+        if self.profile.model not in models:
+            raise BackendError(
+                f"backend '{self.name}': no model '{self.profile.model}' at {self.url} "
+                f"(it serves: {', '.join(models[:8]) or 'nothing'})"
+            )
+        return f"ok: {self.profile.model} at {self.url}"
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.profile.model,
+                messages=openai_messages(request),  # type: ignore[arg-type]
+                response_format=json_schema_format(request),  # type: ignore[arg-type]
+                temperature=request.temperature,
+                seed=request.seed,
+                max_tokens=request.max_tokens,
+            )
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(self, exc) from None
+        if not response.choices:
+            raise TransientError("the server returned no choices")
+        usage = response.usage
+        return Completion(
+            text=response.choices[0].message.content or "",
+            usage=Usage(
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def classify_openai_error(backend: VLMBackend, exc: openai.OpenAIError) -> Exception:
+    """TransientError or BackendError for an openai-client exception (litellm's subclass these too)."""
+    if _refused(exc):  # checked first: litellm reports a refused connection as a 500
+        return backend.unreachable_error()
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientError(f"no answer within {backend.profile.timeout_s:g} s")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientError(f"connection failed: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        headers = getattr(exc, "litellm_response_headers", None) or exc.response.headers
+        return backend.status_error(exc.status_code, _error_message(exc), parse_retry_after(headers))
+    return backend.status_error(0, str(exc))
+
+
+def _refused(exc: BaseException) -> bool:
+    import httpx
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, httpx.ConnectError | ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body  # the client already unwrapped {"error": {...}}
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return exc.message

@@ -1,0 +1,216 @@
+"""Ask a VLM a question and get a validated answer: cache -> concurrency limit -> retry -> backend.
+
+This is the only retry layer in GeoAgent; the clients' own retries are turned off in the backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from geoagent.errors import AnswerError, BackendError
+from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
+from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
+from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
+from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
+
+if TYPE_CHECKING:
+    from geoagent.config import BackendProfile, Settings
+
+REPAIR_PROMPT = (
+    "Your previous reply could not be used: {error}. Reply again with only one JSON object that follows "
+    "this JSON schema, and nothing else:\n{schema}"
+)
+
+
+class _WaitRetryAfter:
+    """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+
+    def __call__(self, state: RetryCallState) -> float:
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        return max(wait, retry_after) if retry_after is not None else wait
+
+
+class VLMClient:
+    """One backend profile: bounded concurrency, one retry layer, cache, answer repair and accounting."""
+
+    def __init__(self, name: str, profile: BackendProfile, cache: ResponseCache | None = None) -> None:
+        self.name = name
+        self.profile = profile
+        self.cache = cache
+        self.backend: VLMBackend = create_backend(name, profile)
+        self.totals = CallStats()
+        self._limit = asyncio.Semaphore(profile.max_concurrency)
+        self._inflight: dict[str, asyncio.Future[Answer[Any]]] = {}
+
+    def key_for(self, request: ChatRequest, sample: int) -> str:
+        return cache_key(
+            {
+                "kind": self.profile.kind,
+                "model": self.profile.model,
+                "messages": [
+                    {"role": m.role, "text": m.text, "images": [image.sha256 for image in m.images]}
+                    for m in request.messages
+                ],
+                "schema": request.schema,
+                "temperature": request.temperature,
+                "seed": request.seed,
+                "max_tokens": request.max_tokens,
+                "sample": sample,
+            }
+        )
+
+    async def ask(
+        self,
+        prompt: str,
+        images: Sequence[EncodedImage],
+        schema: type[AnswerT],
+        *,
+        task: str = "",
+        sample: int = 0,
+        system: str | None = None,
+    ) -> Answer[AnswerT]:
+        """Ask one question about ``images`` (sent in order) and return an answer valid for ``schema``.
+
+        ``sample`` distinguishes repeated samples of the same question (self-consistency): each has its own
+        seed and cache entry. Raises BackendError or AnswerError with a message fit for a user.
+        """
+        messages = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt, tuple(images)),)
+        request = ChatRequest(
+            messages=messages,
+            schema_name=schema.__name__,
+            schema=schema.model_json_schema(),
+            temperature=self.profile.temperature,
+            seed=self.profile.seed + sample,
+            max_tokens=self.profile.max_tokens,
+        )
+        key = self.key_for(request, sample)
+        pending = self._inflight.get(key)
+        if pending is not None:  # an identical question is already on its way: share its answer
+            shared = await asyncio.shield(pending)
+            stats = CallStats(asks=1, cache_hits=1)
+            self.totals.add(stats)
+            return Answer[schema](value=shared.value, stats=stats, cached=True)  # type: ignore[valid-type]
+        future: asyncio.Future[Answer[Any]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            answer = await self._answer(key, request, schema, task or schema.__name__)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
+            raise
+        else:
+            future.set_result(answer)
+        finally:
+            self._inflight.pop(key, None)
+        return answer
+
+    async def _answer(self, key: str, request: ChatRequest, schema: type[AnswerT], task: str) -> Answer[AnswerT]:
+        stats = CallStats(asks=1)
+        started = time.perf_counter()
+        try:
+            if self.cache is not None:
+                hit = await self.cache.get(key)
+                if hit is not None:
+                    stats.cache_hits = 1
+                    return Answer[schema](value=schema.model_validate(hit.answer), stats=stats, cached=True)  # type: ignore[valid-type]
+            completion = await self._complete(request, stats)
+            try:
+                value = parse_answer(completion.text, schema)
+            except AnswerParseError as first:
+                stats.repairs += 1
+                repair = ChatRequest(
+                    messages=(
+                        *request.messages,
+                        ChatMessage("assistant", completion.text),
+                        ChatMessage("user", REPAIR_PROMPT.format(error=first, schema=request.schema)),
+                    ),
+                    schema_name=request.schema_name,
+                    schema=request.schema,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                    max_tokens=request.max_tokens,
+                )
+                completion = await self._complete(repair, stats)
+                try:
+                    value = parse_answer(completion.text, schema)
+                except AnswerParseError as second:
+                    raise AnswerError(
+                        f"backend '{self.name}' ({self.profile.model}): invalid {request.schema_name} answer "
+                        f"after a repair re-ask: {second}"
+                    ) from None
+            if self.cache is not None:
+                entry = CachedAnswer(answer=value.model_dump(mode="json"), usage=completion.usage)
+                await self.cache.put(key, kind=self.profile.kind, model=self.profile.model, task=task, entry=entry)
+            return Answer[schema](value=value, stats=stats)  # type: ignore[valid-type]
+        except BaseException:
+            stats.failures = 1
+            raise
+        finally:
+            stats.latency_s = time.perf_counter() - started
+            self.totals.add(stats)
+
+    async def _complete(self, request: ChatRequest, stats: CallStats) -> Completion:
+        """Send with retries; each attempt waits for a concurrency slot, backoff sleeps hold none."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.profile.max_retries + 1),
+            wait=_WaitRetryAfter(self.profile.retry_backoff_s, self.profile.retry_backoff_max_s),
+            retry=retry_if_exception_type(TransientError),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self._limit:
+                        stats.requests += 1
+                        completion = await self.backend.complete(request)
+                    stats.prompt_tokens += completion.usage.prompt_tokens
+                    stats.completion_tokens += completion.usage.completion_tokens
+                    return completion
+        except TransientError as exc:
+            raise BackendError(
+                f"backend '{self.name}' ({self.profile.model} at {self.backend.url}): gave up after "
+                f"{stats.requests} attempts: {exc}"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+
+class VLMPool:
+    """The clients a run needs, one per backend profile, looked up by task."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = ResponseCache(settings.cache.dir) if settings.cache.enabled else None
+        self._clients: dict[str, VLMClient] = {}
+
+    def for_task(self, task: str) -> VLMClient:
+        return self.client(self.settings.tasks.profile_for(task))
+
+    def client(self, name: str) -> VLMClient:
+        """The client of backend profile ``name``, created on first use."""
+        if name not in self._clients:
+            self._clients[name] = VLMClient(name, self.settings.backends[name], self.cache)
+        return self._clients[name]
+
+    def totals(self) -> CallStats:
+        total = CallStats()
+        for client in self._clients.values():
+            total.add(client.totals)
+        return total
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self._clients.values()))
+        if self.cache is not None:
+            self.cache.close()

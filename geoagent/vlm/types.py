@@ -1,0 +1,94 @@
+"""Values that cross the VLM layer's boundary: requests, raw completions, validated answers, accounting."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image already oriented, downscaled and encoded: built once, sent in many calls."""
+
+    data: bytes
+    sha256: str
+    width: int
+    height: int
+    mime: str = "image/jpeg"
+    label: str = field(default="", compare=False)
+
+    @cached_property
+    def b64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+    @cached_property
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64,{self.b64}"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    text: str
+    images: tuple[EncodedImage, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a backend is asked: messages (images in order) and the JSON schema the answer must follow."""
+
+    messages: tuple[ChatMessage, ...]
+    schema_name: str
+    schema: dict[str, Any]
+    temperature: float
+    seed: int
+    max_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Completion(BaseModel):
+    """A backend's raw reply, before validation."""
+
+    text: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+class CallStats(BaseModel):
+    """Accounting for one or many asks. ``requests`` counts HTTP requests actually sent."""
+
+    model_config = ConfigDict(validate_assignment=False)
+
+    asks: int = 0
+    requests: int = 0
+    cache_hits: int = 0
+    repairs: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+
+    def __add__(self, other: CallStats) -> CallStats:
+        return CallStats(**{name: getattr(self, name) + getattr(other, name) for name in CallStats.model_fields})
+
+    def add(self, other: CallStats) -> None:
+        """Accumulate in place (for running totals)."""
+        for name in CallStats.model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Answer(BaseModel, Generic[AnswerT]):
+    """A validated answer and what it cost."""
+
+    value: AnswerT
+    stats: CallStats
+    cached: bool = False

@@ -1,0 +1,377 @@
+"""A stand-in VLM server: real HTTP on 127.0.0.1 speaking Ollama's and OpenAI's chat protocols.
+
+It decodes the images it is sent, hands them with the prompt and the requested JSON schema to a judge that
+decides the answer, and misbehaves on request: latency, a bounded parallel capacity whose queue answers 503
+when full, and injected 500/503/429 (with Retry-After), hangs, truncated JSON, fenced JSON and prose.
+Every request is logged so tests can count what was actually sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from PIL import Image
+
+FAULTS = ("http_503", "http_429", "http_500", "hang", "truncated", "fenced", "prose")
+
+
+@dataclass
+class Faults:
+    """Probabilities per request; at most ``max_per_question`` faults hit any one question (its repairs included)."""
+
+    http_503: float = 0.0
+    http_429: float = 0.0
+    http_500: float = 0.0
+    hang: float = 0.0
+    truncated: float = 0.0
+    fenced: float = 0.0
+    prose: float = 0.0
+    retry_after_s: int = 0
+    max_per_question: int = 2
+    seed: int = 0
+
+    @classmethod
+    def mixed(cls, total: float, **kwargs: Any) -> Faults:
+        """``total`` spread evenly over 503, 429, 500 and fenced JSON."""
+        share = total / 4
+        return cls(http_503=share, http_429=share, http_500=share, fenced=share, **kwargs)
+
+
+@dataclass
+class SeenRequest:
+    """What the judge gets: the request as the server understood it."""
+
+    protocol: str  # "ollama" | "openai"
+    model: str
+    prompt: str
+    images: list[Image.Image]
+    schema: dict[str, Any]
+    schema_name: str
+    options: dict[str, Any]
+
+
+@dataclass
+class LoggedRequest:
+    path: str
+    status: int
+    protocol: str = ""
+    schema_name: str = ""
+    fault: str = ""
+    prompt: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+Judge = Callable[[SeenRequest], dict[str, Any]]
+
+
+@dataclass
+class StandinConfig:
+    models: tuple[str, ...] = ("llava:7b",)
+    latency_s: float = 0.0
+    capacity: int = 64
+    queue: int = 256
+    api_key: str | None = None
+    hang_s: float = 30.0
+    faults: Faults = field(default_factory=Faults)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    standin: StandinServer
+
+
+class StandinServer:
+    """Start with ``with StandinServer(judge) as server:``; ``server.url`` is the Ollama root, ``server.openai_url`` /v1."""
+
+    def __init__(self, judge: Judge, config: StandinConfig | None = None) -> None:
+        self.judge = judge
+        self.config = config or StandinConfig()
+        self.log: list[LoggedRequest] = []
+        self._lock = threading.Lock()
+        self._rng = random.Random(self.config.faults.seed)
+        self._faults_by_question: dict[str, int] = {}
+        self._busy = 0
+        self.max_busy = 0  # most chat requests in the server at once
+        self._slots = threading.Semaphore(self.config.capacity)
+        self._stopping = threading.Event()
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.standin = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def openai_url(self) -> str:
+        return self.url + "/v1"
+
+    def __enter__(self) -> StandinServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    # --- accounting ---------------------------------------------------------------------------------
+
+    def chat_requests(self, schema_name: str | None = None) -> list[LoggedRequest]:
+        """Logged chat requests (either protocol), optionally only those asking for ``schema_name``."""
+        with self._lock:
+            chats = [r for r in self.log if r.path in ("/api/chat", "/v1/chat/completions")]
+        return [r for r in chats if schema_name is None or r.schema_name == schema_name]
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self.log.clear()
+
+    def _record(self, entry: LoggedRequest) -> None:
+        with self._lock:
+            self.log.append(entry)
+
+    def _admit(self) -> bool:
+        with self._lock:
+            if self._busy >= self.config.capacity + self.config.queue:
+                return False
+            self._busy += 1
+            self.max_busy = max(self.max_busy, self._busy)
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def _draw_fault(self, question: str) -> str:
+        faults = self.config.faults
+        with self._lock:
+            if self._faults_by_question.get(question, 0) >= faults.max_per_question:
+                return ""
+            roll = self._rng.random()
+            edge = 0.0
+            for name in FAULTS:
+                edge += getattr(faults, name)
+                if roll < edge:
+                    self._faults_by_question[question] = self._faults_by_question.get(question, 0) + 1
+                    return name
+        return ""
+
+
+def _decode_image(data: str) -> Image.Image:
+    if data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr
+        pass
+
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _error(self, protocol: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        if protocol == "ollama":
+            self._send_json(status, {"error": message}, headers)
+        else:
+            kind = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
+            self._send_json(status, {"error": {"message": message, "type": kind.get(status, "server_error"), "param": None, "code": None}}, headers)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        return json.loads(raw or b"{}")
+
+    # --- routes -------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:  # noqa: N802
+        standin = self.server.standin
+        standin._record(LoggedRequest(path=self.path, status=200))
+        models = standin.config.models
+        if self.path == "/api/version":
+            self._send_json(200, {"version": "0.12.0-standin"})
+        elif self.path == "/api/tags":
+            self._send_json(200, {"models": [{"name": m, "model": m, "size": 0, "digest": "0" * 64, "details": {"family": "llava"}} for m in models]})
+        elif self.path == "/v1/models":
+            if not self._authorised("openai"):
+                return
+            self._send_json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "standin"} for m in models]})
+        else:
+            self._send_json(404, {"error": "404 page not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        standin = self.server.standin
+        if self.path == "/api/show":
+            body = self._body()
+            name = body.get("model") or body.get("name")
+            standin._record(LoggedRequest(path=self.path, status=200 if name in standin.config.models else 404))
+            if name in standin.config.models:
+                self._send_json(200, {
+                    "modelfile": "", "parameters": "", "template": "", "modified_at": "2026-01-01T00:00:00Z",
+                    "details": {"format": "gguf", "family": "llama", "families": ["llama", "clip"], "parameter_size": "7B", "quantization_level": "Q4_0"},
+                    "model_info": {"general.architecture": "llama"}, "capabilities": ["completion", "vision"],
+                })
+            else:
+                self._send_json(404, {"error": f"model '{name}' not found"})
+        elif self.path == "/api/chat":
+            self._chat("ollama")
+        elif self.path == "/v1/chat/completions":
+            self._chat("openai")
+        else:
+            standin._record(LoggedRequest(path=self.path, status=404))
+            self._send_json(404, {"error": "404 page not found"})
+
+    def _authorised(self, protocol: str) -> bool:
+        expected = self.server.standin.config.api_key
+        if expected is None or self.headers.get("Authorization") == f"Bearer {expected}":
+            return True
+        self._error(protocol, 401, "Incorrect API key provided.")
+        return False
+
+    def _chat(self, protocol: str) -> None:
+        standin = self.server.standin
+        entry = LoggedRequest(path=self.path, status=200, protocol=protocol)
+        standin._record(entry)  # logged on arrival, so a request still hanging is counted
+        self._chat_inner(protocol, entry)
+
+    def _chat_inner(self, protocol: str, entry: LoggedRequest) -> None:
+        standin = self.server.standin
+        config = standin.config
+        body = self._body()
+        if not self._authorised(protocol):
+            entry.status = 401
+            return
+        seen = _parse_chat(protocol, body)
+        entry.schema_name, entry.prompt, entry.options = seen.schema_name, seen.prompt, seen.options
+        if seen.model not in config.models:
+            entry.status = 404
+            if protocol == "ollama":
+                self._error(protocol, 404, f'model "{seen.model}" not found, try pulling it first')
+            else:
+                self._error(protocol, 404, f"The model `{seen.model}` does not exist or you do not have access to it.")
+            return
+        if not standin._admit():
+            entry.status, entry.fault = 503, "queue_full"
+            self._error(protocol, 503, "server busy, please try again.  maximum pending requests exceeded")
+            return
+        try:
+            with standin._slots:
+                if config.latency_s:
+                    time.sleep(config.latency_s)
+                question = hashlib.sha256(json.dumps(_first_user_message(body), sort_keys=True).encode()).hexdigest()
+                fault = standin._draw_fault(question)
+                entry.fault = fault
+                if fault == "hang":
+                    standin._stopping.wait(config.hang_s)
+                    entry.status = 0
+                    return
+                if fault.startswith("http_"):
+                    status = int(fault[5:])
+                    entry.status = status
+                    headers = {"Retry-After": str(config.faults.retry_after_s)} if status == 429 else None
+                    self._error(protocol, status, {503: "server overloaded", 429: "rate limit reached", 500: "internal error"}[status], headers)
+                    return
+                answer = json.dumps(standin.judge(seen))
+                if fault == "truncated":
+                    answer = answer[: len(answer) // 2]
+                elif fault == "fenced":
+                    answer = f"```json\n{answer}\n```"
+                elif fault == "prose":
+                    answer = f"Looking at the image carefully, here is my answer: {answer} I hope this helps."
+                self._reply(protocol, seen, answer)
+        finally:
+            standin._release()
+
+    def _reply(self, protocol: str, seen: SeenRequest, text: str) -> None:
+        prompt_tokens = len(seen.prompt) // 4 + 576 * len(seen.images)
+        completion_tokens = max(1, len(text) // 4)
+        if protocol == "ollama":
+            self._send_json(
+                200,
+                {
+                    "model": seen.model,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+                    "message": {"role": "assistant", "content": text},
+                    "done": True,
+                    "done_reason": "stop",
+                    "total_duration": 1_000_000,
+                    "load_duration": 1000,
+                    "prompt_eval_count": prompt_tokens,
+                    "prompt_eval_duration": 1000,
+                    "eval_count": completion_tokens,
+                    "eval_duration": 1000,
+                },
+            )
+        else:
+            self._send_json(
+                200,
+                {
+                    "id": "chatcmpl-standin",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": seen.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                },
+            )
+
+
+def _first_user_message(body: dict[str, Any]) -> Any:
+    return next((m for m in body.get("messages", []) if m.get("role") == "user"), None)
+
+
+def _parse_chat(protocol: str, body: dict[str, Any]) -> SeenRequest:
+    prompts: list[str] = []
+    images: list[Image.Image] = []
+    for message in body.get("messages", []):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            prompts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    prompts.append(part.get("text", ""))
+                elif part.get("type") == "image_url":
+                    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                    images.append(_decode_image(url))
+        images.extend(_decode_image(data) for data in message.get("images") or [])
+    if protocol == "ollama":
+        schema = body.get("format") if isinstance(body.get("format"), dict) else {}
+        name = schema.get("title", "")
+        options = body.get("options") or {}
+    else:
+        fmt = body.get("response_format") or {}
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema") or {}
+        name = spec.get("name") or schema.get("title", "")
+        options = {k: body[k] for k in ("temperature", "seed", "max_tokens") if k in body}
+    return SeenRequest(protocol, body.get("model", ""), "\n".join(prompts), images, schema, name, options)

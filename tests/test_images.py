@@ -1,0 +1,72 @@
+"""Image loading: junk is refused with the file named; odd modes and orientations are normalised."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geoagent.errors import InputError
+from geoagent.images import downscale, load_image, open_image
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert open_image(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16"])
+def test_odd_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / f"odd.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    if mode == "I;16":
+        Image.fromarray(np.arange(0, 60000, 100, dtype=np.uint16).reshape(20, 30)).save(path)
+    else:
+        Image.new(mode, (30, 20)).save(path)
+    assert open_image(path).mode == "RGB"
+
+
+def test_downscale_keeps_panorama_aspect():
+    panorama = Image.new("RGB", (4096, 2048))
+    assert downscale(panorama, 768).size == (768, 384)
+
+
+def test_encoding_is_bounded_and_hash_is_content_based(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1000), "blue").save(path)
+    first, second = load_image(path, 768), load_image(path, 768)
+    assert (first.width, first.height) == (768, 384)
+    assert first.sha256 == second.sha256 and first.data_url.startswith("data:image/jpeg;base64,")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "empty file"), (b"not an image at all", "not an image"), (None, "truncated")],
+)
+def test_junk_is_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "junk.jpg"
+    if content is None:
+        Image.new("RGB", (200, 200), "green").save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value) or "unreadable" in str(info.value)
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (400, 400)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(InputError, match="decompression bomb"):
+        open_image(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        open_image(tmp_path / "nope.jpg")
