@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from geoagent.config import Settings, load_config
-from geoagent.errors import GeoAgentError
+from geoagent.errors import ConfigError, GeoAgentError
 
 app = typer.Typer(
     name="geoagent",
@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
 
@@ -52,6 +54,75 @@ def user_errors() -> Iterator[None]:
 
 def settings_from(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     return load_config(config, overrides)
+
+
+@index_app.command("build")
+def index_build(
+    source: Annotated[Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to create or update.")],
+    index_type: Annotated[str, typer.Option("--type", help="flat (exact) | hnsw | ivf (approximate, for large sets).")] = "flat",
+    kmeans: Annotated[int | None, typer.Option("--kmeans", help="Geographic k-means clusters (default: retrieval.kmeans_k).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Embed geotagged photos with open_clip and index them with faiss. Reruns embed only new or changed files."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with user_errors():
+        from geoagent.retrieval.vectors import INDEX_TYPES
+
+        if index_type not in INDEX_TYPES:
+            raise ConfigError(f"--type: '{index_type}' is not one of {', '.join(INDEX_TYPES)}")
+        settings = settings_from(config)
+        from geoagent.retrieval.embedder import Embedder
+        from geoagent.retrieval.index import build_index
+
+        embedder = Embedder.load(settings.retrieval)
+        columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"), TimeRemainingColumn())
+        with Progress(*columns, console=stderr, transient=True) as bar:
+            task = bar.add_task("embed", total=None, rate="-")
+
+            def advance(done: int, _embedded: int) -> None:
+                bar.advance(task, done)
+                elapsed = bar.tasks[0].elapsed or 0
+                bar.update(task, rate=f"{bar.tasks[0].completed / elapsed:.1f}" if elapsed else "-")
+
+            report = build_index(
+                source,
+                out,
+                embedder,
+                index_type=index_type,  # type: ignore[arg-type]
+                kmeans_k=kmeans or settings.retrieval.kmeans_k,
+                batch_size=settings.retrieval.batch_size,
+                progress=advance,
+                on_total=lambda total: bar.update(task, total=total),
+            )
+        stdout.print(
+            f"indexed {report.indexed} photos into {out} ({report.embedded} embedded, "
+            f"{report.reused} reused), skipped {len(report.skipped)}",
+            highlight=False,
+        )
+        for name, reason in report.skipped:
+            stdout.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
+
+
+@index_app.command("info")
+def index_info(
+    directory: Annotated[Path, typer.Argument(help="An index folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Entry count, embedder, index type and the countries covered."""
+    with user_errors():
+        from geoagent.retrieval.index import ReferenceIndex, index_summary
+
+        summary = index_summary(ReferenceIndex.open(directory))
+        if as_json:
+            stdout.print_json(data=summary)
+            return
+        countries = summary.pop("countries")
+        for key, value in summary.items():
+            stdout.print(f"{key:>16}: {value}", highlight=False)
+        top = ", ".join(f"{code} {count}" for code, count in list(countries.items())[:20])  # type: ignore[union-attr]
+        stdout.print(f"{'countries':>16}: {len(countries)} ({top}{', ...' if len(countries) > 20 else ''})", highlight=False)  # type: ignore[arg-type]
 
 
 @config_app.command("show")

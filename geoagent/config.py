@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -94,6 +94,31 @@ class CacheConfig(_Section):
     enabled: bool = True
 
 
+class RetrievalConfig(_Section):
+    """Where candidates come from: a reference index, or (index unset) the world gazetteer."""
+
+    index: Path | None = Field(default=None, description='Index folder; unset or "none" = the gazetteer.')
+    clip_model: str = Field(default="ViT-B-32", description="An open_clip model name, or a path to a model-config JSON.")
+    clip_pretrained: str = Field(default="laion2b_s34b_b79k", description='A pretrained tag, a checkpoint file, or "none".')
+    seed: int = Field(default=0, description='Seeds random init when clip_pretrained = "none".')
+    top_k: int = Field(default=10, ge=1, le=1000)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    batch_size: int = Field(default=32, ge=1)
+    kmeans_k: int = Field(default=100, ge=1, description="Geographic k-means clusters (submaps).")
+    gazetteer_min_population: int = Field(default=15000, ge=15000)
+    gazetteer_prompt: str = "a photo taken in {place}, {country}"
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _none_means_gazetteer(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @field_validator("index")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class AgentConfig(_Section):
     max_image_side: int = Field(default=768, ge=64, le=8192)
 
@@ -111,6 +136,7 @@ class Settings(BaseSettings):
     backends: dict[str, BackendProfile] = Field(default_factory=lambda: {"local": BackendProfile()})
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
 
     @model_validator(mode="after")

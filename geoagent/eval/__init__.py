@@ -1,0 +1,1 @@
+"""Evaluation: metrics, datasets, the runner and the simulated world."""
