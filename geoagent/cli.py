@@ -56,6 +56,101 @@ def settings_from(config: Path | None, overrides: dict[str, Any] | None = None) 
     return load_config(config, overrides)
 
 
+def apply_flags(settings: Settings, **flags: Any) -> Settings:
+    """Command-line flags override everything else (set with validation, so a bad value is a one-line error)."""
+    from pydantic import ValidationError
+
+    try:
+        if flags.get("backend"):
+            name = flags["backend"]
+            if name not in settings.backends:
+                raise ConfigError(f"--backend: no backend profile '{name}' (defined: {', '.join(sorted(settings.backends))})")
+            settings.tasks = type(settings.tasks)(default=name)
+        if flags.get("model"):
+            for name in {settings.tasks.profile_for(t) for t in ("default", "prior", "reasoning", "pairwise", "pointwise")}:
+                settings.backends[name].model = flags["model"]
+        if flags.get("index") is not None:
+            settings.retrieval.index = flags["index"]
+        if flags.get("top_k") is not None:
+            settings.retrieval.top_k = flags["top_k"]
+            settings.agent.top_k = flags["top_k"]
+        if flags.get("strategy"):
+            settings.agent.strategy = flags["strategy"]
+        if flags.get("prompts") is not None:
+            settings.agent.prompts_dir = flags["prompts"]
+        if flags.get("no_cache"):
+            settings.cache.enabled = False
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{'.'.join(str(p) for p in first['loc']) or 'option'}: {first['msg'].removeprefix('Value error, ')}") from None
+    return settings
+
+
+NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+
+
+@app.command("locate")
+def locate(
+    photos: Annotated[list[Path], typer.Argument(help="Photos to locate.", show_default=False)],
+    config: ConfigOption = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")] = None,
+    index: Annotated[Path | None, typer.Option("--index", help="Reference index folder (default: the gazetteer).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per photo (JSON Lines).")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the prior, clues, guesses and matches.")] = False,
+    no_cache: NoCacheOption = False,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")] = None,
+) -> None:
+    """Where was each photo taken? Exit 0 if all succeeded, 1 if some failed, 2 on usage or config errors."""
+    from geoagent.output import print_result
+
+    with user_errors():
+        settings = apply_flags(
+            settings_from(config), backend=backend, model=model, index=index, top_k=top_k,
+            strategy=strategy, prompts=prompts, no_cache=no_cache,
+        )
+        from geoagent.agent.controller import GeoAgent
+
+        async def run() -> int:
+            failed = 0
+            async with GeoAgent(settings) as agent:
+                problems = await agent.preflight()
+                for problem in problems:
+                    stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+                if problems:
+                    raise typer.Exit(max(p.exit_code for p in problems))
+                async for name, outcome in agent.locate_many(photos, explain=explain):
+                    if isinstance(outcome, GeoAgentError):
+                        failed += 1
+                        stderr.print(f"[bold red]error:[/] {outcome}", highlight=False, soft_wrap=True)
+                    elif as_json:
+                        print(outcome.model_dump_json(exclude_none=not explain), flush=True)
+                    else:
+                        print_result(stdout, outcome, explain=explain)
+            return failed
+
+        if asyncio.run(run()):
+            raise typer.Exit(1)
+
+
+@app.command("prompts")
+def prompts_list(
+    config: ConfigOption = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates.")] = None,
+) -> None:
+    """List the prompt templates in use with their content hashes (part of every cache key)."""
+    from geoagent.prompts import PromptSet
+
+    with user_errors():
+        settings = apply_flags(settings_from(config), prompts=prompts)
+        prompt_set = PromptSet(settings.agent.prompts_dir)
+        stdout.print(f"prompts from {prompt_set.directory}", highlight=False)
+        for name, digest in prompt_set.hashes().items():
+            stdout.print(f"  {name:<24} {digest}", highlight=False)
+
+
 @index_app.command("build")
 def index_build(
     source: Annotated[Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].")],

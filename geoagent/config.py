@@ -120,7 +120,43 @@ class RetrievalConfig(_Section):
 
 
 class AgentConfig(_Section):
+    """How the agent asks and decides. Setting country_prior and reasoning to false leaves retrieval + reranking."""
+
+    strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting")
+    top_k: int | None = Field(default=None, ge=1, le=200, description="Candidates reranked; unset: retrieval.top_k.")
+    position_debias: bool = Field(default=True, description="Ask both orders of every pair; disagreement is a tie.")
+    vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
+    country_prior: bool = True
+    prior_samples: int = Field(default=1, ge=1, le=32)
+    prior_countries: int = Field(default=3, ge=1, description="Countries of the prior that a country submap keeps.")
+    reasoning: bool = True
+    reasoning_samples: int = Field(default=3, ge=1, le=32)
+    reasoning_neighbours: int = Field(default=0, ge=0, description="Show the n nearest and n farthest references' coordinates.")
+    reasoning_cluster_km: float = Field(default=300.0, gt=0, description="Guesses this close form one self-consistency cluster.")
+    submap: Literal["none", "country", "kmeans"] = "none"
+    submap_weight: float | None = Field(default=None, description="Unset: restrict retrieval to the submap; a number: boost it.")
+    submap_clusters: int = Field(default=3, ge=1, description="k-means clusters kept around the reasoning estimate.")
+    image_layout: Literal["separate", "composite"] = "separate"
     max_image_side: int = Field(default=768, ge=64, le=8192)
+    view: Literal["ground", "cross"] = "ground"
+    prompts_dir: Path | None = Field(default=None, description="Prompt templates folder; unset: the bundled prompts/.")
+    fusion_votes: float = 1.0
+    fusion_retrieval: float = 0.5
+    fusion_prior: float = 0.2
+    fusion_proximity: float = 0.2
+    fusion_consensus: float = 0.3
+    consensus_bandwidth_km: float = Field(default=25.0, gt=0)
+    proximity_km: float = Field(default=500.0, gt=0)
+    max_concurrent_photos: int = Field(default=4, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from geoagent.agent.rerank import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy '{value}' (known: {', '.join(STRATEGIES)})")
+        return value
 
 
 class Settings(BaseSettings):

@@ -7,6 +7,8 @@ class GeoAgentError(Exception):
     """Base class: a failure with a message fit to show a user as-is."""
 
     exit_code = 1
+    #: True when the failure belongs to one item (a photo) and a batch should go on past it.
+    per_item = False
 
 
 class ConfigError(GeoAgentError):
@@ -18,6 +20,8 @@ class ConfigError(GeoAgentError):
 class InputError(GeoAgentError):
     """A user-supplied file (photo, CSV, index) cannot be used."""
 
+    per_item = True
+
 
 class BackendError(GeoAgentError):
     """A VLM backend failed in a way retrying will not fix (missing model, bad key, unreachable server)."""
@@ -25,6 +29,8 @@ class BackendError(GeoAgentError):
 
 class AnswerError(GeoAgentError):
     """A VLM answer could not be validated against the expected schema, even after a repair re-ask."""
+
+    per_item = True
 
 
 class WeightsError(GeoAgentError):

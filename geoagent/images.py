@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from geoagent.errors import InputError
 from geoagent.vlm.types import EncodedImage
@@ -86,6 +86,28 @@ def encode_image(image: Image.Image, max_side: int, label: str = "") -> EncodedI
     return EncodedImage(
         data=data, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height, label=label
     )
+
+
+COMPOSITE_LABEL_HEIGHT = 28
+COMPOSITE_PAD = (32, 32, 32)
+
+
+def composite(panels: list[tuple[Image.Image, str]], max_side: int) -> Image.Image:
+    """Panels side by side in equal square boxes (letterboxed, never cropped), each labelled underneath.
+
+    For models that take a single image (LLaVA 1.5): query | A | B in one picture.
+    """
+    side = max(64, max_side // max(1, len(panels)))
+    sheet = Image.new("RGB", (side * len(panels), side + COMPOSITE_LABEL_HEIGHT), COMPOSITE_PAD)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (image, label) in enumerate(panels):
+        fitted = to_rgb(image).copy()
+        fitted.thumbnail((side, side), Image.Resampling.LANCZOS)
+        sheet.paste(fitted, (i * side + (side - fitted.width) // 2, (side - fitted.height) // 2))
+        width = draw.textlength(label, font=font)
+        draw.text((i * side + (side - width) / 2, side + 8), label, fill=(255, 255, 255), font=font)
+    return sheet
 
 
 def load_image(path: str | Path, max_side: int) -> EncodedImage:

@@ -22,3 +22,77 @@ class Candidate(BaseModel):
     score: float = 0.0
     rank: int = 0
     image_path: str | None = Field(default=None, exclude=True)
+
+
+class CountryScore(BaseModel):
+    """One country of the VLM's prior."""
+
+    country: str
+    p: float
+
+
+class Guess(BaseModel):
+    """One reasoning sample: where the VLM thinks the photo was taken, and why."""
+
+    lat: float
+    lon: float
+    country: str
+    confidence: float
+    clues: list[str]
+    sample: int
+
+
+class Match(BaseModel):
+    """One pairwise comparison; with position debiasing both orders are asked and disagreement is a tie."""
+
+    a: str
+    b: str
+    winner: str | None  # None: a tie
+    votes: list[str]  # the candidate id each ask chose, in the order asked
+
+
+class PointwiseScore(BaseModel):
+    id: str
+    score: float
+
+
+class LocateStats(BaseModel):
+    """What one photo cost. ``vlm_calls`` counts requests actually sent (cache hits excluded)."""
+
+    vlm_calls: int = 0
+    cache_hits: int = 0
+    asks: int = 0
+    wall_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls_by_task: dict[str, int] = Field(default_factory=dict)
+
+
+class Trace(BaseModel):
+    """Every stage's inputs and outputs, for --explain and for debugging prompts."""
+
+    strategy: str
+    pool: list[str] = Field(default_factory=list)
+    submap: dict[str, list[str]] = Field(default_factory=dict)
+    guesses: list[Guess] = Field(default_factory=list)
+    consensus_guess: Guess | None = None
+    matches: list[Match] = Field(default_factory=list)
+    pointwise: list[PointwiseScore] = Field(default_factory=list)
+    fusion: dict[str, dict[str, float]] = Field(default_factory=dict)  # candidate id -> term -> value
+    prompts: dict[str, str] = Field(default_factory=dict)  # template name -> content hash
+    timings_s: dict[str, float] = Field(default_factory=dict)
+
+
+class LocateResult(BaseModel):
+    """The answer for one photo: a coordinate, where it is, how sure, and the ranked candidates."""
+
+    image: str
+    lat: float
+    lon: float
+    country: str | None
+    place: str | None
+    confidence: float
+    candidates: list[Candidate]
+    prior: list[CountryScore] = Field(default_factory=list)
+    stats: LocateStats = Field(default_factory=LocateStats)
+    trace: Trace | None = None

@@ -61,3 +61,48 @@ def settings_for(route: str, server: StandinServer, tmp_path: Path, **profile: A
     backend = {"kind": kind, "model": model, "base_url": getattr(server, url_attr), "timeout_s": 5, "max_retries": 4,
                "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.2, "max_concurrency": 32, **profile}
     return Settings(backends={"test": backend}, tasks={"default": "test"}, cache={"dir": tmp_path / "cache"})
+
+
+TINY_CLIP = str(Path(__file__).parent / "data" / "tiny-clip.json")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic world (8 countries x 6 places, each with a look-alike decoy) and its reference index."""
+    from geoagent.config import RetrievalConfig
+    from geoagent.retrieval.embedder import Embedder
+    from geoagent.retrieval.index import build_index
+    from standin.world import build_world
+
+    root = tmp_path_factory.mktemp("world")
+    built = build_world(root, places_per_country=6)
+    config = RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none", index=root / "index")
+    build_index(built.references_csv, root / "index", Embedder.load(config))
+    return built
+
+
+@pytest.fixture(scope="session")
+def world_retriever(world):
+    """The world's retriever, loaded once and shared (loading the embedder takes seconds)."""
+    from geoagent.config import RetrievalConfig
+    from geoagent.retrieval.retriever import Retriever
+
+    return Retriever.load_sync(RetrievalConfig(**world_retrieval_config(world)), world.root / "gazetteer-cache")
+
+
+def world_retrieval_config(world) -> dict[str, Any]:
+    return {"clip_model": TINY_CLIP, "clip_pretrained": "none", "index": str(world.root / "index")}
+
+
+def world_settings(world, server: StandinServer, cache_dir: Path, route: str = "ollama", **agent: Any) -> Settings:
+    """Settings for locating the world's queries against ``server``; prior and reasoning off unless asked."""
+    kind, model, url_attr = BACKEND_ROUTES[route]
+    backend = {"kind": kind, "model": model, "base_url": getattr(server, url_attr), "max_concurrency": 32, "timeout_s": 20,
+               "retry_backoff_s": 0.01}
+    return Settings(
+        backends={"sim": backend},
+        tasks={"default": "sim"},
+        cache={"dir": cache_dir},
+        retrieval=world_retrieval_config(world),
+        agent={"country_prior": False, "reasoning": False, **agent},
+    )

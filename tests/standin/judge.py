@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from geoagent.images import COMPOSITE_LABEL_HEIGHT, COMPOSITE_PAD
 from standin.markers import read_marker
 from standin.server import SeenRequest
 
@@ -17,3 +26,112 @@ def marker_judge(seen: SeenRequest) -> dict[str, Any]:
     if "code" in properties:
         return {"code": codes[0] if codes and codes[0] is not None else -1}
     raise ValueError(f"the marker judge cannot answer schema {seen.schema_name!r}")
+
+
+@dataclass
+class Knobs:
+    """How good the simulated VLM is. Defaults follow the research this product rests on."""
+
+    pairwise_accuracy: float = 0.95  # picks the candidate nearer the truth this often (when unbiased)
+    first_position_bias: float = 0.05  # answers "A" regardless this often
+    pointwise_noise: float = 1.5  # per-candidate noise on a 0-10 score
+    pointwise_calibration: float = 4.0  # per-query offset: scores are monotone in distance, badly calibrated
+    prior_accuracy: float = 0.8  # the prior's top country is the true one this often
+    reasoning_error_km: float = 150.0  # scale of a reasoning guess's error
+    seed: int = 0
+
+
+_CANDIDATE = re.compile(r"^Candidate(?: ([AB]))?:\s*(.*)$", re.MULTILINE)
+_SLOT = re.compile(r"\((?:image|panel) (\d+)\)")
+_COORDS = re.compile(r"\((-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\)")
+
+
+def split_panels(image: Image.Image) -> list[Image.Image]:
+    """The panels of a composite (query | A | B, labelled underneath), or the image itself."""
+    width, height = image.size
+    side = height - COMPOSITE_LABEL_HEIGHT
+    strip = np.asarray(image.convert("RGB"), dtype=np.float32)[side + 2 :, :, :]
+    if side <= 0 or width % side or not strip.size or np.abs(strip - COMPOSITE_PAD).max(axis=2).mean() > 40:
+        return [image]
+    panels = []
+    for i in range(width // side):
+        box = np.asarray(image.crop((i * side, 0, (i + 1) * side, side)).convert("RGB"), dtype=np.float32)
+        content = np.abs(box - COMPOSITE_PAD).max(axis=2) > 24
+        rows, cols = np.flatnonzero(content.mean(axis=1) > 0.5), np.flatnonzero(content.mean(axis=0) > 0.5)
+        if len(rows) and len(cols):
+            panels.append(Image.fromarray(box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.uint8)))
+    return panels
+
+
+class WorldJudge:
+    """Answers geolocation questions about a synthetic world, knowing where each marker was taken."""
+
+    def __init__(self, truth: dict[int, tuple[float, float, str]], knobs: Knobs | None = None) -> None:
+        self.truth = truth
+        self.knobs = knobs or Knobs()
+        self.countries = sorted({country for _, _, country in truth.values()})
+
+    def __call__(self, seen: SeenRequest) -> dict[str, Any]:
+        properties = seen.schema.get("properties", {})
+        if "code" in properties or "codes" in properties:
+            return marker_judge(seen)
+        panels = [panel for image in seen.images for panel in split_panels(image)]
+        markers = [read_marker(panel) for panel in panels]
+        if not markers or markers[0] not in self.truth:
+            raise ValueError(f"no known marker on the query image (read {markers[:1]})")
+        lat, lon, country = self.truth[markers[0]]  # type: ignore[index]
+        digest = hashlib.sha256(f"{self.knobs.seed}|{seen.prompt}|{markers}|{seen.options.get('seed')}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        if "countries" in properties:
+            return self._prior(country, rng)
+        if "clues" in properties:
+            return self._reasoning(lat, lon, country, rng)
+        candidates = {slot or "X": self._locate(detail, markers) for slot, detail in _CANDIDATE.findall(seen.prompt)}
+        if "choice" in properties:
+            return self._pairwise(lat, lon, candidates["A"], candidates["B"], rng)
+        if "score" in properties:
+            query_rng = random.Random(markers[0] * 7919 + self.knobs.seed)
+            offset = query_rng.uniform(-self.knobs.pointwise_calibration, self.knobs.pointwise_calibration)
+            distance = _km(lat, lon, *candidates["X"])
+            # Coarse: 50 km apart scores about the same as the right place, so noise and offsets decide.
+            score = 10 - 2.5 * math.log10(1 + distance / 100) + offset + rng.gauss(0, self.knobs.pointwise_noise)
+            return {"reasoning": "stand-in score", "score": int(min(10, max(0, round(score))))}
+        raise ValueError(f"cannot answer schema {seen.schema_name!r}")
+
+    def _locate(self, detail: str, markers: list[int | None]) -> tuple[float, float]:
+        slot = _SLOT.search(detail)
+        if slot and int(slot.group(1)) <= len(markers) and markers[int(slot.group(1)) - 1] in self.truth:
+            lat, lon, _ = self.truth[markers[int(slot.group(1)) - 1]]  # type: ignore[index]
+            return lat, lon
+        coords = _COORDS.search(detail)
+        if coords is None:
+            raise ValueError(f"cannot tell where candidate {detail!r} is")
+        return float(coords.group(1)), float(coords.group(2))
+
+    def _pairwise(self, lat: float, lon: float, a: tuple[float, float], b: tuple[float, float], rng: random.Random) -> dict[str, Any]:
+        nearer = "A" if _km(lat, lon, *a) < _km(lat, lon, *b) else "B"
+        if rng.random() < self.knobs.first_position_bias:
+            choice = "A"
+        elif rng.random() < self.knobs.pairwise_accuracy:
+            choice = nearer
+        else:
+            choice = "B" if nearer == "A" else "A"
+        return {"reasoning": "stand-in comparison", "choice": choice}
+
+    def _prior(self, country: str, rng: random.Random) -> dict[str, Any]:
+        others = [c for c in self.countries if c != country] or ["ZZ"]
+        other = rng.choice(others)
+        first, second = (country, other) if rng.random() < self.knobs.prior_accuracy else (other, country)
+        return {"countries": [{"code": first, "probability": 0.7}, {"code": second, "probability": 0.2}]}
+
+    def _reasoning(self, lat: float, lon: float, country: str, rng: random.Random) -> dict[str, Any]:
+        km, bearing = abs(rng.gauss(0, self.knobs.reasoning_error_km)), rng.uniform(0, 2 * math.pi)
+        g_lat = max(-89.9, min(89.9, lat + km / 111.2 * math.cos(bearing)))
+        g_lon = ((lon + km / (111.2 * max(math.cos(math.radians(lat)), 0.05)) * math.sin(bearing) + 180) % 360) - 180
+        return {"clues": ["stand-in: the marker says so"], "country": country, "latitude": g_lat, "longitude": g_lon, "confidence": 0.6}
+
+
+def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(min(1.0, a)))

@@ -298,7 +298,12 @@ class _Handler(BaseHTTPRequestHandler):
                     headers = {"Retry-After": str(config.faults.retry_after_s)} if status == 429 else None
                     self._error(protocol, status, {503: "server overloaded", 429: "rate limit reached", 500: "internal error"}[status], headers)
                     return
-                answer = json.dumps(standin.judge(seen))
+                try:
+                    answer = json.dumps(standin.judge(seen))
+                except Exception as exc:  # a judge that cannot answer is a server error, as a real one would be
+                    entry.status = 500
+                    self._error(protocol, 500, f"stand-in judge failed: {exc}")
+                    return
                 if fault == "truncated":
                     answer = answer[: len(answer) // 2]
                 elif fault == "fenced":

@@ -1,0 +1,1 @@
+"""The agent: composes retrieval and VLM questions into a located photo."""

@@ -1,0 +1,32 @@
+"""The country prior: which countries the VLM thinks the photo shows, averaged over samples."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from geoagent.agent.answers import PriorAnswer
+from geoagent.prompts import PromptSet
+from geoagent.types import CountryScore
+from geoagent.vlm import CallStats, EncodedImage, VLMClient
+
+MAX_COUNTRIES = 5
+
+
+async def country_prior(
+    client: VLMClient, query: EncodedImage, prompts: PromptSet, samples: int, stats: CallStats
+) -> list[CountryScore]:
+    """Probabilities per country, averaged over ``samples`` asks, most likely first (they sum to <= 1)."""
+    prompt = prompts.render("prior", max_countries=MAX_COUNTRIES)
+    answers = await asyncio.gather(
+        *(client.ask(prompt, [query], PriorAnswer, task="prior", sample=i) for i in range(samples))
+    )
+    totals: dict[str, float] = defaultdict(float)
+    for answer in answers:
+        stats.add(answer.stats)
+        mass = sum(c.probability for c in answer.value.countries)
+        scale = 1 / mass if mass > 1 else 1.0  # models overshoot; never let one sample weigh more than 1
+        for entry in answer.value.countries:
+            totals[entry.code] += entry.probability * scale / samples
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return [CountryScore(country=code, p=round(p, 4)) for code, p in ranked]

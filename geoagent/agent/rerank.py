@@ -1,0 +1,203 @@
+"""Reranking strategies: ask a VLM about candidates (pointwise or in pairs) and turn answers into votes.
+
+A strategy is one async function registered by name; it returns a vote in [0, 1] per candidate id. Each
+round's questions go out at once; the VLM client bounds how many are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
+from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
+from geoagent.geo import country_name
+from geoagent.images import composite, encode_image
+from geoagent.prompts import PromptSet
+from geoagent.types import Candidate, Match, PointwiseScore
+from geoagent.vlm import CallStats, EncodedImage, VLMClient
+
+
+@dataclass
+class Photo:
+    """An image ready for either layout: downscaled pixels (for composites) and its encoding (sent as is)."""
+
+    pixels: Image.Image
+    encoded: EncodedImage
+
+    @classmethod
+    def of(cls, image: Image.Image, max_side: int, label: str = "") -> Photo:
+        encoded = encode_image(image, max_side, label)
+        pixels = image.copy()
+        pixels.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return cls(pixels, encoded)
+
+
+@dataclass
+class Comparator:
+    """Asks the questions a strategy needs and records every answer."""
+
+    pairwise_client: VLMClient
+    pointwise_client: VLMClient
+    prompts: PromptSet
+    query: Photo
+    photos: dict[str, Photo | None]  # candidate id -> its reference photo, if it has one
+    base: dict[str, float]  # tie-breaker: the retrieval/prior evidence per candidate id
+    layout: Literal["separate", "composite"] = "separate"
+    view: Literal["ground", "cross"] = "ground"
+    debias: bool = True
+    max_side: int = 768
+    stats: CallStats = field(default_factory=CallStats)
+    matches: list[Match] = field(default_factory=list)
+    scores: list[PointwiseScore] = field(default_factory=list)
+
+    def prefer(self, a: Candidate, b: Candidate) -> Candidate:
+        """The tie-breaker: the candidate with more retrieval and prior evidence."""
+        return a if self.base.get(a.id, 0.0) >= self.base.get(b.id, 0.0) else b
+
+    def _render(self, template: str, candidates: list[Candidate], slots: list[str]) -> tuple[str, list[EncodedImage]]:
+        noun = "an aerial image" if self.view == "cross" else "a reference photo"
+        word = "panel" if self.layout == "composite" else "image"
+        query_noun = "street-level query photo" if self.view == "cross" else "query photo"
+        with_photo = [(c, s) for c, s in zip(candidates, slots) if self.photos.get(c.id) is not None]
+        if self.layout == "composite":
+            parts = [f"The image shows panels side by side, labelled underneath: panel 1 is the {query_noun}"]
+        else:
+            parts = [f"Image 1 is the {query_noun}"]
+        parts += [f"{word} {i} shows candidate {slot}" for i, (_, slot) in enumerate(with_photo, start=2)]
+        layout = ", ".join(parts) + "."
+        position = {c.id: i for i, (c, _) in enumerate(with_photo, start=2)}
+        lines = {}
+        for candidate, slot in zip(candidates, slots):
+            where = f"{candidate.place or 'an unnamed place'}, {country_name(candidate.country)} ({candidate.lat:.4f}, {candidate.lon:.4f})"
+            if candidate.id in position:
+                lines[slot] = f"{noun} ({word} {position[candidate.id]}), taken near {where}"
+            else:
+                lines[slot] = f"no photo; the place {where}"
+        values = {"layout": layout}
+        values |= {"candidate": lines[slots[0]]} if len(slots) == 1 else {f"candidate_{s.lower()}": lines[s] for s in slots}
+        prompt = self.prompts.render(template, **values)
+        photos = [self.photos[c.id] for c, _ in with_photo]
+        if self.layout == "composite":
+            panels = [(self.query.pixels, "query")] + [(p.pixels, s) for p, (_, s) in zip(photos, with_photo)]  # type: ignore[union-attr]
+            return prompt, [encode_image(composite(panels, self.max_side), self.max_side)]
+        return prompt, [self.query.encoded] + [p.encoded for p in photos]  # type: ignore[union-attr]
+
+    def _template(self, task: str) -> str:
+        return f"{task}_cross" if self.view == "cross" else task
+
+    async def _choose(self, first: Candidate, second: Candidate) -> str:
+        """One ask with ``first`` as A and ``second`` as B; returns the chosen candidate's id."""
+        prompt, images = self._render(self._template("pairwise"), [first, second], ["A", "B"])
+        answer = await self.pairwise_client.ask(prompt, images, PairwiseAnswer, task="pairwise")
+        self.stats.add(answer.stats)
+        return first.id if answer.value.choice == "A" else second.id
+
+    async def compare(self, a: Candidate, b: Candidate) -> Match:
+        """Which of ``a`` and ``b`` matches the query better; both orders when debiasing (disagreement: a tie)."""
+        if self.debias:
+            votes = list(await asyncio.gather(self._choose(a, b), self._choose(b, a)))
+            winner = votes[0] if votes[0] == votes[1] else None
+        else:
+            votes = [await self._choose(a, b)]
+            winner = votes[0]
+        match = Match(a=a.id, b=b.id, winner=winner, votes=votes)
+        self.matches.append(match)
+        return match
+
+    async def winner(self, a: Candidate, b: Candidate) -> Candidate:
+        match = await self.compare(a, b)
+        if match.winner is None:
+            return self.prefer(a, b)
+        return a if match.winner == a.id else b
+
+    async def score(self, candidate: Candidate) -> float:
+        prompt, images = self._render(self._template("pointwise"), [candidate], ["X"])
+        answer = await self.pointwise_client.ask(prompt, images, PointwiseAnswer, task="pointwise")
+        self.stats.add(answer.stats)
+        self.scores.append(PointwiseScore(id=candidate.id, score=answer.value.score))
+        return answer.value.score
+
+
+Strategy = Callable[[list[Candidate], Comparator, str], Awaitable[dict[str, float]]]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str) -> Callable[[Strategy], Strategy]:
+    def register(function: Strategy) -> Strategy:
+        STRATEGIES[name] = function
+        return function
+
+    return register
+
+
+@strategy("none")
+async def keep_retrieval_order(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """No VLM: the ranking is retrieval's."""
+    return {}
+
+
+@strategy("pointwise")
+async def pointwise(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """Score each candidate alone (K calls). VLMs calibrate absolute scores poorly: kept as a baseline."""
+    scores = await asyncio.gather(*(comparator.score(c) for c in pool))
+    return {c.id: s / 10 for c, s in zip(pool, scores)}
+
+
+@strategy("allpairs")
+async def allpairs(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """Every pair in one round (K(K-1)/2 matches; K(K-1) calls with debiasing), scored by Bradley-Terry or Copeland."""
+    matches = await asyncio.gather(*(comparator.compare(a, b) for a, b in itertools.combinations(pool, 2)))
+    ids = [c.id for c in pool]
+    return bradley_terry(ids, matches) if method == "bradley_terry" else copeland(ids, matches)
+
+
+@strategy("tournament")
+async def tournament(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """Knockout seeded by retrieval evidence, best against worst: K-1 matches in ceil(log2 K) rounds.
+
+    The vote is how far a candidate got: the champion 1, first-round losers lowest.
+    """
+    alive = sorted(pool, key=lambda c: -comparator.base.get(c.id, 0.0))
+    reached: dict[str, int] = {}
+    round_number = 0
+    while len(alive) > 1:
+        round_number += 1
+        bye = [alive[0]] if len(alive) % 2 else []
+        contenders = alive[len(bye) :]
+        half = len(contenders) // 2
+        pairs = list(zip(contenders[:half], reversed(contenders[half:])))
+        winners = await asyncio.gather(*(comparator.winner(a, b) for a, b in pairs))
+        for a, b in pairs:
+            for loser in {a.id, b.id} - {w.id for w in winners}:
+                reached[loser] = round_number
+        survivors = {c.id for c in bye} | {w.id for w in winners}
+        alive = [c for c in alive if c.id in survivors]
+    if alive:
+        reached[alive[0].id] = round_number + 1
+    top = max(reached.values(), default=1)
+    return {cid: r / top for cid, r in reached.items()}
+
+
+@strategy("sorting")
+async def sorting(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """A full ranking by merge sort with the VLM as comparator (about K log2 K matches); halves sort concurrently."""
+
+    async def merge_sort(items: list[Candidate]) -> list[Candidate]:
+        if len(items) <= 1:
+            return items
+        middle = len(items) // 2
+        left, right = await asyncio.gather(merge_sort(items[:middle]), merge_sort(items[middle:]))
+        merged: list[Candidate] = []
+        while left and right:
+            best = await comparator.winner(left[0], right[0])
+            merged.append((left if best is left[0] else right).pop(0))
+        return merged + left + right
+
+    ordered = await merge_sort(sorted(pool, key=lambda c: -comparator.base.get(c.id, 0.0)))
+    return rank_votes([c.id for c in ordered])

@@ -1,0 +1,53 @@
+"""Human-readable rendering of results for the terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from geoagent.geo import country_name
+from geoagent.types import LocateResult
+
+SHOWN_CANDIDATES = 10
+
+
+def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
+    place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
+    console.print(
+        f"[bold]{result.image}[/]: {place or 'unknown place'} ({result.lat:.4f}, {result.lon:.4f}), "
+        f"confidence {result.confidence:.2f}",
+        highlight=False,
+    )
+    table = Table("rank", "place", "country", "lat", "lon", "source", "retrieval", "score", box=None, pad_edge=False)
+    for c in result.candidates[:SHOWN_CANDIDATES]:
+        table.add_row(
+            str(c.rank), c.place or c.id, c.country or "", f"{c.lat:.4f}", f"{c.lon:.4f}", c.source,
+            f"{c.retrieval_score:.3f}" if c.retrieval_score is not None else "-", f"{c.score:.3f}",
+        )
+    console.print(table)
+    stats = result.stats
+    console.print(
+        f"[dim]{stats.vlm_calls} VLM requests, {stats.cache_hits} cache hits, "
+        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, {stats.wall_s:.1f} s[/]",
+        highlight=False,
+    )
+    if not explain:
+        return
+    if result.prior:
+        console.print("prior: " + ", ".join(f"{country_name(p.country)} {p.p:.2f}" for p in result.prior), highlight=False)
+    trace = result.trace
+    if trace is None:
+        return
+    if trace.submap:
+        console.print(f"submap: {trace.submap}", highlight=False)
+    for guess in trace.guesses:
+        marker = "*" if trace.consensus_guess and guess.sample == trace.consensus_guess.sample else " "
+        console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
+                      f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True)
+    if trace.matches:
+        wins = sum(m.winner is not None for m in trace.matches)
+        console.print(f"matches: {len(trace.matches)} ({len(trace.matches) - wins} ties)", highlight=False)
+        for m in trace.matches:
+            console.print(f"  {m.a} vs {m.b}: {m.winner or 'tie'} (votes {', '.join(m.votes)})", highlight=False)
+    for s in trace.pointwise:
+        console.print(f"  pointwise {s.id}: {s.score:g}", highlight=False)
