@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,9 +40,14 @@ ConfigOption = Annotated[
 ]
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn GeoAgent's errors into one line on stderr and the right exit code, never a traceback."""
+    warnings.showwarning = _show_warning  # type: ignore[assignment]
     try:
         yield
     except GeoAgentError as exc:

@@ -44,10 +44,17 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         marker = "*" if trace.consensus_guess and guess.sample == trace.consensus_guess.sample else " "
         console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
                       f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True)
+    label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
     if trace.matches:
-        wins = sum(m.winner is not None for m in trace.matches)
-        console.print(f"matches: {len(trace.matches)} ({len(trace.matches) - wins} ties)", highlight=False)
+        ties = sum(m.winner is None for m in trace.matches)
+        matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
+                        title=f"{len(trace.matches)} matches, {ties} ties", title_justify="left")
         for m in trace.matches:
-            console.print(f"  {m.a} vs {m.b}: {m.winner or 'tie'} (votes {', '.join(m.votes)})", highlight=False)
-    for s in trace.pointwise:
-        console.print(f"  pointwise {s.id}: {s.score:g}", highlight=False)
+            votes = ", ".join(label[v] for v in m.votes)
+            matches.add_row(label[m.a], label[m.b], votes, label[m.winner] if m.winner else "tie")
+        console.print(matches)
+    if trace.pointwise:
+        scores = Table("candidate", "score", box=None, pad_edge=False, title="pointwise scores", title_justify="left")
+        for s in trace.pointwise:
+            scores.add_row(label[s.id], f"{s.score:g}")
+        console.print(scores)

@@ -129,7 +129,10 @@ def fuse(
     return ranked, terms
 
 
-def confidence(ranked: list[Candidate], bandwidth_km: float, temperature: float = 0.1) -> float:
+CONFIDENCE_TEMPERATURE = 0.3  # fused scores span about 0..2.5; softer than this and every answer looks certain
+
+
+def confidence(ranked: list[Candidate], bandwidth_km: float, temperature: float = CONFIDENCE_TEMPERATURE) -> float:
     """Share of the pool's softmax score mass lying within ``bandwidth_km`` of the top candidate."""
     if not ranked:
         return 0.0

@@ -12,7 +12,11 @@ import hashlib
 import json
 import os
 import socket
+import logging
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,8 +128,16 @@ class Embedder:
                 kwargs.update(force_quick_gelu=bool(cfg.get("quick_gelu")), image_mean=cfg.get("mean"), image_std=cfg.get("std"))
             elif not _hf_reachable():
                 raise _weights_missing(model_name, config.clip_pretrained, f"{HF_HOST} is unreachable")
+        if pretrained is None:
+            warnings.warn(
+                f"retrieval.clip_pretrained = 'none': {model_name} has random weights (seed {config.seed}); "
+                "fine for tests and smoke runs, useless for real geolocation",
+                RandomWeightsWarning,
+                stacklevel=2,
+            )
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+            with _quiet_open_clip():
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
         except RuntimeError as exc:
             if "download" in str(exc).lower():
                 raise _weights_missing(model_name, config.clip_pretrained, "download failed") from None
@@ -158,6 +170,22 @@ class Embedder:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embed_texts_sync, texts)
+
+
+class RandomWeightsWarning(UserWarning):
+    """The embedder runs on random weights."""
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs its own 'randomly initialised' notice on the root logger; ours is the warning above."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(previous, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ INDEX_TYPES: tuple[IndexType, ...] = ("flat", "hnsw", "ivf")
 HNSW_NEIGHBOURS = 32  # graph degree M; 32 is faiss's recommendation for recall near 0.99
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
+MIN_CLUSTER_SIZE = 10  # average points per geographic cluster, at least
 
 
 def build_faiss(vectors: np.ndarray, index_type: IndexType) -> faiss.Index:
@@ -42,9 +43,12 @@ def build_faiss(vectors: np.ndarray, index_type: IndexType) -> faiss.Index:
 
 
 def geo_kmeans(lat: np.ndarray, lon: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster coordinates on the sphere: (cluster id per point, centroids as (k, 2) lat/lon)."""
+    """Cluster coordinates on the sphere: (cluster id per point, centroids as (k, 2) lat/lon).
+
+    ``k`` is capped at a tenth of the points, so clusters stay submaps rather than single photos.
+    """
     xyz = unit_vectors(lat, lon).astype(np.float32)
-    k = max(1, min(k, len(xyz)))
+    k = max(1, min(k, len(xyz) // MIN_CLUSTER_SIZE))
     kmeans = faiss.Kmeans(3, k, niter=25, seed=seed, verbose=False, spherical=True, min_points_per_centroid=1)
     kmeans.train(xyz)
     _, assignment = kmeans.index.search(xyz, 1)
