@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from geoagent.config import Settings, load_config
-from geoagent.errors import ConfigError, GeoAgentError
+from geoagent.errors import ConfigError, GeoAgentError, InputError
 
 app = typer.Typer(
     name="geoagent",
@@ -139,6 +139,58 @@ def locate(
 
         if asyncio.run(run()):
             raise typer.Exit(1)
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="CSV path,lat,lon[,country][,ref_id]; a folder with EXIF GPS; IM2GPS3K/YFCC4K metadata CSV; or a VIGOR folder.")],
+    configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: [name=]config.toml (repeatable).")] = None,
+    prompts: Annotated[list[Path] | None, typer.Option("--prompts", help="A column per prompts folder (repeatable).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder for IMG_ID,LAT,LON metadata CSVs.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N photos.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
+    no_cache: NoCacheOption = False,
+) -> None:
+    """Compare configurations and prompt versions side by side on a labelled set."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from geoagent.eval.datasets import load_dataset
+    from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
+
+    with user_errors():
+        data = load_dataset(dataset, images)
+        for name, reason in data.skipped:
+            stderr.print(f"skipped {name}: {reason}", highlight=False)
+        if not data.items:
+            raise InputError(f"{dataset}: no usable photos")
+        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
+        run = EvalRun(data, columns, limit)
+        total = len(run.items) * len(columns)
+        bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        partial = False
+        with Progress(*bar_columns, console=stderr, transient=True) as bar:
+            task = bar.add_task("eval", total=total)
+            run.on_photo = lambda: bar.advance(task)
+            try:
+                asyncio.run(run.execute())
+            except KeyboardInterrupt:
+                partial = True
+        report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
+        _print_report(report, markdown_table)
+        if out:
+            stdout.print(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png", highlight=False)
+        if partial:
+            stderr.print("interrupted: the report covers the photos finished so far; rerun to resume from the cache")
+            raise typer.Exit(130)
+
+
+def _print_report(report: dict[str, Any], markdown_table: Any) -> None:
+    labels = list(report["columns"])
+    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos", box=None)
+    for line in markdown_table(report).splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table.add_row(*cells)
+    stdout.print(table)
 
 
 @app.command("prompts")

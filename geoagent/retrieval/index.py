@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -149,7 +150,20 @@ def read_csv(csv_path: Path) -> Iterator[SourceItem]:
             yield SourceItem(rel, (csv_path.parent / rel).resolve(), lat, lon, country)
 
 
+_VIGOR_TILE = re.compile(r"^satellite_(?P<lat>-?\d+\.\d+)_(?P<lon>-?\d+\.\d+)\.png$")
+
+
+def read_vigor_tiles(root: Path) -> Iterator[SourceItem]:
+    """VIGOR's aerial tiles, ``<City>/satellite/satellite_<lat>_<lon>.png``, ids relative to ``root``."""
+    for tile in sorted(root.glob("*/satellite/satellite_*.png")):
+        match = _VIGOR_TILE.match(tile.name)
+        if match:
+            yield SourceItem(tile.relative_to(root).as_posix(), tile.resolve(), float(match["lat"]), float(match["lon"]), "US")
+
+
 def read_source(source: Path) -> list[SourceItem]:
+    if source.is_dir() and (source / "splits").is_dir():
+        return list(read_vigor_tiles(source))
     if source.is_dir():
         return list(read_folder(source))
     if source.is_file() and source.suffix.lower() == ".csv":

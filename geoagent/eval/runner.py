@@ -1,0 +1,216 @@
+"""Run configurations (and prompt folders) side by side over a labelled set and write the comparison.
+
+Outputs in ``--out``: report.json (every metric per column, the config and prompt hashes each used),
+report.md (the table), predictions.csv (one row per photo per column) and accuracy.png (accuracy against
+distance threshold). Written atomically; an interrupted run writes what it finished, marked partial.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoagent.config import Settings, load_config
+from geoagent.errors import ConfigError, GeoAgentError
+from geoagent.eval.datasets import Dataset
+from geoagent.eval.metrics import THRESHOLDS_KM, Prediction, accuracy_curve, summarise
+from geoagent.geo import haversine_km, reverse_geocode
+from geoagent.prompts import PromptSet
+from geoagent.types import LocateResult
+
+PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls"]
+TABLE_METRICS = [
+    *(f"acc@{t}km" for t in THRESHOLDS_KM), "median_km", "mean_km", "geoscore", "country_acc",
+    "retrieval_recall@1", "retrieval_recall@5", "retrieval_recall@10", "top1_before", "top1_after",
+    "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "wall_s", "failures", "n",
+]  # fmt: skip
+
+
+@dataclass
+class Column:
+    """One side of the comparison: a configuration, possibly with another prompts folder."""
+
+    label: str
+    settings: Settings
+    config_path: str | None = None
+
+
+def build_columns(configs: list[str], prompts: list[Path], overrides: Callable[[Settings], Settings] | None = None) -> list[Column]:
+    """``--config [name=]path`` entries (none: the default config) crossed with ``--prompts`` folders."""
+    specs: list[tuple[str, str | None]] = []
+    for spec in configs or [""]:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        specs.append((name or (Path(path).stem if path else "default"), path or None))
+    columns = []
+    for label, path in specs:
+        for prompt_dir in prompts or [None]:
+            settings = load_config(path)
+            if prompt_dir is not None:
+                settings.agent.prompts_dir = prompt_dir
+            if overrides:
+                settings = overrides(settings)
+            if prompt_dir is None:
+                full = label
+            else:
+                full = prompt_dir.name if len(specs) == 1 else f"{label}+{prompt_dir.name}"
+            columns.append(Column(full, settings, path))
+    labels = [c.label for c in columns]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two columns share a label ({', '.join(labels)}); name them with --config name=path")
+    return columns
+
+
+def prediction_from(result: LocateResult, path: str, lat: float, lon: float, country: str | None, ref: str | None) -> Prediction:
+    by_retrieval = sorted((c for c in result.candidates if c.retrieval_score is not None), key=lambda c: -c.retrieval_score)  # type: ignore[arg-type, operator]
+    return Prediction(
+        path=path, true_lat=lat, true_lon=lon, true_country=country, true_ref=ref,
+        pred_lat=result.lat, pred_lon=result.lon, pred_country=result.country,
+        error_km=float(haversine_km(lat, lon, result.lat, result.lon)),
+        retrieval_ranking=[c.id for c in by_retrieval], final_ranking=[c.id for c in result.candidates],
+        vlm_calls=result.stats.vlm_calls, cache_hits=result.stats.cache_hits,
+        prompt_tokens=result.stats.prompt_tokens, completion_tokens=result.stats.completion_tokens,
+        wall_s=result.stats.wall_s,
+    )  # fmt: skip
+
+
+@dataclass
+class EvalRun:
+    """Columns over a dataset; predictions accumulate as photos finish, so an interrupt loses nothing done."""
+
+    dataset: Dataset
+    columns: list[Column]
+    limit: int | None = None
+    on_photo: Callable[[], None] | None = None
+    predictions: dict[str, list[Prediction]] = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def items(self) -> list[Any]:
+        return self.dataset.items[: self.limit]
+
+    async def execute(self) -> None:
+        import time
+
+        from geoagent.agent.controller import GeoAgent
+
+        retrievers: dict[str, Any] = {}  # columns with the same retrieval settings share the loaded model
+        items = self.items
+        truth_country = [item.country or reverse_geocode(item.lat, item.lon)[0][0] for item in items]
+        for column in self.columns:
+            key = column.settings.retrieval.model_dump_json()
+            agent = GeoAgent(column.settings, retriever=retrievers.get(key))
+            rows = self.predictions.setdefault(column.label, [])
+            started = time.perf_counter()
+            try:
+                problems = await agent.preflight()
+                if problems:
+                    raise problems[0]
+                retrievers[key] = await agent.retriever()
+                position = 0
+                async for path, outcome in agent.locate_many([str(item.path) for item in items]):
+                    item, country = items[position], truth_country[position]
+                    position += 1
+                    if isinstance(outcome, GeoAgentError):
+                        rows.append(Prediction(path=path, true_lat=item.lat, true_lon=item.lon, true_country=country, true_ref=item.ref, error=str(outcome)))
+                    else:
+                        rows.append(prediction_from(outcome, path, item.lat, item.lon, country, item.ref))
+                    if self.on_photo:
+                        self.on_photo()
+            finally:
+                self.wall_s[column.label] = round(time.perf_counter() - started, 2)
+                await agent.aclose()
+
+    def report(self, *, partial: bool = False) -> dict[str, Any]:
+        columns: dict[str, Any] = {}
+        for column in self.columns:
+            rows = self.predictions.get(column.label, [])
+            metrics = summarise(rows)
+            metrics["wall_s"] = self.wall_s.get(column.label, 0.0)
+            columns[column.label] = {
+                "config": column.config_path,
+                "settings": json.loads(column.settings.model_dump_json()),
+                "prompts": PromptSet(column.settings.agent.prompts_dir).hashes(),
+                "metrics": metrics,
+            }
+        return {"dataset": self.dataset.name, "photos": len(self.items), "partial": partial, "thresholds_km": list(THRESHOLDS_KM), "columns": columns}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    labels = list(report["columns"])
+    present = [m for m in TABLE_METRICS if any(report["columns"][c]["metrics"].get(m) is not None for c in labels)]
+    lines = ["| metric | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+    for metric in present:
+        cells = [_cell(report["columns"][c]["metrics"].get(metric)) for c in labels]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str, Any]:
+    """report.json, report.md, predictions.csv and accuracy.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = run.report(partial=partial)
+    _write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
+    title = f"# {report['dataset']}: {report['photos']} photos" + (" (partial: interrupted)" if partial else "")
+    _write_atomic(out / "report.md", (title + "\n\n" + markdown_table(report)).encode())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(PREDICTION_COLUMNS)
+    for label, rows in run.predictions.items():
+        for p in rows:
+            writer.writerow([
+                label, p.path, p.true_lat, p.true_lon,
+                "" if p.pred_lat is None else p.pred_lat, "" if p.pred_lon is None else p.pred_lon,
+                "" if p.error_km is None else round(p.error_km, 4), p.true_country or "", p.pred_country or "", p.vlm_calls,
+            ])  # fmt: skip
+    _write_atomic(out / "predictions.csv", buffer.getvalue().encode())
+    _plot(run, out / "accuracy.png")
+    return report
+
+
+def _plot(run: EvalRun, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thresholds = np.logspace(0, np.log10(20000), 200)
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, rows in run.predictions.items():
+        errors = [p.error_km if p.error_km is not None else math.inf for p in rows]
+        axis.plot(thresholds, accuracy_curve(errors, thresholds) * 100, label=label)
+    for t in THRESHOLDS_KM:
+        axis.axvline(t, color="0.85", linewidth=0.8, zorder=0)
+    axis.set_xscale("log")
+    axis.set_xlabel("distance threshold (km, log scale)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title(f"{run.dataset.name}: accuracy within distance")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    _write_atomic(path, buffer.getvalue())
