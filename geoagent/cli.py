@@ -127,7 +127,7 @@ def locate(
                     stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
                 if problems:
                     raise typer.Exit(max(p.exit_code for p in problems))
-                async for name, outcome in agent.locate_many(photos, explain=explain):
+                async for _photo, outcome in agent.locate_many(photos, explain=explain):
                     if isinstance(outcome, GeoAgentError):
                         failed += 1
                         stderr.print(f"[bold red]error:[/] {outcome}", highlight=False, soft_wrap=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,4 +108,24 @@ def world_settings(world, server: StandinServer, cache_dir: Path, route: str = "
         cache={"dir": cache_dir},
         retrieval=world_retrieval_config(world),
         agent={"country_prior": False, "reasoning": False, **agent},
+    )
+
+
+def write_world_config(path: Path, world, server: StandinServer, cache: Path, **agent: object) -> Path:
+    """A TOML config a user would write: the stand-in as Ollama, the world's index, ``[agent]`` keys as given."""
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
+    path.write_text(
+        f'[backends.sim]\nkind = "ollama"\nmodel = "llava:7b"\nbase_url = "{server.url}"\nmax_concurrency = 16\ntimeout_s = 20\n'
+        f'[tasks]\ndefault = "sim"\n[cache]\ndir = "{cache}"\n'
+        f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nindex = "{world.root / "index"}"\n'
+        f"[agent]\n{lines}\n"
+    )
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``geoagent ARGS`` in a fresh process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, **(env or {})},
     )

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CLIP, world_settings
+from conftest import TINY_CLIP, run_cli, world_settings, write_world_config
 from geoagent.agent.controller import GeoAgent
 from geoagent.types import LocateResult
 from standin import StandinConfig, WorldJudge
@@ -98,7 +95,7 @@ async def test_prior_and_reasoning_join_the_pool_and_the_trace(world, world_serv
         world, world_server, world_retriever, tmp_path, limit=4, strategy="tournament",
         country_prior=True, reasoning=True, reasoning_samples=3, prior_samples=2,
     )
-    for query, result in pairs:
+    for _query, result in pairs:
         assert result.prior and result.prior[0].p > 0
         assert any(c.source == "reasoning" for c in result.candidates)
         assert set(result.stats.calls_by_task) == {"prior", "reasoning", "pairwise"}
@@ -131,27 +128,12 @@ async def test_explain_records_every_stage(world, world_server, world_retriever,
     assert set(trace.prompts) >= {"pairwise", "prior", "reasoning"}
 
 
-def write_config(path: Path, world, server, cache: Path, **agent: object) -> Path:
-    agent_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
-    path.write_text(
-        f'[backends.sim]\nkind = "ollama"\nmodel = "llava:7b"\nbase_url = "{server.url}"\nmax_concurrency = 16\ntimeout_s = 20\n'
-        f'[tasks]\ndefault = "sim"\n[cache]\ndir = "{cache}"\n'
-        f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nindex = "{world.root / "index"}"\n'
-        f"[agent]\n{agent_lines}\n"
-    )
-    return path
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def test_cli_locate_names_a_corrupt_photo_and_answers_the_rest(world, world_server, tmp_path):
-    config = write_config(tmp_path / "geoagent.toml", world, world_server, tmp_path / "cache", strategy="tournament", reasoning=True)
+    config = write_world_config(tmp_path / "geoagent.toml", world, world_server, tmp_path / "cache", strategy="tournament", reasoning=True)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     good = [str(q.path) for q in world.queries[:2]]
-    proc = cli("locate", good[0], str(bad), good[1], "--json", "--config", str(config), cwd=tmp_path)
+    proc = run_cli("locate", good[0], str(bad), good[1], "--json", "--config", str(config), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"{bad}: " in proc.stderr and "Traceback" not in proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -170,13 +152,13 @@ def test_cli_strategy_none_is_retrieval_only_and_human_output_reads_well(world, 
         f'index = "{world.root / "index"}"\n'
     )
     query = world.queries[0]
-    proc = cli("locate", str(query.path), "--strategy", "none", "--json", cwd=tmp_path)
+    proc = run_cli("locate", str(query.path), "--strategy", "none", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["stats"]["vlm_calls"] == 0 and len(result["candidates"]) == 10
     assert result["candidates"][0]["source"] == "index"
     assert (result["lat"], result["lon"]) == (result["candidates"][0]["lat"], result["candidates"][0]["lon"])
-    human = cli("locate", str(query.path), "--strategy", "none", cwd=tmp_path)
+    human = run_cli("locate", str(query.path), "--strategy", "none", cwd=tmp_path)
     assert human.returncode == 0 and "confidence" in human.stdout and "rank" in human.stdout
 
 
@@ -184,7 +166,7 @@ def test_cli_refuses_an_index_built_by_another_embedder(world, tmp_path):
     (tmp_path / "geoagent.toml").write_text(
         f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nseed = 7\nindex = "{world.root / "index"}"\n'
     )
-    proc = cli("locate", str(world.queries[0].path), "--strategy", "none", cwd=tmp_path)
+    proc = run_cli("locate", str(world.queries[0].path), "--strategy", "none", cwd=tmp_path)
     assert proc.returncode == 2
     assert "built with embedder tiny-clip / none, seed 0" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -196,10 +178,7 @@ def test_cli_defaults_without_weights_or_server_say_what_is_missing(tmp_path):
 
     scene(1).save(photo)
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nbase_url = "http://127.0.0.1:9"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "geoagent", "locate", str(photo)], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
-    )
+    proc = run_cli("locate", str(photo), cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2
     assert "CLIP weights ViT-B-32/laion2b_s34b_b79k are not available" in proc.stderr
     assert "is `ollama serve` running there?" in proc.stderr
@@ -215,7 +194,7 @@ def test_gazetteer_is_the_default_candidate_source(tmp_path):
     (tmp_path / "geoagent.toml").write_text(
         f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\ngazetteer_min_population = 1000000\n'
     )
-    proc = cli("locate", str(photo), "--strategy", "none", "--json", cwd=tmp_path)
+    proc = run_cli("locate", str(photo), "--strategy", "none", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert {c["source"] for c in result["candidates"]} == {"gazetteer"}
@@ -226,7 +205,7 @@ def test_gazetteer_is_the_default_candidate_source(tmp_path):
 def test_python_api_from_config_and_sync_wrapper(world, world_server, tmp_path):
     import geoagent
 
-    config = write_config(tmp_path / "g.toml", world, world_server, tmp_path / "cache", strategy="tournament")
+    config = write_world_config(tmp_path / "g.toml", world, world_server, tmp_path / "cache", strategy="tournament")
     agent = geoagent.GeoAgent.from_config(config, agent={"country_prior": False, "reasoning": False})
     result = agent.locate_sync(world.queries[2].path)
     assert isinstance(result, geoagent.LocateResult) and result.stats.vlm_calls > 0

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
+
 HEAVY = ("torch", "open_clip", "faiss", "litellm")
-
-
-def geoagent(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_help_imports_no_heavy_module(tmp_path):
@@ -31,7 +24,7 @@ def test_help_imports_no_heavy_module(tmp_path):
 
 def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nmodle = "llava"\n')
-    proc = geoagent("config", "show", cwd=tmp_path)
+    proc = run_cli("config", "show", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: geoagent.toml: unknown key 'backends.local.modle'"
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -41,14 +34,14 @@ def test_every_config_flag_is_honoured_with_exit_2(tmp_path):
     bad = tmp_path / "other.toml"
     bad.write_text("[tasks]\ndefault = 'missing'\n")
     for command in (["config", "show"], ["cache", "stats"], ["cache", "clear"], ["check"]):
-        proc = geoagent(*command, "--config", str(bad), cwd=tmp_path)
+        proc = run_cli(*command, "--config", str(bad), cwd=tmp_path)
         assert proc.returncode == 2, command
         assert "tasks.default routes to backend profile 'missing'" in proc.stderr
 
 
 def test_check_names_the_unreachable_server_and_how_to_start_it(tmp_path):
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nbase_url = "http://127.0.0.1:9"\n')
-    proc = geoagent("check", cwd=tmp_path)
+    proc = run_cli("check", cwd=tmp_path)
     assert proc.returncode == 1
     assert "cannot connect to http://127.0.0.1:9; is `ollama serve` running there?" in proc.stdout
 
@@ -58,11 +51,11 @@ def test_check_finds_a_missing_model(route, standin, tmp_path):
     server = standin()
     url = server.url if route == "ollama" else server.openai_url
     (tmp_path / "geoagent.toml").write_text(f'[backends.local]\nkind = "{route}"\nmodel = "llava:13b"\nbase_url = "{url}"\n')
-    proc = geoagent("check", cwd=tmp_path)
+    proc = run_cli("check", cwd=tmp_path)
     assert proc.returncode == 1
     assert ("ollama pull llava:13b" if route == "ollama" else "no model 'llava:13b'") in proc.stdout
     (tmp_path / "geoagent.toml").write_text(f'[backends.local]\nkind = "{route}"\nmodel = "llava:7b"\nbase_url = "{url}"\n')
-    assert "ok: llava:7b" in geoagent("check", cwd=tmp_path).stdout
+    assert "ok: llava:7b" in run_cli("check", cwd=tmp_path).stdout
 
 
 def test_cache_stats_and_clear(tmp_path):
@@ -73,8 +66,8 @@ def test_cache_stats_and_clear(tmp_path):
     for i in range(3):
         cache.put_sync(f"k{i}", kind="ollama", model="llava:7b", task="PairwiseAnswer", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
     cache.close()
-    stats = geoagent("cache", "stats", cwd=tmp_path)
+    stats = run_cli("cache", "stats", cwd=tmp_path)
     assert stats.returncode == 0 and "3 answers" in stats.stdout and "PairwiseAnswer" in stats.stdout
-    cleared = geoagent("cache", "clear", cwd=tmp_path)
+    cleared = run_cli("cache", "clear", cwd=tmp_path)
     assert "removed 3 cached answers" in cleared.stdout
-    assert "0 answers" in geoagent("cache", "stats", cwd=tmp_path).stdout
+    assert "0 answers" in run_cli("cache", "stats", cwd=tmp_path).stdout

@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CLIP
+from conftest import run_cli, write_world_config
 from geoagent.eval.datasets import load_dataset
 from geoagent.eval.metrics import Prediction, accuracy_at, geoscore, summarise
 from geoagent.geo import haversine_km
@@ -74,25 +72,11 @@ def test_vigor_layout_names_each_query_true_tile(tmp_path):
     assert [item.id for item in read_source(tmp_path)] == ["Chicago/satellite/satellite_41.88_-87.63.png"]
 
 
-def config_file(path: Path, world, server, cache: Path, **agent: object) -> Path:
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
-    path.write_text(
-        f'[backends.sim]\nkind = "ollama"\nbase_url = "{server.url}"\nmax_concurrency = 16\ntimeout_s = 20\n'
-        f'[tasks]\ndefault = "sim"\n[cache]\ndir = "{cache}"\n'
-        f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nindex = "{world.root / "index"}"\n[agent]\n{lines}\n'
-    )
-    return path
-
-
-def geoagent_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
 def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, world, tmp_path):
     server = standin(judge=WorldJudge(world.truth))
-    retrieval_only = config_file(tmp_path / "retrieval.toml", world, server, tmp_path / "cache", strategy="none")
-    agent = config_file(tmp_path / "agent.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False)
-    proc = geoagent_cli("eval", str(world.queries_csv), "--config", str(retrieval_only), "--config", f"vlm={agent}",
+    retrieval_only = write_world_config(tmp_path / "retrieval.toml", world, server, tmp_path / "cache", strategy="none")
+    agent = write_world_config(tmp_path / "agent.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False)
+    proc = run_cli("eval", str(world.queries_csv), "--config", str(retrieval_only), "--config", f"vlm={agent}",
                         "--limit", "16", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -118,12 +102,12 @@ def test_editing_the_pairwise_prompt_re_sends_only_pairwise_requests(standin, wo
     server = standin(judge=WorldJudge(world.truth))
     prompts = tmp_path / "my-prompts"
     shutil.copytree(DEFAULT_PROMPTS_DIR, prompts)
-    config = config_file(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", country_prior=True, reasoning=True)
+    config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", country_prior=True, reasoning=True)
     args = ("eval", str(world.queries_csv), "--config", str(config), "--prompts", str(prompts), "--limit", "6")
-    assert geoagent_cli(*args, cwd=tmp_path).returncode == 0
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
     server.reset_log()
     (prompts / "pairwise.txt").write_text((prompts / "pairwise.txt").read_text().replace("Which candidate", "Which one of the candidates"))
-    proc = geoagent_cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    proc = run_cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert server.chat_requests() and {r.schema_name for r in server.chat_requests()} == {"PairwiseAnswer"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -132,7 +116,7 @@ def test_editing_the_pairwise_prompt_re_sends_only_pairwise_requests(standin, wo
 
 def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(standin, world, tmp_path):
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.15))
-    config = config_file(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False, max_concurrent_photos=1)
+    config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False, max_concurrent_photos=1)
     args = [sys.executable, "-m", "geoagent", "eval", str(world.queries_csv), "--config", str(config), "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -145,13 +129,13 @@ def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(stand
     done = report["columns"]["c"]["metrics"]["n"]
     assert report["partial"] is True and 0 < done < len(world.queries)
     server.reset_log()
-    rerun = geoagent_cli("eval", str(world.queries_csv), "--config", str(config), "--limit", str(done), "--out", str(tmp_path / "again"), cwd=tmp_path)
+    rerun = run_cli("eval", str(world.queries_csv), "--config", str(config), "--limit", str(done), "--out", str(tmp_path / "again"), cwd=tmp_path)
     assert rerun.returncode == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())["columns"]["c"]["metrics"]
     assert again["vlm_calls"] == 0 and again["cache_hits"] > 0
 
 
 def test_prompts_list_shows_hashes(tmp_path):
-    proc = geoagent_cli("prompts", cwd=tmp_path)
+    proc = run_cli("prompts", cwd=tmp_path)
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in ("pairwise", "pointwise", "prior", "reasoning", "pairwise_cross"))
