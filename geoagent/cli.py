@@ -253,6 +253,7 @@ def index_build(
             f"indexed {report.indexed} photos into {out} ({report.embedded} embedded, "
             f"{report.reused} reused), skipped {len(report.skipped)}",
             highlight=False,
+            soft_wrap=True,
         )
         for name, reason in report.skipped:
             stdout.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)

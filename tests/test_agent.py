@@ -223,3 +223,14 @@ async def test_editing_one_prompt_re_asks_only_its_questions(world, world_server
     await locate_all(world, world_server, world_retriever, tmp_path / "cache", limit=3, **kwargs)
     sent = {r.schema_name for r in world_server.chat_requests()}
     assert sent == {"PairwiseAnswer"}
+
+
+async def test_cross_view_mode_asks_the_satellite_question(world, world_server, world_retriever, tmp_path):
+    agent = GeoAgent(world_settings(world, world_server, tmp_path, strategy="tournament", view="cross"), retriever=world_retriever)
+    try:
+        await agent.locate(world.queries[0].path)
+    finally:
+        await agent.aclose()
+    prompts = [r.prompt for r in world_server.chat_requests("PairwiseAnswer")]
+    assert prompts and all("Which satellite image shows where this street-level photo was taken?" in p for p in prompts)
+    assert all("an aerial image (image 2)" in p for p in prompts)

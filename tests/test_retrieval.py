@@ -73,6 +73,7 @@ def test_folder_build_indexes_photos_and_names_the_junk(photo_folder, embedder, 
     assert report.indexed == N_PHOTOS + 1  # the CMYK photo is converted and indexed
     skipped = dict(report.skipped)
     assert skipped["odd/no_gps.jpg"] == "no GPS in EXIF"
+    assert skipped["junk/empty.jpg"] == "empty file" and skipped["junk/notes.jpg"].startswith("not an image")
     assert set(skipped) == {"odd/no_gps.jpg", "junk/empty.jpg", "junk/notes.jpg", "junk/truncated.jpg"}
     index = ReferenceIndex.open(tmp_path / "idx")
     entry = next(e for e in index.entries if e.id == "odd/cmyk.jpg")
@@ -216,3 +217,21 @@ def test_bad_embedder_settings_are_config_errors(kwargs, message):
 def test_opening_something_that_is_not_an_index(tmp_path):
     with pytest.raises(InputError, match="not a GeoAgent index"):
         ReferenceIndex.open(tmp_path)
+
+
+def test_cli_index_build_names_the_junk_and_info_describes_the_index(photo_folder, tmp_path):
+    """As a user runs it: a progress bar, a summary naming each skipped file, exit 0, no traceback."""
+    from conftest import run_cli
+
+    (tmp_path / "geoagent.toml").write_text(f'[retrieval]\nclip_model = "{TINY}"\nclip_pretrained = "none"\n')
+    proc = run_cli("index", "build", str(photo_folder), "--out", str(tmp_path / "idx"), "--type", "hnsw", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"indexed {N_PHOTOS + 1} photos" in proc.stdout and "skipped 4" in proc.stdout
+    for junk in ("junk/empty.jpg", "junk/notes.jpg", "junk/truncated.jpg", "odd/no_gps.jpg"):
+        assert f"skipped {junk}:" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    info = run_cli("index", "info", str(tmp_path / "idx"), cwd=tmp_path)
+    assert info.returncode == 0
+    assert f"entries: {N_PHOTOS + 1}" in info.stdout and "index_type: hnsw" in info.stdout and "tiny-clip / none" in info.stdout
+    rerun = run_cli("index", "build", str(photo_folder), "--out", str(tmp_path / "idx"), cwd=tmp_path)
+    assert f"0 embedded, {N_PHOTOS + 1} reused" in rerun.stdout

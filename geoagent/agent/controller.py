@@ -120,11 +120,7 @@ class GeoAgent:
         cfg = self.settings.agent
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        image = await asyncio.to_thread(open_image, photo)
-        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo))
-        retriever = await self.retriever()
-        use_vlm = cfg.strategy != "none"
-        prior_stats, reasoning_stats = CallStats(), CallStats()
+        spent: dict[str, CallStats] = {"prior": CallStats(), "reasoning": CallStats()}
         trace = Trace(strategy=cfg.strategy)
 
         async def timed(name: str, coroutine: Any) -> Any:
@@ -134,75 +130,37 @@ class GeoAgent:
             finally:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
-        prior_task = None
-        if use_vlm and cfg.country_prior:
-            client = self.pool.for_task("prior")
-            prior_task = asyncio.create_task(timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, prior_stats)))
-        reasoning_task = None
-        if use_vlm and cfg.reasoning and cfg.reasoning_neighbours == 0:
-            reasoning_task = asyncio.create_task(self._reason(query, reasoning_stats, "", timed))
-        try:
-            vector = await timed("embed", retriever.embed(image))
-            prior: list[CountryScore] = []
-            if cfg.submap != "none" and prior_task is not None:
-                prior = await prior_task
-            guesses: list[Guess] = []
-            if cfg.submap == "kmeans" and reasoning_task is not None:
-                guesses = await reasoning_task
-            candidates = await timed("retrieve", self._retrieve(retriever, vector, prior, guesses, trace))
-            if use_vlm and cfg.reasoning and reasoning_task is None:
-                block = neighbour_block(self.prompts, candidates, cfg.reasoning_neighbours)
-                reasoning_task = asyncio.create_task(self._reason(query, reasoning_stats, block, timed))
-            if prior_task is not None:
-                prior = await prior_task
-            if reasoning_task is not None:
-                guesses = await reasoning_task
-        except BaseException:
-            for task in (prior_task, reasoning_task):
-                if task is not None:
-                    task.cancel()
-            raise
+        image = await asyncio.to_thread(open_image, photo)
+        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo))
+        candidates, prior, guesses = await self._gather_evidence(image, query, spent, trace, timed)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
         if guess is not None:
-            pool.append(_guess_candidate(guess))
+            pool.append(await asyncio.to_thread(_guess_candidate, guess))
         prior_p = {entry.country: entry.p for entry in prior}
         weights = self._fusion_weights()
-        base_ranked, _ = fuse(pool, {}, prior_p, guess, **{**weights, "w_votes": 0.0})
-        task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
-        comparator = None
         votes: dict[str, float] = {}
-        if use_vlm:
+        comparator = None
+        if cfg.strategy != "none":
+            evidence_only, _ = fuse(pool, {}, prior_p, guess, **{**weights, "w_votes": 0.0})
             comparator = Comparator(
                 pairwise_client=self.pool.for_task("pairwise"),
                 pointwise_client=self.pool.for_task("pointwise"),
                 prompts=self.prompts,
                 query=query,
                 photos=await self._reference_photos(pool),
-                base={c.id: c.score for c in base_ranked},
+                base={c.id: c.score for c in evidence_only},
                 layout=cfg.image_layout,
                 view=cfg.view,
                 debias=cfg.position_debias,
                 max_side=cfg.max_image_side,
             )
+            spent["pointwise" if cfg.strategy == "pointwise" else "pairwise"] = comparator.stats
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
-        rerank_stats = comparator.stats if comparator else CallStats()
         ranked, terms = fuse(pool, votes, prior_p, guess, **weights)
         top = ranked[0]
 
-        spent = CallStats()
-        for part in (prior_stats, reasoning_stats, rerank_stats):
-            spent.add(part)
-        stats = LocateStats(
-            vlm_calls=spent.requests,
-            cache_hits=spent.cache_hits,
-            asks=spent.asks,
-            wall_s=round(time.perf_counter() - started, 4),
-            prompt_tokens=spent.prompt_tokens,
-            completion_tokens=spent.completion_tokens,
-            calls_by_task={name: s.requests for name, s in (("prior", prior_stats), ("reasoning", reasoning_stats), (task, rerank_stats)) if s.asks},
-        )
         if explain:
             trace.pool = [c.id for c in pool]
             trace.guesses, trace.consensus_guess = guesses, guess
@@ -220,9 +178,47 @@ class GeoAgent:
             confidence=confidence(ranked, cfg.consensus_bandwidth_km),
             candidates=ranked,
             prior=prior,
-            stats=stats,
+            stats=_photo_stats(spent, time.perf_counter() - started),
             trace=trace if explain else None,
         )
+
+    async def _gather_evidence(
+        self, image: Any, query: Photo, spent: dict[str, CallStats], trace: Trace, timed: Any
+    ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
+        """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
+        cfg = self.settings.agent
+        use_vlm = cfg.strategy != "none"
+        retriever = await self.retriever()
+        prior_task = reasoning_task = None
+        if use_vlm and cfg.country_prior:
+            client = self.pool.for_task("prior")
+            prior_task = asyncio.create_task(
+                timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, spent["prior"]))
+            )
+        if use_vlm and cfg.reasoning and cfg.reasoning_neighbours == 0:
+            reasoning_task = asyncio.create_task(self._reason(query, spent["reasoning"], "", timed))
+        prior: list[CountryScore] = []
+        guesses: list[Guess] = []
+        try:
+            vector = await timed("embed", retriever.embed(image))
+            if cfg.submap != "none" and prior_task is not None:
+                prior = await prior_task
+            if cfg.submap == "kmeans" and reasoning_task is not None:
+                guesses = await reasoning_task
+            candidates = await timed("retrieve", self._retrieve(retriever, vector, prior, guesses, trace))
+            if use_vlm and cfg.reasoning and reasoning_task is None:  # the neighbour-augmented variant
+                block = neighbour_block(self.prompts, candidates, cfg.reasoning_neighbours)
+                reasoning_task = asyncio.create_task(self._reason(query, spent["reasoning"], block, timed))
+            if prior_task is not None:
+                prior = await prior_task
+            if reasoning_task is not None:
+                guesses = await reasoning_task
+        except BaseException:
+            for task in (prior_task, reasoning_task):
+                if task is not None:
+                    task.cancel()
+            raise
+        return candidates, prior, guesses
 
     def _fusion_weights(self) -> dict[str, float]:
         cfg = self.settings.agent
@@ -288,6 +284,21 @@ class GeoAgent:
         while len(self._references) > REFERENCE_PHOTO_CACHE:
             self._references.popitem(last=False)
         return {c.id: self._references.get(c.image_path) if c.image_path else None for c in pool}
+
+
+def _photo_stats(spent: dict[str, CallStats], wall_s: float) -> LocateStats:
+    total = CallStats()
+    for part in spent.values():
+        total.add(part)
+    return LocateStats(
+        vlm_calls=total.requests,
+        cache_hits=total.cache_hits,
+        asks=total.asks,
+        wall_s=round(wall_s, 4),
+        prompt_tokens=total.prompt_tokens,
+        completion_tokens=total.completion_tokens,
+        calls_by_task={task: stats.requests for task, stats in spent.items() if stats.asks},
+    )
 
 
 def _guess_candidate(guess: Guess) -> Candidate:

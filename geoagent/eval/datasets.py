@@ -109,7 +109,7 @@ def load_dataset(source: Path, images: Path | None = None) -> Dataset:
         dataset = Dataset(source.name, [])
         for item in read_folder(source):
             if item.lat is None or item.lon is None:
-                dataset.skipped.append((item.id, "no GPS in EXIF"))
+                dataset.skipped.append((item.id, item.problem or "no GPS in EXIF"))
             else:
                 dataset.items.append(EvalItem(item.path, item.lat, item.lon))
         return dataset

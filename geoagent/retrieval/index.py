@@ -81,6 +81,7 @@ class SourceItem:
     lat: float | None
     lon: float | None
     country: str | None = None
+    problem: str | None = None  # why it has no coordinate, when known
 
 
 @dataclass
@@ -101,33 +102,38 @@ def _rational(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def exif_gps(path: Path) -> tuple[float, float] | None:
-    """(lat, lon) from a photo's EXIF GPS block, or None. Reads the header only."""
+def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
+    """(lat, lon) from a photo's EXIF GPS block (header only), or None and what is wrong with the file
+    (no problem given: a readable photo without GPS)."""
     try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
         with Image.open(path) as image:
             gps = image.getexif().get_ifd(0x8825)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    except UnidentifiedImageError:
+        return None, "not an image (or a format Pillow cannot read)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, f"unreadable image ({exc})"
     if not gps or 2 not in gps or 4 not in gps:
-        return None
+        return None, None
     try:
         lat = sum(_rational(v) / 60**i for i, v in enumerate(gps[2]))
         lon = sum(_rational(v) / 60**i for i, v in enumerate(gps[4]))
     except (TypeError, ValueError, ZeroDivisionError, IndexError):
-        return None
+        return None, "malformed EXIF GPS"
     if str(gps.get(1, "N")).upper().startswith("S"):
         lat = -lat
     if str(gps.get(3, "E")).upper().startswith("W"):
         lon = -lon
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        return None
-    return lat, lon
+        return None, "EXIF GPS out of range"
+    return (lat, lon), None
 
 
 def read_folder(root: Path) -> Iterator[SourceItem]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-        gps = exif_gps(path)
-        yield SourceItem(path.relative_to(root).as_posix(), path.resolve(), *(gps or (None, None)))
+        gps, problem = read_gps(path)
+        yield SourceItem(path.relative_to(root).as_posix(), path.resolve(), *(gps or (None, None)), problem=problem)
 
 
 def read_csv(csv_path: Path) -> Iterator[SourceItem]:
@@ -275,7 +281,7 @@ def build_index(
     rows: list[tuple[SourceItem, os.stat_result]] = []
     for item in items:
         if item.lat is None or item.lon is None:
-            report.skipped.append((item.id, "no GPS in EXIF" if source.is_dir() else "invalid lat/lon"))
+            report.skipped.append((item.id, item.problem or ("no GPS in EXIF" if source.is_dir() else "invalid lat/lon")))
             continue
         try:
             stat = item.path.stat()
