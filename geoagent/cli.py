@@ -263,11 +263,13 @@ def index_build(
 def index_info(
     directory: Annotated[Path, typer.Argument(help="An index folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Entry count, embedder, index type and the countries covered."""
     with user_errors():
         from geoagent.retrieval.index import ReferenceIndex, index_summary
 
+        settings_from(config)  # a broken config is reported here too, as by every command
         summary = index_summary(ReferenceIndex.open(directory))
         if as_json:
             stdout.print_json(data=summary)

@@ -46,7 +46,7 @@ async def locate_all(world, server, retriever, cache_dir, limit=None, route="oll
 async def test_pairwise_reranking_lifts_top1_where_pointwise_does_not(world, world_server, world_retriever, tmp_path):
     """The seed's finding, in simulation: tournament >= +20 points, allpairs >= +15, pointwise no help."""
     scores, runs = {}, {}
-    for strategy in ("none", "pointwise", "tournament", "allpairs"):
+    for strategy in ("none", "pointwise", "tournament", "allpairs", "sorting"):
         runs[strategy] = await locate_all(world, world_server, world_retriever, tmp_path / strategy, strategy=strategy)
         scores[strategy] = top1(runs[strategy])
     recall10 = sum(any(c.id == q.ref for c in r.candidates) for q, r in runs["none"]) / len(runs["none"])
@@ -54,6 +54,7 @@ async def test_pairwise_reranking_lifts_top1_where_pointwise_does_not(world, wor
     assert scores["tournament"] >= scores["none"] + 0.20, scores
     assert scores["allpairs"] >= scores["none"] + 0.15, scores
     assert scores["pointwise"] <= scores["none"] + 0.05, scores
+    assert scores["sorting"] >= scores["none"] + 0.15, scores
     for _, result in runs["none"]:
         assert result.stats.vlm_calls == 0
     for strategy, budget in (("tournament", lambda k: 2 * (k - 1)), ("allpairs", lambda k: k * (k - 1)), ("pointwise", lambda k: k)):
@@ -234,3 +235,43 @@ async def test_cross_view_mode_asks_the_satellite_question(world, world_server, 
     prompts = [r.prompt for r in world_server.chat_requests("PairwiseAnswer")]
     assert prompts and all("Which satellite image shows where this street-level photo was taken?" in p for p in prompts)
     assert all("an aerial image (image 2)" in p for p in prompts)
+
+
+async def test_kmeans_submap_keeps_the_clusters_around_the_reasoning_estimate(world, world_server, world_retriever, tmp_path):
+    agent = GeoAgent(
+        world_settings(world, world_server, tmp_path, strategy="tournament", reasoning=True, submap="kmeans", submap_clusters=2),
+        retriever=world_retriever,
+    )
+    try:
+        result = await agent.locate(world.queries[5].path, explain=True)
+    finally:
+        await agent.aclose()
+    clusters = {int(c) for c in result.trace.submap["clusters"]}
+    assert 1 <= len(clusters) <= 2
+    table, ids = world_retriever.table, [e.id for e in world_retriever.source.entries]
+    assert all(int(table.cluster[ids.index(c.id)]) in clusters for c in result.candidates if c.source == "index")
+
+
+async def test_a_submap_weight_boosts_instead_of_restricting(world, world_server, world_retriever, tmp_path):
+    settings = world_settings(
+        world, world_server, tmp_path, strategy="tournament", country_prior=True, prior_countries=1,
+        submap="country", submap_weight=10.0, top_k=5,
+    )
+    agent = GeoAgent(settings, retriever=world_retriever)
+    try:
+        result = await agent.locate(world.queries[9].path, explain=True)
+    finally:
+        await agent.aclose()
+    boosted = result.prior[0].country
+    assert [c.country for c in result.candidates if c.source == "index"] == [boosted] * 5
+
+
+async def test_neighbour_augmented_reasoning_shows_reference_coordinates(world, world_server, world_retriever, tmp_path):
+    agent = GeoAgent(world_settings(world, world_server, tmp_path, strategy="tournament", reasoning=True, reasoning_neighbours=2), retriever=world_retriever)
+    try:
+        result = await agent.locate(world.queries[3].path)
+    finally:
+        await agent.aclose()
+    prompts = [r.prompt for r in world_server.chat_requests("ReasoningAnswer")]
+    assert len(prompts) == 3 and all("visually similar photos were taken at these coordinates" in p for p in prompts)
+    assert any(c.source == "reasoning" for c in result.candidates)

@@ -118,7 +118,9 @@ def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(stand
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.15))
     config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False, max_concurrent_photos=1)
     args = [sys.executable, "-m", "geoagent", "eval", str(world.queries_csv), "--config", str(config), "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background jobs inherit SIGINT as ignored; the user's Ctrl-C reaches a foreground process.
+    restore_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_ctrl_c)
     deadline = time.time() + 120
     while len([r for r in server.chat_requests() if r.status == 200]) < 40 and time.time() < deadline:
         time.sleep(0.1)

@@ -261,3 +261,49 @@ async def test_tasks_route_to_their_own_profiles(standin, marker_images, tmp_pat
         await pool.aclose()
     assert [r.protocol for r in hosted.chat_requests()] == ["openai"]
     assert [r.protocol for r in local.chat_requests()] == ["ollama"]
+
+
+def _write_entries(directory: str, worker: int, count: int) -> None:
+    from geoagent.vlm.cache import CachedAnswer, ResponseCache
+    from geoagent.vlm.types import Usage
+
+    cache = ResponseCache(directory)
+    for i in range(count):
+        cache.put_sync(f"{worker}-{i}", kind="ollama", model="m", task="t", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
+    cache.close()
+
+
+def test_several_processes_can_write_the_cache_at_once(tmp_path):
+    """Parallel eval runs share one cache: concurrent writers neither fail nor lose entries."""
+    import multiprocessing
+
+    from geoagent.vlm.cache import ResponseCache
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_entries, args=(str(tmp_path / "cache"), w, 150)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    cache = ResponseCache(tmp_path / "cache")
+    assert cache.stats().entries == 600
+    assert cache.get_sync("3-149").answer == {"i": 149}
+    cache.close()
+
+
+async def test_a_server_echoing_the_key_never_puts_it_in_an_error(standin, marker_images, tmp_path, monkeypatch):
+    secret = "sk-echoed-0123456789abcdef"
+    monkeypatch.setenv("STANDIN_KEY", secret)
+
+    def echo(seen):  # a misbehaving server: its error text repeats what it was sent
+        raise ValueError(f"bad request with key {secret}")
+
+    server = standin(judge=echo)
+    pool = VLMPool(settings_for("openai", server, tmp_path, api_key_env="STANDIN_KEY", max_retries=0))
+    try:
+        with pytest.raises(BackendError) as info:
+            await ask_codes(pool, marker_images, 1)
+    finally:
+        await pool.aclose()
+    assert secret not in str(info.value) and "[redacted]" in str(info.value)

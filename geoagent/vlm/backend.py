@@ -71,8 +71,13 @@ class VLMBackend(ABC):
     def unreachable_error(self, hint: str = "is the server running there?") -> BackendError:
         return BackendError(f"backend '{self.name}': cannot connect to {self.url}; {hint}")
 
+    def redact(self, text: str) -> str:
+        """Servers sometimes echo what they were sent; a key must never reach a message or a log."""
+        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+
     def status_error(self, status: int, message: str, retry_after: float | None = None) -> Exception:
         """Map an HTTP status to TransientError or a BackendError worded for the user."""
+        message = self.redact(message)
         if status in TRANSIENT_STATUSES:
             return TransientError(f"HTTP {status}: {message}", retry_after)
         if status in (401, 403):
