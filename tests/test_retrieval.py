@@ -235,3 +235,6 @@ def test_cli_index_build_names_the_junk_and_info_describes_the_index(photo_folde
     assert f"entries: {N_PHOTOS + 1}" in info.stdout and "index_type: hnsw" in info.stdout and "tiny-clip / none" in info.stdout
     rerun = run_cli("index", "build", str(photo_folder), "--out", str(tmp_path / "idx"), cwd=tmp_path)
     assert f"0 embedded, {N_PHOTOS + 1} reused" in rerun.stdout
+    from_csv = run_cli("index", "build", str(write_csv(photo_folder, tmp_path / "refs.csv")), "--out", str(tmp_path / "csv-idx"), cwd=tmp_path)
+    assert from_csv.returncode == 0 and f"indexed {N_PHOTOS} photos" in from_csv.stdout and "skipped 3" in from_csv.stdout
+    assert "junk/missing.jpg: file not found" in from_csv.stdout and "Traceback" not in from_csv.stderr
