@@ -25,7 +25,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from geoagent.config import Settings  # noqa: E402
 from geoagent.eval.datasets import load_dataset  # noqa: E402
-from geoagent.eval.runner import Column, EvalRun, markdown_table, write_outputs  # noqa: E402
+from geoagent.eval.runner import Column, EvalRun, write_outputs  # noqa: E402
 from geoagent.retrieval.embedder import Embedder  # noqa: E402
 from geoagent.retrieval.index import build_index  # noqa: E402
 from standin import Knobs, StandinConfig, StandinServer, WorldJudge  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,10 +57,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def settings_from(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
-    return load_config(config, overrides)
-
-
 def apply_flags(settings: Settings, **flags: Any) -> Settings:
     """Command-line flags override everything else (set with validation, so a bad value is a one-line error)."""
     from pydantic import ValidationError
@@ -73,7 +68,7 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
                 raise ConfigError(f"--backend: no backend profile '{name}' (defined: {', '.join(sorted(settings.backends))})")
             settings.tasks = type(settings.tasks)(default=name)
         if flags.get("model"):
-            for name in {settings.tasks.profile_for(t) for t in ("default", "prior", "reasoning", "pairwise", "pointwise")}:
+            for name in settings.routed_profiles():
                 settings.backends[name].model = flags["model"]
         if flags.get("index") is not None:
             settings.retrieval.index = flags["index"]
@@ -114,7 +109,7 @@ def locate(
 
     with user_errors():
         settings = apply_flags(
-            settings_from(config), backend=backend, model=model, index=index, top_k=top_k,
+            load_config(config), backend=backend, model=model, index=index, top_k=top_k,
             strategy=strategy, prompts=prompts, no_cache=no_cache,
         )
         from geoagent.agent.controller import GeoAgent
@@ -202,7 +197,7 @@ def prompts_list(
     from geoagent.prompts import PromptSet
 
     with user_errors():
-        settings = apply_flags(settings_from(config), prompts=prompts)
+        settings = apply_flags(load_config(config), prompts=prompts)
         prompt_set = PromptSet(settings.agent.prompts_dir)
         stdout.print(f"prompts from {prompt_set.directory}", highlight=False)
         for name, digest in prompt_set.hashes().items():
@@ -225,7 +220,7 @@ def index_build(
 
         if index_type not in INDEX_TYPES:
             raise ConfigError(f"--type: '{index_type}' is not one of {', '.join(INDEX_TYPES)}")
-        settings = settings_from(config)
+        settings = load_config(config)
         from geoagent.retrieval.embedder import Embedder
         from geoagent.retrieval.index import build_index
 
@@ -269,7 +264,7 @@ def index_info(
     with user_errors():
         from geoagent.retrieval.index import ReferenceIndex, index_summary
 
-        settings_from(config)  # a broken config is reported here too, as by every command
+        load_config(config)  # a broken config is reported here too, as by every command
         summary = index_summary(ReferenceIndex.open(directory))
         if as_json:
             stdout.print_json(data=summary)
@@ -285,7 +280,7 @@ def index_info(
 def config_show(config: ConfigOption = None) -> None:
     """Print the configuration in effect (file + environment + defaults) as JSON. Keys are never shown."""
     with user_errors():
-        settings = settings_from(config)
+        settings = load_config(config)
         stdout.print_json(settings.model_dump_json())
 
 
@@ -295,7 +290,7 @@ def cache_stats(config: ConfigOption = None) -> None:
     from geoagent.vlm.cache import ResponseCache
 
     with user_errors():
-        settings = settings_from(config)
+        settings = load_config(config)
         stats = ResponseCache(settings.cache.dir).stats()
         stdout.print(f"{stats.path}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
@@ -312,7 +307,7 @@ def cache_clear(config: ConfigOption = None) -> None:
     from geoagent.vlm.cache import ResponseCache
 
     with user_errors():
-        settings = settings_from(config)
+        settings = load_config(config)
         removed = ResponseCache(settings.cache.dir).clear()
         stdout.print(f"removed {removed} cached answers from {settings.cache.dir}")
 
@@ -323,8 +318,8 @@ def check(config: ConfigOption = None) -> None:
     from geoagent.vlm import VLMPool
 
     with user_errors():
-        settings = settings_from(config)
-        routed = sorted({settings.tasks.profile_for(task) for task in ("default", "prior", "reasoning", "pairwise", "pointwise")})
+        settings = load_config(config)
+        routed = settings.routed_profiles()
 
         async def run() -> list[tuple[str, str | None]]:
             pool = VLMPool(settings)
@@ -346,12 +341,3 @@ def check(config: ConfigOption = None) -> None:
             stdout.print(f"{name}: {outcome}", highlight=False, soft_wrap=True)
         if failed:
             raise typer.Exit(1)
-
-
-def main() -> None:  # pragma: no cover - console entry point for `python -m geoagent`
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-

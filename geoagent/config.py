@@ -184,6 +184,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"tasks.{task} routes to backend profile '{name}', which is not defined (defined: {known})")
         return self
 
+    def routed_profiles(self, tasks: tuple[str, ...] = ("default", *TASKS)) -> list[str]:
+        """Names of the backend profiles that serve ``tasks``."""
+        return sorted({self.tasks.profile_for(task) for task in tasks})
+
     def profile(self, task: str) -> tuple[str, BackendProfile]:
         name = self.tasks.profile_for(task)
         return name, self.backends[name]

@@ -70,10 +70,10 @@ class GeoAgent:
 
         checks = [attempt(self.retriever())]
         if self.settings.agent.strategy != "none":
-            tasks = ["pairwise"] if self.settings.agent.strategy != "pointwise" else ["pointwise"]
-            tasks += [t for t, on in (("prior", self.settings.agent.country_prior), ("reasoning", self.settings.agent.reasoning)) if on]
-            for name in sorted({self.settings.tasks.profile_for(t) for t in tasks}):
-                checks.append(attempt(self._check_backend(name)))
+            agent = self.settings.agent
+            tasks = ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
+            tasks += [task for task, on in (("prior", agent.country_prior), ("reasoning", agent.reasoning)) if on]
+            checks += [attempt(self._check_backend(name)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
         return problems
 
@@ -287,9 +287,7 @@ class GeoAgent:
 
 
 def _photo_stats(spent: dict[str, CallStats], wall_s: float) -> LocateStats:
-    total = CallStats()
-    for part in spent.values():
-        total.add(part)
+    total = sum(spent.values(), CallStats())
     return LocateStats(
         vlm_calls=total.requests,
         cache_hits=total.cache_hits,

@@ -205,10 +205,7 @@ class VLMPool:
         return self._clients[name]
 
     def totals(self) -> CallStats:
-        total = CallStats()
-        for client in self._clients.values():
-            total.add(client.totals)
-        return total
+        return sum((client.totals for client in self._clients.values()), CallStats())
 
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))
