@@ -26,7 +26,9 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
+prompts_app = typer.Typer(help="The prompt templates in use.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+app.add_typer(prompts_app, name="prompts")
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
 
@@ -130,6 +132,13 @@ def locate(
                         print(outcome.model_dump_json(exclude_none=not explain), flush=True)
                     else:
                         print_result(stdout, outcome, explain=explain)
+                if len(photos) > 1:
+                    run_total = agent.pool.totals()
+                    stderr.print(
+                        f"{len(photos) - failed} of {len(photos)} photos located; {run_total.requests} VLM requests, "
+                        f"{run_total.cache_hits} cache hits, {run_total.prompt_tokens}+{run_total.completion_tokens} tokens",
+                        highlight=False,
+                    )
             return failed
 
         if asyncio.run(run()):
@@ -188,7 +197,7 @@ def _print_report(report: dict[str, Any], markdown_table: Any) -> None:
     stdout.print(table)
 
 
-@app.command("prompts")
+@prompts_app.command("list")
 def prompts_list(
     config: ConfigOption = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates.")] = None,

@@ -138,6 +138,6 @@ def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(stand
 
 
 def test_prompts_list_shows_hashes(tmp_path):
-    proc = run_cli("prompts", cwd=tmp_path)
+    proc = run_cli("prompts", "list", cwd=tmp_path)
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in ("pairwise", "pointwise", "prior", "reasoning", "pairwise_cross"))
