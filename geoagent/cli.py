@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,10 +46,21 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: object, *
     stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+class _NoteHandler(logging.Handler):
+    """GeoAgent's INFO log lines (slow one-time work, say) as notes on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stderr.print(f"[dim]note:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn GeoAgent's errors into one line on stderr and the right exit code, never a traceback."""
     warnings.showwarning = _show_warning  # type: ignore[assignment]
+    package_log = logging.getLogger("geoagent")
+    if not package_log.handlers:
+        package_log.addHandler(_NoteHandler(logging.INFO))
+        package_log.setLevel(logging.INFO)
     try:
         yield
     except GeoAgentError as exc:

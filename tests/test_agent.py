@@ -201,6 +201,9 @@ def test_gazetteer_is_the_default_candidate_source(tmp_path):
     assert {c["source"] for c in result["candidates"]} == {"gazetteer"}
     assert all(c["id"].startswith("geonames:") and c["country"] for c in result["candidates"])
     assert list((tmp_path / "cache" / "gazetteer").glob("*.npy")), "the place embeddings are cached on disk"
+    assert "note: embedding 564 gazetteer places" in proc.stderr  # the slow one-time step is announced
+    again = run_cli("locate", str(photo), "--strategy", "none", "--json", cwd=tmp_path)
+    assert again.returncode == 0 and "note: embedding" not in again.stderr and json.loads(again.stdout) == {**result, "stats": json.loads(again.stdout)["stats"]}
 
 
 def test_python_api_from_config_and_sync_wrapper(world, world_server, tmp_path):

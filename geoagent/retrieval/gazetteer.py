@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from geoagent.types import Candidate
 
 if TYPE_CHECKING:
     from geoagent.retrieval.embedder import Embedder
+
+log = logging.getLogger(__name__)
 
 
 def place_prompt(template: str, place: Place) -> str:
@@ -44,6 +47,7 @@ class Gazetteer:
         path = cache_dir.expanduser() / "gazetteer" / f"{key}.npy"
         vectors = _load_vectors(path, len(places))
         if vectors is None:
+            log.info("embedding %d gazetteer places as CLIP text prompts, once (cached in %s)", len(places), path.parent)
             if on_embed:
                 on_embed(len(places))
             vectors = embedder.embed_texts_sync([place_prompt(prompt, p) for p in places])
