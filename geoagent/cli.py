@@ -290,11 +290,11 @@ def index_info(
         if as_json:
             stdout.print_json(data=summary)
             return
-        countries = summary.pop("countries")
+        countries: dict[str, int] = summary.pop("countries")  # type: ignore[assignment]
         for key, value in summary.items():
             stdout.print(f"{key:>16}: {value}", highlight=False)
-        top = ", ".join(f"{code} {count}" for code, count in list(countries.items())[:20])  # type: ignore[union-attr]
-        stdout.print(f"{'countries':>16}: {len(countries)} ({top}{', ...' if len(countries) > 20 else ''})", highlight=False)  # type: ignore[arg-type]
+        top = ", ".join(f"{code} {count}" for code, count in list(countries.items())[:20])
+        stdout.print(f"{'countries':>16}: {len(countries)} ({top}{', ...' if len(countries) > 20 else ''})", highlight=False)
 
 
 @config_app.command("show")

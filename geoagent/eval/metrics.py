@@ -68,11 +68,11 @@ def summarise(predictions: Sequence[Prediction]) -> dict[str, float | int | None
     )
     with_ref = [p for p in predictions if p.true_ref]
     if with_ref:
-        truths = [p.true_ref for p in with_ref]
+        truths = [p.true_ref for p in with_ref if p.true_ref]
         for k in (1, 5, 10):
-            metrics[f"retrieval_recall@{k}"] = round(_recall([p.retrieval_ranking for p in with_ref], truths, k), 4)  # type: ignore[misc]
+            metrics[f"retrieval_recall@{k}"] = round(_recall([p.retrieval_ranking for p in with_ref], truths, k), 4)
         metrics["top1_before"] = metrics["retrieval_recall@1"]
-        metrics["top1_after"] = round(_recall([p.final_ranking for p in with_ref], truths, 1), 4)  # type: ignore[misc]
+        metrics["top1_after"] = round(_recall([p.final_ranking for p in with_ref], truths, 1), 4)
     metrics["vlm_calls"] = sum(p.vlm_calls for p in predictions)
     metrics["cache_hits"] = sum(p.cache_hits for p in predictions)
     metrics["prompt_tokens"] = sum(p.prompt_tokens for p in predictions)

@@ -51,9 +51,10 @@ def build_columns(configs: list[str], prompts: list[Path], overrides: Callable[[
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         specs.append((name or (Path(path).stem if path else "default"), path or None))
     columns = []
-    for label, path in specs:
-        for prompt_dir in prompts or [None]:
-            settings = load_config(path)
+    prompt_dirs: list[Path | None] = list(prompts) or [None]
+    for label, config_path in specs:
+        for prompt_dir in prompt_dirs:
+            settings = load_config(config_path)
             if prompt_dir is not None:
                 settings.agent.prompts_dir = prompt_dir
             if overrides:
@@ -62,7 +63,7 @@ def build_columns(configs: list[str], prompts: list[Path], overrides: Callable[[
                 full = label
             else:
                 full = prompt_dir.name if len(specs) == 1 else f"{label}+{prompt_dir.name}"
-            columns.append(Column(full, settings, path))
+            columns.append(Column(full, settings, config_path))
     labels = [c.label for c in columns]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two columns share a label ({', '.join(labels)}); name them with --config name=path")

@@ -7,6 +7,7 @@ scene still lands near it in embedding space, which is what retrieval needs to b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -72,7 +73,7 @@ def _dms(value: float) -> tuple[float, float, float]:
     return float(degrees), float(minutes), round((value - degrees - minutes / 60) * 3600, 4)
 
 
-def save_with_gps(image: Image.Image, path: Path, lat: float, lon: float, **save_args: object) -> None:
+def save_with_gps(image: Image.Image, path: Path, lat: float, lon: float, **save_args: Any) -> None:
     """Save a JPEG (or other EXIF-capable format) with the coordinate in its EXIF GPS block."""
     exif = Image.Exif()
     exif.get_ifd(0x8825).update({1: "N" if lat >= 0 else "S", 2: _dms(lat), 3: "E" if lon >= 0 else "W", 4: _dms(lon)})

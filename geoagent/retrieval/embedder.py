@@ -105,18 +105,19 @@ class Embedder:
         device = _pick_device(config.device)
         spec = EmbedderSpec(model=model_name, pretrained=config.clip_pretrained, seed=config.seed, config_hash=config_hash)
         kwargs: dict[str, Any] = {"device": device}
-        pretrained: str | None = config.clip_pretrained
-        if pretrained == "none":
+        requested = config.clip_pretrained
+        pretrained: str | None = requested
+        if requested == "none":
             pretrained = None
             torch.manual_seed(config.seed)
-        elif Path(pretrained).expanduser().is_file():
-            pretrained = str(Path(pretrained).expanduser())
+        elif Path(requested).expanduser().is_file():
+            pretrained = str(Path(requested).expanduser())
             spec.pretrained = "file:" + _file_digest(pretrained)
         else:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
-            if pretrained not in tags:
-                if "/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
-                    raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {pretrained}")
+            if requested not in tags:
+                if "/" in requested or requested.endswith((".pt", ".bin", ".safetensors")):
+                    raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {requested}")
                 raise ConfigError(
                     f"retrieval.clip_pretrained: '{pretrained}' is not a pretrained tag of {model_name} "
                     f"(known: {', '.join(tags) or 'none'}), a checkpoint file, or 'none'"

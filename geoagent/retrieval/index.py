@@ -34,7 +34,7 @@ from geoagent.errors import ConfigError, InputError
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
 from geoagent.retrieval.embedder import EmbedderSpec
-from geoagent.retrieval.vectors import IndexType, VectorTable, build_faiss, geo_kmeans
+from geoagent.retrieval.vectors import HNSW_EF_SEARCH, IndexType, VectorTable, build_faiss, geo_kmeans
 from geoagent.types import Candidate
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
 def read_folder(root: Path) -> Iterator[SourceItem]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
         gps, problem = read_gps(path)
-        yield SourceItem(path.relative_to(root).as_posix(), path.resolve(), *(gps or (None, None)), problem=problem)
+        lat, lon = gps if gps else (None, None)
+        yield SourceItem(path.relative_to(root).as_posix(), path.resolve(), lat, lon, problem=problem)
 
 
 def read_csv(csv_path: Path) -> Iterator[SourceItem]:
@@ -222,8 +223,8 @@ class ReferenceIndex:
             raise InputError(f"{version}: damaged index ({str(exc).splitlines()[0]}); rebuild it") from None
         if manifest.format != FORMAT_VERSION:
             raise InputError(f"{directory}: index format {manifest.format}, this GeoAgent reads {FORMAT_VERSION}; rebuild it")
-        if hasattr(index, "hnsw"):
-            faiss.downcast_index(index).hnsw.efSearch = max(faiss.downcast_index(index).hnsw.efSearch, 128)
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
         table = VectorTable(
             vectors=vectors,
             index=index,

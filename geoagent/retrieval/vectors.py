@@ -52,7 +52,7 @@ def geo_kmeans(lat: np.ndarray, lon: np.ndarray, k: int, seed: int = 0) -> tuple
     kmeans = faiss.Kmeans(3, k, niter=25, seed=seed, verbose=False, spherical=True, min_points_per_centroid=1)
     kmeans.train(xyz)
     _, assignment = kmeans.index.search(xyz, 1)
-    c_lat, c_lon = from_unit_vectors(kmeans.centroids.astype(np.float64))
+    c_lat, c_lon = from_unit_vectors(np.asarray(kmeans.centroids, dtype=np.float64))
     return assignment[:, 0].astype(np.int32), np.stack([c_lat, c_lon], axis=1)
 
 

@@ -61,7 +61,7 @@ class Backend(VLMBackend):
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            response = await self._client.chat.completions.create(
+            response = await self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.profile.model,
                 messages=openai_messages(request),  # type: ignore[arg-type]
                 response_format=json_schema_format(request),  # type: ignore[arg-type]
