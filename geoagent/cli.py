@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError
@@ -42,8 +45,17 @@ ConfigOption = Annotated[
 ]
 
 
+def print_error(message: str) -> None:
+    """One error line on stderr, the message shown as is (square brackets included: no markup)."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    stderr.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False, soft_wrap=True)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    print_warning(str(message))
 
 
 class _NoteHandler(logging.Handler):
@@ -118,7 +130,8 @@ def locate(
     no_cache: NoCacheOption = False,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")] = None,
 ) -> None:
-    """Where was each photo taken? Exit 0 if all succeeded, 1 if some failed, 2 on usage or config errors."""
+    """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
+    errors or when the VLM server is down for photos the cache cannot answer."""
     from geoagent.output import print_result
 
     with user_errors():
@@ -126,35 +139,80 @@ def locate(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
             strategy=strategy, prompts=prompts, no_cache=no_cache,
         )
+        readable = []
+        for photo in photos:  # before any heavy import: a typo in a path is reported at once
+            problem = photo_problem(photo)
+            if problem:
+                print_error(f"{photo}: {problem}")
+            else:
+                readable.append(photo)
+        if not readable:
+            raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
+        from geoagent.errors import PhotoError, RunStopped, UnreachableError
 
         async def run() -> int:
-            failed = 0
+            failed = len(photos) - len(readable)
+            server_down = stopped = False
             async with GeoAgent(settings) as agent:
-                problems = await agent.preflight()
-                for problem in problems:
-                    stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
-                if problems:
-                    raise typer.Exit(max(p.exit_code for p in problems))
-                async for _photo, outcome in agent.locate_many(photos, explain=explain):
-                    if isinstance(outcome, GeoAgentError):
-                        failed += 1
-                        stderr.print(f"[bold red]error:[/] {outcome}", highlight=False, soft_wrap=True)
-                    elif as_json:
-                        print(outcome.model_dump_json(exclude_none=not explain), flush=True)
-                    else:
-                        print_result(stdout, outcome, explain=explain)
-                if len(photos) > 1:
-                    run_total = agent.pool.totals()
+                readiness = await agent.preflight()
+                for warning in readiness.warnings:
+                    print_warning(warning)
+                for problem in readiness.problems:
+                    print_error(str(problem))
+                if readiness.problems:
+                    return max(p.exit_code for p in readiness.problems)
+                try:
+                    async for _photo, outcome in agent.locate_many(readable, explain=explain):
+                        if isinstance(outcome, GeoAgentError):
+                            failed += 1
+                            server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
+                            print_error(str(outcome))
+                        elif as_json:
+                            print(outcome.model_dump_json(exclude_none=not explain), flush=True)
+                        else:
+                            print_result(stdout, outcome, explain=explain)
+                except RunStopped as exc:
+                    stopped = True
+                    print_error(str(exc))
+                run_total = agent.pool.totals()
+                if len(photos) > 1 or stopped:
+                    located = len(photos) - failed if not stopped else "some"
                     stderr.print(
-                        f"{len(photos) - failed} of {len(photos)} photos located; {run_total.requests} VLM requests, "
-                        f"{run_total.cache_hits} cache hits, {run_total.prompt_tokens}+{run_total.completion_tokens} tokens",
-                        highlight=False,
+                        f"{located} of {len(photos)} photos located; {run_total.requests} VLM requests, "
+                        f"{run_total.cache_hits} cache hits, {run_total.failures} questions failed, "
+                        f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens",
+                        highlight=False, markup=False,
                     )
-            return failed
+            if stopped or server_down:
+                stderr.print("answers received so far are cached: start the server and rerun to finish", markup=False)
+                return 2
+            return 1 if failed else 0
 
-        if asyncio.run(run()):
-            raise typer.Exit(1)
+        code = asyncio.run(run())
+        if code:
+            raise typer.Exit(code)
+
+
+def photo_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable as a photo, found without decoding it (cheap: no heavy import), or None."""
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            return "is a directory, not an image"
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if info.st_size == 0:
+            return "empty file"
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        return "no such file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
 
 
 @app.command("eval")
@@ -180,24 +238,32 @@ def evaluate(
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
-        run = EvalRun(data, columns, limit)
+        run = EvalRun(data, columns, limit, on_warning=print_warning)
         total = len(run.items) * len(columns)
         bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        partial = False
-        with Progress(*bar_columns, console=stderr, transient=True) as bar:
-            task = bar.add_task("eval", total=total)
-            run.on_photo = lambda: bar.advance(task)
-            try:
-                asyncio.run(run.execute())
-            except KeyboardInterrupt:
-                partial = True
-        report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
+        interrupted = False
+        try:
+            with Progress(*bar_columns, console=stderr, transient=True) as bar:
+                task = bar.add_task("eval", total=total)
+                run.on_photo = lambda: bar.advance(task)
+                try:
+                    asyncio.run(run.execute())
+                except KeyboardInterrupt:
+                    interrupted = True
+        finally:  # whatever stopped the run, what finished is reported
+            partial = interrupted or bool(run.stopped) or sys.exc_info()[0] is not None
+            report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
         _print_report(report, markdown_table)
         if out:
             stdout.print(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png", highlight=False)
-        if partial:
+        for label, reason in run.stopped.items():
+            print_error(f"column {label}: {reason}")
+        if interrupted:
             stderr.print("interrupted: the report covers the photos finished so far; rerun to resume from the cache")
             raise typer.Exit(130)
+        if run.stopped:
+            stderr.print("the report covers the photos finished so far; answered questions are cached, rerun to finish", markup=False)
+            raise typer.Exit(2)
 
 
 def _print_report(report: dict[str, Any], markdown_table: Any) -> None:

@@ -1,6 +1,13 @@
-"""Errors a user can act on. Each carries a one-line message; the CLI prints it and picks the exit code."""
+"""Errors a user can act on. Each carries a one-line message; the CLI prints it and picks the exit code.
+
+Three scopes matter to a batch: a failure of one *question* (the agent records it and goes on without that
+answer), of one *photo* (named, the batch goes on) and of the whole *run* (every photo would fail the same
+way: say so once and stop).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GeoAgentError(Exception):
@@ -9,12 +16,17 @@ class GeoAgentError(Exception):
     exit_code = 1
     #: True when the failure belongs to one item (a photo) and a batch should go on past it.
     per_item = False
+    #: True when no later question to the same backend can succeed either (credentials refused, no such model).
+    stops_run = False
+    #: What a failed VLM question cost (a ``CallStats``), set by the client that gave up on it.
+    stats: Any = None
 
 
 class ConfigError(GeoAgentError):
     """The configuration (file, environment or flags) is invalid."""
 
     exit_code = 2
+    stops_run = True
 
 
 class InputError(GeoAgentError):
@@ -24,7 +36,27 @@ class InputError(GeoAgentError):
 
 
 class BackendError(GeoAgentError):
-    """A VLM backend failed in a way retrying will not fix (missing model, bad key, unreachable server)."""
+    """A VLM question failed in a way retrying will not fix (refused request, retries exhausted)."""
+
+
+class UnreachableError(BackendError):
+    """The server cannot be reached at all: answers already cached still can be used."""
+
+    exit_code = 2
+
+
+class AuthError(BackendError):
+    """The server refused the credentials: every request will be refused."""
+
+    exit_code = 2
+    stops_run = True
+
+
+class ModelMissingError(BackendError):
+    """The server does not have the model: every request will fail."""
+
+    exit_code = 2
+    stops_run = True
 
 
 class AnswerError(GeoAgentError):
@@ -33,7 +65,27 @@ class AnswerError(GeoAgentError):
     per_item = True
 
 
+class PhotoError(GeoAgentError):
+    """Nothing usable remained for one photo: every VLM question about it failed.
+
+    ``cause`` is the first question's error, so a batch can tell a dead server from a picky model.
+    """
+
+    per_item = True
+
+    def __init__(self, message: str, cause: GeoAgentError) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class RunStopped(GeoAgentError):
+    """The run stopped early because every remaining photo would fail (the message says why)."""
+
+    exit_code = 2
+
+
 class WeightsError(GeoAgentError):
     """Model weights are not available locally."""
 
     exit_code = 2
+    stops_run = True

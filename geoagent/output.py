@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from geoagent.geo import country_name
 from geoagent.types import LocateResult
@@ -14,7 +16,7 @@ SHOWN_CANDIDATES = 10
 def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
     place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
     console.print(
-        f"[bold]{result.image}[/]: {place or 'unknown place'} ({result.lat:.4f}, {result.lon:.4f}), "
+        f"[bold]{escape(result.image)}[/]: {escape(place or 'unknown place')} ({result.lat:.4f}, {result.lon:.4f}), "
         f"confidence {result.confidence:.2f}",
         highlight=False,
     )
@@ -28,7 +30,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     stats = result.stats
     console.print(
         f"[dim]{stats.vlm_calls} VLM requests, {stats.cache_hits} cache hits, "
-        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, {stats.wall_s:.1f} s[/]",
+        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, {stats.wall_s:.1f} s"
+        + (f", {len(stats.failed_questions)} questions failed" + ("" if explain else " (--explain lists them)") if stats.failed_questions else "")
+        + "[/]",
         highlight=False,
     )
     if not explain:
@@ -43,14 +47,14 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     for guess in trace.guesses:
         marker = "*" if trace.consensus_guess and guess.sample == trace.consensus_guess.sample else " "
         console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
-                      f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True)
+                      f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True, markup=False)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
     if trace.matches:
         ties = sum(m.winner is None for m in trace.matches)
         matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
                         title=f"{len(trace.matches)} matches, {ties} ties", title_justify="left")
         for m in trace.matches:
-            votes = ", ".join(label[v] for v in m.votes)
+            votes = ", ".join(label[v] if v is not None else "failed" for v in m.votes)
             matches.add_row(label[m.a], label[m.b], votes, label[m.winner] if m.winner else "tie")
         console.print(matches)
     if trace.pointwise:
@@ -58,3 +62,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         for s in trace.pointwise:
             scores.add_row(label[s.id], f"{s.score:g}")
         console.print(scores)
+    if result.stats.failed_questions:
+        failed = Table("task", "question", "error", box=None, pad_edge=False, title_justify="left",
+                       title=f"{len(result.stats.failed_questions)} questions failed (the agent went on without them)")
+        for q in result.stats.failed_questions:
+            failed.add_row(q.task, Text(q.detail), Text(q.error))
+        console.print(failed)

@@ -47,13 +47,21 @@ class Match(BaseModel):
 
     a: str
     b: str
-    winner: str | None  # None: a tie
-    votes: list[str]  # the candidate id each ask chose, in the order asked
+    winner: str | None  # None: a tie (the answers disagreed, or none came)
+    votes: list[str | None]  # the candidate id each ask chose, in the order asked; None: that ask failed
 
 
 class PointwiseScore(BaseModel):
     id: str
     score: float
+
+
+class FailedQuestion(BaseModel):
+    """A VLM question that failed after its retries: the agent went on without its answer."""
+
+    task: str  # prior | reasoning | pairwise | pointwise
+    detail: str  # which question: "sample 2", "A=lyon/1.jpg B=paris/3.jpg"
+    error: str
 
 
 class LocateStats(BaseModel):
@@ -66,6 +74,7 @@ class LocateStats(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls_by_task: dict[str, int] = Field(default_factory=dict)
+    failed_questions: list[FailedQuestion] = Field(default_factory=list)
 
 
 class Trace(BaseModel):

@@ -25,6 +25,8 @@ def _outcomes(ids: Sequence[str], matches: Iterable[Match]) -> tuple[np.ndarray,
     wins = np.zeros((len(ids), len(ids)))
     games = np.zeros_like(wins)
     for match in matches:
+        if match.votes and all(vote is None for vote in match.votes):
+            continue  # every ask failed: the match says nothing (the tournament settled it on evidence)
         i, j = index[match.a], index[match.b]
         games[i, j] += 1
         games[j, i] += 1

@@ -6,15 +6,17 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from geoagent.agent.aggregate import confidence, fuse
 from geoagent.agent.prior import country_prior
+from geoagent.agent.questions import QuestionLog
 from geoagent.agent.reasoning import consensus, neighbour_block, reason
 from geoagent.agent.rerank import STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
-from geoagent.errors import GeoAgentError, InputError
+from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
 from geoagent.geo import reverse_geocode
 from geoagent.images import open_image
 from geoagent.prompts import PromptSet
@@ -24,6 +26,15 @@ from geoagent.vlm import CallStats, VLMPool
 
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
+UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
+
+
+@dataclass
+class Readiness:
+    """What the preflight found: problems that stop every photo, and warnings the run can live with."""
+
+    problems: list[GeoAgentError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class GeoAgent:
@@ -35,7 +46,8 @@ class GeoAgent:
         self.pool = pool or VLMPool(settings)
         self._retriever = retriever
         self._retriever_lock = asyncio.Lock()
-        self._references: OrderedDict[str, Photo | None] = OrderedDict()
+        self._references: OrderedDict[str, asyncio.Task[Photo | None]] = OrderedDict()
+        self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **overrides: Any) -> GeoAgent:
@@ -48,8 +60,31 @@ class GeoAgent:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def __enter__(self) -> GeoAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+    def close(self) -> None:
+        """Release connections after :meth:`locate_sync` calls (``with GeoAgent.from_config() as agent:``)."""
+        if self._sync_loop is not None:
+            self._sync_loop.run_until_complete(self.aclose())
+            self._sync_loop.close()
+            self._sync_loop = None
+
+    def locate_sync(self, photo: str | Path, *, explain: bool = False) -> LocateResult:
+        """Blocking convenience wrapper (not from inside a running event loop); call it as often as you like.
+
+        The calls share one private event loop, so the connections and the concurrency limits carry over;
+        :meth:`close` (or a ``with`` block) releases them.
+        """
+        if self._sync_loop is None:
+            self._sync_loop = asyncio.new_event_loop()
+        return self._sync_loop.run_until_complete(self.locate(photo, explain=explain))
 
     async def retriever(self) -> Retriever:
         """The embedder and candidate source, loaded once on first use (in a worker thread)."""
@@ -58,58 +93,89 @@ class GeoAgent:
                 self._retriever = await Retriever.load(self.settings.retrieval, self.settings.cache.dir)
             return self._retriever
 
-    async def preflight(self) -> list[GeoAgentError]:
-        """Everything that would stop every photo, found at once: missing weights, unreachable servers, keys."""
-        problems: list[GeoAgentError] = []
+    async def preflight(self) -> Readiness:
+        """Everything that would stop every photo, found at once: missing weights, unset keys, unusable servers.
+
+        A server that is down (or refuses us) is only a warning while the cache holds answers of its model: a
+        rerun is answered from the cache, and only the questions it cannot answer fail.
+        """
+        readiness = Readiness()
 
         async def attempt(coroutine: Any) -> None:
             try:
                 await coroutine
             except GeoAgentError as exc:
-                problems.append(exc)
+                readiness.problems.append(exc)
 
         checks = [attempt(self.retriever())]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
             tasks = ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
             tasks += [task for task, on in (("prior", agent.country_prior), ("reasoning", agent.reasoning)) if on]
-            checks += [attempt(self._check_backend(name)) for name in self.settings.routed_profiles(tuple(tasks))]
+            checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
-        return problems
+        return readiness
 
-    async def _check_backend(self, name: str) -> None:
-        await self.pool.client(name).backend.check()
-
-    def locate_sync(self, photo: str | Path, *, explain: bool = False) -> LocateResult:
-        """Blocking convenience wrapper (not from inside a running event loop)."""
-
-        async def run() -> LocateResult:
-            try:
-                return await self.locate(photo, explain=explain)
-            finally:
-                await self.aclose()
-
-        return asyncio.run(run())
+    async def _check_backend(self, name: str, readiness: Readiness) -> None:
+        client = self.pool.client(name)
+        try:
+            await client.backend.check()
+        except ConfigError:
+            raise
+        except GeoAgentError as exc:
+            cache = self.pool.cache
+            cached = cache is not None and await asyncio.to_thread(cache.has_answers_sync, client.profile.kind, client.profile.model)
+            if not cached:
+                raise
+            client.unavailable = exc
+            readiness.warnings.append(f"{exc}; answering from the cache, questions it cannot answer will fail")
 
     async def locate_many(
         self, photos: Sequence[str | Path], *, explain: bool = False
     ) -> AsyncIterator[tuple[str, LocateResult | GeoAgentError]]:
-        """Results in input order, several photos in flight at once; a bad photo yields its error and the rest go on."""
-        limit = asyncio.Semaphore(self.settings.agent.max_concurrent_photos)
+        """Results in input order, several photos in flight at once; a photo that fails yields its error and the
+        rest go on.
 
-        async def one(photo: str | Path) -> LocateResult | GeoAgentError:
+        Raises RunStopped, after yielding every photo that finished, when the rest would fail the same way:
+        a backend refused the credentials or lacks the model, or its server was unreachable for
+        ``UNREACHABLE_PHOTOS_BEFORE_STOP`` photos in a row.
+        """
+        limit = asyncio.Semaphore(self.settings.agent.max_concurrent_photos)
+        stopped: asyncio.Future[RunStopped] = asyncio.get_running_loop().create_future()
+        unreachable_in_a_row = 0
+
+        def stop(reason: str) -> None:
+            if not stopped.done():
+                stopped.set_result(RunStopped(reason))
+
+        async def one(photo: str | Path) -> LocateResult | GeoAgentError | None:
+            nonlocal unreachable_in_a_row
             async with limit:
+                if stopped.done():
+                    return None  # never tried
                 try:
-                    return await self.locate(photo, explain=explain)
+                    result = await self.locate(photo, explain=explain)
                 except GeoAgentError as exc:
                     if not exc.per_item:
-                        raise  # a dead server or missing weights: not this photo's fault, stop the batch
+                        stop(f"stopped: {exc}")
+                        return None
+                    if isinstance(exc, PhotoError) and isinstance(exc.cause, UnreachableError):
+                        unreachable_in_a_row += 1
+                        if unreachable_in_a_row >= UNREACHABLE_PHOTOS_BEFORE_STOP:
+                            stop(f"stopped after {unreachable_in_a_row} photos in a row could not be answered: {exc.cause}")
                     return exc
+                unreachable_in_a_row = 0
+                return result
 
         tasks = [asyncio.create_task(one(p)) for p in photos]
         try:
             for photo, task in zip(photos, tasks):
-                yield str(photo), await task
+                if not stopped.done():
+                    await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if task.done() and not task.cancelled() and (outcome := task.result()) is not None:
+                    yield str(photo), outcome
+            if stopped.done():
+                raise stopped.result()
         finally:
             for task in tasks:
                 task.cancel()
@@ -120,7 +186,7 @@ class GeoAgent:
         cfg = self.settings.agent
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        spent: dict[str, CallStats] = {"prior": CallStats(), "reasoning": CallStats()}
+        log = QuestionLog()
         trace = Trace(strategy=cfg.strategy)
 
         async def timed(name: str, coroutine: Any) -> Any:
@@ -132,7 +198,7 @@ class GeoAgent:
 
         image = await asyncio.to_thread(open_image, photo)
         query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo))
-        candidates, prior, guesses = await self._gather_evidence(image, query, spent, trace, timed)
+        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -144,6 +210,7 @@ class GeoAgent:
         comparator = None
         if cfg.strategy != "none":
             evidence_only, _ = fuse(pool, {}, prior_p, guess, **{**weights, "w_votes": 0.0})
+            task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
             comparator = Comparator(
                 pairwise_client=self.pool.for_task("pairwise"),
                 pointwise_client=self.pool.for_task("pointwise"),
@@ -151,13 +218,17 @@ class GeoAgent:
                 query=query,
                 photos=await self._reference_photos(pool),
                 base={c.id: c.score for c in evidence_only},
+                log=log,
+                stats=log.spent[task],
                 layout=cfg.image_layout,
                 view=cfg.view,
                 debias=cfg.position_debias,
                 max_side=cfg.max_image_side,
             )
-            spent["pointwise" if cfg.strategy == "pointwise" else "pairwise"] = comparator.stats
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
+        failure = log.nothing_answered(str(photo))
+        if failure is not None:
+            raise failure
         ranked, terms = fuse(pool, votes, prior_p, guess, **weights)
         top = ranked[0]
 
@@ -178,12 +249,12 @@ class GeoAgent:
             confidence=confidence(ranked, cfg.consensus_bandwidth_km),
             candidates=ranked,
             prior=prior,
-            stats=_photo_stats(spent, time.perf_counter() - started),
+            stats=_photo_stats(log, time.perf_counter() - started),
             trace=trace if explain else None,
         )
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, spent: dict[str, CallStats], trace: Trace, timed: Any
+        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -193,10 +264,10 @@ class GeoAgent:
         if use_vlm and cfg.country_prior:
             client = self.pool.for_task("prior")
             prior_task = asyncio.create_task(
-                timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, spent["prior"]))
+                timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, log.spent["prior"], log))
             )
         if use_vlm and cfg.reasoning and cfg.reasoning_neighbours == 0:
-            reasoning_task = asyncio.create_task(self._reason(query, spent["reasoning"], "", timed))
+            reasoning_task = asyncio.create_task(self._reason(query, log, "", timed))
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
@@ -208,7 +279,7 @@ class GeoAgent:
             candidates = await timed("retrieve", self._retrieve(retriever, vector, prior, guesses, trace))
             if use_vlm and cfg.reasoning and reasoning_task is None:  # the neighbour-augmented variant
                 block = neighbour_block(self.prompts, candidates, cfg.reasoning_neighbours)
-                reasoning_task = asyncio.create_task(self._reason(query, spent["reasoning"], block, timed))
+                reasoning_task = asyncio.create_task(self._reason(query, log, block, timed))
             if prior_task is not None:
                 prior = await prior_task
             if reasoning_task is not None:
@@ -232,10 +303,11 @@ class GeoAgent:
             "proximity_km": cfg.proximity_km,
         }
 
-    async def _reason(self, query: Photo, stats: CallStats, neighbours: str, timed: Any) -> list[Guess]:
+    async def _reason(self, query: Photo, log: QuestionLog, neighbours: str, timed: Any) -> list[Guess]:
         cfg = self.settings.agent
         client = self.pool.for_task("reasoning")
-        return await timed("reasoning", reason(client, query.encoded, self.prompts, cfg.reasoning_samples, stats, neighbours=neighbours))
+        guesses = reason(client, query.encoded, self.prompts, cfg.reasoning_samples, log.spent["reasoning"], log, neighbours=neighbours)
+        return await timed("reasoning", guesses)
 
     async def _retrieve(
         self, retriever: Retriever, vector: Any, prior: list[CountryScore], guesses: list[Guess], trace: Trace
@@ -266,7 +338,11 @@ class GeoAgent:
         return boosted[:k]
 
     async def _reference_photos(self, pool: list[Candidate]) -> dict[str, Photo | None]:
-        """Each candidate's reference photo, loaded in threads and kept for later queries."""
+        """Each candidate's reference photo, loaded in threads and kept for later queries.
+
+        The cache holds one loading task per path: photos in flight at once share loads, and an entry evicted
+        by another photo meanwhile is still in hand here.
+        """
         max_side = self.settings.agent.max_image_side
 
         def load(path: str) -> Photo | None:
@@ -275,19 +351,20 @@ class GeoAgent:
             except InputError:
                 return None  # moved or deleted since indexing: the candidate is described by its coordinates
 
-        wanted = [c.image_path for c in pool if c.image_path and c.image_path not in self._references]
-        for path, photo in zip(wanted, await asyncio.gather(*(asyncio.to_thread(load, p) for p in wanted))):  # type: ignore[arg-type]
-            self._references[path] = photo  # type: ignore[index]
-        for c in pool:
-            if c.image_path:
-                self._references.move_to_end(c.image_path)
+        loads: dict[str, asyncio.Task[Photo | None]] = {}
+        for path in {c.image_path for c in pool if c.image_path}:
+            if path not in self._references:
+                self._references[path] = asyncio.create_task(asyncio.to_thread(load, path))
+            self._references.move_to_end(path)
+            loads[path] = self._references[path]
         while len(self._references) > REFERENCE_PHOTO_CACHE:
             self._references.popitem(last=False)
-        return {c.id: self._references.get(c.image_path) if c.image_path else None for c in pool}
+        photos = dict(zip(loads, await asyncio.gather(*(asyncio.shield(task) for task in loads.values()))))
+        return {c.id: photos[c.image_path] if c.image_path else None for c in pool}
 
 
-def _photo_stats(spent: dict[str, CallStats], wall_s: float) -> LocateStats:
-    total = sum(spent.values(), CallStats())
+def _photo_stats(log: QuestionLog, wall_s: float) -> LocateStats:
+    total = sum(log.spent.values(), CallStats())
     return LocateStats(
         vlm_calls=total.requests,
         cache_hits=total.cache_hits,
@@ -295,7 +372,8 @@ def _photo_stats(spent: dict[str, CallStats], wall_s: float) -> LocateStats:
         wall_s=round(wall_s, 4),
         prompt_tokens=total.prompt_tokens,
         completion_tokens=total.completion_tokens,
-        calls_by_task={task: stats.requests for task, stats in spent.items() if stats.asks},
+        calls_by_task={task: stats.requests for task, stats in log.spent.items() if stats.asks},
+        failed_questions=log.failed,
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 
 from geoagent.agent.answers import ReasoningAnswer
+from geoagent.agent.questions import QuestionLog
 from geoagent.geo import cluster_by_distance, medoid
 from geoagent.prompts import PromptSet
 from geoagent.types import Candidate, Guess
@@ -31,16 +32,22 @@ async def reason(
     prompts: PromptSet,
     samples: int,
     stats: CallStats,
+    log: QuestionLog,
     *,
     neighbours: str = "",
 ) -> list[Guess]:
-    """``samples`` independent guesses (each its own seed and cache entry)."""
+    """Up to ``samples`` independent guesses (each its own seed and cache entry); failed samples are left out."""
     prompt = prompts.render("reasoning", neighbours=neighbours)
     answers = await asyncio.gather(
-        *(client.ask(prompt, [query], ReasoningAnswer, task="reasoning", sample=i) for i in range(samples))
+        *(
+            log.ask(client.ask(prompt, [query], ReasoningAnswer, task="reasoning", sample=i), "reasoning", f"sample {i}")
+            for i in range(samples)
+        )
     )
     guesses = []
     for i, answer in enumerate(answers):
+        if answer is None:
+            continue
         stats.add(answer.stats)
         value = answer.value
         guesses.append(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
 from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
+from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
 from geoagent.prompts import PromptSet
@@ -48,6 +49,7 @@ class Comparator:
     query: Photo
     photos: dict[str, Photo | None]  # candidate id -> its reference photo, if it has one
     base: dict[str, float]  # tie-breaker: the retrieval/prior evidence per candidate id
+    log: QuestionLog = field(default_factory=QuestionLog)
     layout: Literal["separate", "composite"] = "separate"
     view: Literal["ground", "cross"] = "ground"
     debias: bool = True
@@ -91,21 +93,28 @@ class Comparator:
     def _template(self, task: str) -> str:
         return f"{task}_cross" if self.view == "cross" else task
 
-    async def _choose(self, first: Candidate, second: Candidate) -> str:
-        """One ask with ``first`` as A and ``second`` as B; returns the chosen candidate's id."""
+    async def _choose(self, first: Candidate, second: Candidate) -> str | None:
+        """One ask with ``first`` as A and ``second`` as B; the chosen candidate's id, None if the ask failed."""
         prompt, images = self._render(self._template("pairwise"), [first, second], ["A", "B"])
-        answer = await self.pairwise_client.ask(prompt, images, PairwiseAnswer, task="pairwise")
+        question = self.pairwise_client.ask(prompt, images, PairwiseAnswer, task="pairwise")
+        answer = await self.log.ask(question, "pairwise", f"A={first.id} B={second.id}")
+        if answer is None:
+            return None
         self.stats.add(answer.stats)
         return first.id if answer.value.choice == "A" else second.id
 
     async def compare(self, a: Candidate, b: Candidate) -> Match:
-        """Which of ``a`` and ``b`` matches the query better; both orders when debiasing (disagreement: a tie)."""
+        """Which of ``a`` and ``b`` matches the query better; both orders when debiasing.
+
+        Disagreement is a tie, and so is a comparison whose every ask failed; when one of the two orders
+        failed, the other decides.
+        """
         if self.debias:
             votes = list(await asyncio.gather(self._choose(a, b), self._choose(b, a)))
-            winner = votes[0] if votes[0] == votes[1] else None
         else:
             votes = [await self._choose(a, b)]
-            winner = votes[0]
+        answered = {vote for vote in votes if vote is not None}
+        winner = answered.pop() if len(answered) == 1 else None
         match = Match(a=a.id, b=b.id, winner=winner, votes=votes)
         self.matches.append(match)
         return match
@@ -116,9 +125,13 @@ class Comparator:
             return self.prefer(a, b)
         return a if match.winner == a.id else b
 
-    async def score(self, candidate: Candidate) -> float:
+    async def score(self, candidate: Candidate) -> float | None:
+        """The candidate's 0-10 score, None if the ask failed."""
         prompt, images = self._render(self._template("pointwise"), [candidate], ["X"])
-        answer = await self.pointwise_client.ask(prompt, images, PointwiseAnswer, task="pointwise")
+        question = self.pointwise_client.ask(prompt, images, PointwiseAnswer, task="pointwise")
+        answer = await self.log.ask(question, "pointwise", candidate.id)
+        if answer is None:
+            return None
         self.stats.add(answer.stats)
         self.scores.append(PointwiseScore(id=candidate.id, score=answer.value.score))
         return answer.value.score
@@ -144,9 +157,14 @@ async def keep_retrieval_order(pool: list[Candidate], comparator: Comparator, me
 
 @strategy("pointwise")
 async def pointwise(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
-    """Score each candidate alone (K calls). VLMs calibrate absolute scores poorly: kept as a baseline."""
+    """Score each candidate alone (K calls). VLMs calibrate absolute scores poorly: kept as a baseline.
+
+    A candidate whose score failed gets the mean of the others': no vote for or against it.
+    """
     scores = await asyncio.gather(*(comparator.score(c) for c in pool))
-    return {c.id: s / 10 for c, s in zip(pool, scores)}
+    known = [s for s in scores if s is not None]
+    neutral = sum(known) / len(known) if known else 0.0
+    return {c.id: (neutral if s is None else s) / 10 for c, s in zip(pool, scores)}
 
 
 @strategy("allpairs")

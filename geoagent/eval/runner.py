@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from geoagent.config import Settings, load_config
-from geoagent.errors import ConfigError, GeoAgentError
+from geoagent.errors import ConfigError, GeoAgentError, RunStopped
 from geoagent.eval.datasets import Dataset
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction, accuracy_curve, summarise
 from geoagent.geo import haversine_km, reverse_geocode
@@ -91,8 +91,11 @@ class EvalRun:
     columns: list[Column]
     limit: int | None = None
     on_photo: Callable[[], None] | None = None
+    on_warning: Callable[[str], None] | None = None
     predictions: dict[str, list[Prediction]] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)
+    #: Columns that stopped before their last photo, and why (the report marks them; the other columns go on).
+    stopped: dict[str, str] = field(default_factory=dict)
 
     @property
     def items(self) -> list[Any]:
@@ -112,20 +115,25 @@ class EvalRun:
             rows = self.predictions.setdefault(column.label, [])
             started = time.perf_counter()
             try:
-                problems = await agent.preflight()
-                if problems:
-                    raise problems[0]
+                readiness = await agent.preflight()
+                for warning in readiness.warnings:
+                    if self.on_warning:
+                        self.on_warning(f"column {column.label}: {warning}")
+                if readiness.problems:
+                    self.stopped[column.label] = "; ".join(str(p) for p in readiness.problems)
+                    continue
                 retrievers[key] = await agent.retriever()
-                position = 0
+                position = {str(item.path): i for i, item in enumerate(items)}
                 async for path, outcome in agent.locate_many([str(item.path) for item in items]):
-                    item, country = items[position], truth_country[position]
-                    position += 1
+                    item, country = items[position[path]], truth_country[position[path]]
                     if isinstance(outcome, GeoAgentError):
                         rows.append(Prediction(path=path, true_lat=item.lat, true_lon=item.lon, true_country=country, true_ref=item.ref, error=str(outcome)))
                     else:
                         rows.append(prediction_from(outcome, path, item.lat, item.lon, country, item.ref))
                     if self.on_photo:
                         self.on_photo()
+            except RunStopped as exc:
+                self.stopped[column.label] = str(exc)
             finally:
                 self.wall_s[column.label] = round(time.perf_counter() - started, 2)
                 await agent.aclose()
@@ -141,7 +149,11 @@ class EvalRun:
                 "settings": json.loads(column.settings.model_dump_json()),
                 "prompts": PromptSet(column.settings.agent.prompts_dir).hashes(),
                 "metrics": metrics,
+                "answered": sum(p.error is None for p in rows),
+                "stopped": self.stopped.get(column.label),
+                "failures": [{"path": p.path, "error": p.error} for p in rows if p.error is not None],
             }
+        partial = partial or bool(self.stopped)
         return {"dataset": self.dataset.name, "photos": len(self.items), "partial": partial, "thresholds_km": list(THRESHOLDS_KM), "columns": columns}
 
 
@@ -153,6 +165,20 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells = [_cell(report["columns"][c]["metrics"].get(metric)) for c in labels]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the table, then why a column stopped early and which photos failed."""
+    title = f"# {report['dataset']}: {report['photos']} photos" + (" (partial)" if report["partial"] else "")
+    lines = [title, "", markdown_table(report)]
+    for label, column in report["columns"].items():
+        if column["stopped"]:
+            lines += [f"**{label}** stopped after {column['answered']} answered photos: {column['stopped']}", ""]
+        if column["failures"]:
+            lines += [f"## {label}: {len(column['failures'])} failed photos", ""]
+            lines += [f"- `{f['path']}`: {f['error']}" for f in column["failures"]]
+            lines.append("")
+    return "\n".join(lines)
 
 
 def _cell(value: Any) -> str:
@@ -174,8 +200,7 @@ def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     report = run.report(partial=partial)
     _write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
-    title = f"# {report['dataset']}: {report['photos']} photos" + (" (partial: interrupted)" if partial else "")
-    _write_atomic(out / "report.md", (title + "\n\n" + markdown_table(report)).encode())
+    _write_atomic(out / "report.md", report_markdown(report).encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(PREDICTION_COLUMNS)

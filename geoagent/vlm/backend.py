@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-from geoagent.errors import BackendError, ConfigError
+from geoagent.errors import AuthError, BackendError, ConfigError, ModelMissingError, UnreachableError
 from geoagent.vlm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
@@ -56,20 +56,24 @@ class VLMBackend(ABC):
         """A cheap reachability and model check for ``geoagent check``; raises BackendError with the fix."""
         return f"configured for {self.profile.model} (this backend has no cheap health check; the first ask will tell)"
 
+    async def model_identity(self) -> str | None:
+        """What the server says the model is (a digest, a weights path), if it says; None when it cannot tell."""
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
     # Shared classification so every backend words the same failure the same way.
 
-    def auth_error(self, status: int) -> BackendError:
+    def auth_error(self, status: int) -> AuthError:
         if self.profile.api_key_env:
             hint = f"check the key in environment variable {self.profile.api_key_env}"
         else:
             hint = f"set api_key_env for backend '{self.name}' to the NAME of an environment variable holding the key"
-        return BackendError(f"backend '{self.name}': {self.url} refused the credentials (HTTP {status}); {hint}")
+        return AuthError(f"backend '{self.name}': {self.url} refused the credentials (HTTP {status}); {hint}")
 
-    def unreachable_error(self, hint: str = "is the server running there?") -> BackendError:
-        return BackendError(f"backend '{self.name}': cannot connect to {self.url}; {hint}")
+    def unreachable_error(self, hint: str = "is the server running there?") -> UnreachableError:
+        return UnreachableError(f"backend '{self.name}': cannot connect to {self.url}; {hint}")
 
     def redact(self, text: str) -> str:
         """Servers sometimes echo what they were sent; a key must never reach a message or a log."""
@@ -83,7 +87,7 @@ class VLMBackend(ABC):
         if status in (401, 403):
             return self.auth_error(status)
         if status == 404:
-            return BackendError(f"backend '{self.name}': no model '{self.profile.model}' at {self.url} ({message})")
+            return ModelMissingError(f"backend '{self.name}': no model '{self.profile.model}' at {self.url} ({message})")
         return BackendError(f"backend '{self.name}': HTTP {status} from {self.url}: {message}")
 
 

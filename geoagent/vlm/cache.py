@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_model ON responses (kind, model);
+CREATE TABLE IF NOT EXISTS model_identities (
+    kind TEXT NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (kind, url, model)
 )
 """
 
@@ -80,7 +89,7 @@ class ResponseCache:
                 ):
                     with attempt:
                         conn.execute("PRAGMA journal_mode=WAL")
-                        conn.execute(_SCHEMA)
+                        conn.executescript(_SCHEMA)
                 conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn = conn
             yield self._conn
@@ -107,6 +116,30 @@ class ResponseCache:
         )
         with self._connection() as conn:
             conn.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def has_answers_sync(self, kind: str, model: str) -> bool:
+        """Whether any answer of this backend kind and model is cached (a down server may still be enough)."""
+        if not self.path.exists():
+            return False
+        with self._connection() as conn:
+            row = conn.execute("SELECT 1 FROM responses WHERE kind = ? AND model = ? LIMIT 1", (kind, model)).fetchone()
+        return row is not None
+
+    def identity_sync(self, kind: str, url: str, model: str) -> str | None:
+        """The model identity (e.g. an Ollama digest) last seen at ``url``, for keying answers while it is down."""
+        if not self.path.exists():
+            return None
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT identity FROM model_identities WHERE kind = ? AND url = ? AND model = ?", (kind, url, model)
+            ).fetchone()
+        return row[0] if row else None
+
+    def remember_identity_sync(self, kind: str, url: str, model: str, identity: str) -> None:
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO model_identities VALUES (?, ?, ?, ?, ?)", (kind, url, model, identity, time.time())
+            )
 
     async def get(self, key: str) -> CachedAnswer | None:
         return await asyncio.to_thread(self.get_sync, key)

@@ -1,18 +1,21 @@
 """Ask a VLM a question and get a validated answer: cache -> concurrency limit -> retry -> backend.
 
-This is the only retry layer in GeoAgent; the clients' own retries are turned off in the backends.
+This is the only retry layer in GeoAgent; the clients' own retries are turned off in the backends. A question
+costs at most ``1 + max_retries`` requests, its repair re-ask included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from geoagent.errors import AnswerError, BackendError
+from geoagent.errors import AnswerError, BackendError, GeoAgentError, UnreachableError
 from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
 from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
@@ -26,18 +29,33 @@ REPAIR_PROMPT = (
     "this JSON schema, and nothing else:\n{schema}"
 )
 
+#: Failures another attempt may fix. A refused connection is one: a restarting server comes back.
+RETRYABLE = (TransientError, UnreachableError)
+
 
 class _WaitRetryAfter:
-    """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+    """Exponential backoff with jitter, but never shorter than the server's Retry-After, itself capped.
 
-    def __init__(self, initial: float, maximum: float) -> None:
+    The cap matters: a server asking for an hour would otherwise stall the run (the openai SDK caps it too).
+    """
+
+    def __init__(self, initial: float, maximum: float, retry_after_max: float) -> None:
         self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+        self._retry_after_max = retry_after_max
 
     def __call__(self, state: RetryCallState) -> float:
         wait = self._backoff(state)
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
-        return max(wait, retry_after) if retry_after is not None else wait
+        return max(wait, min(retry_after, self._retry_after_max)) if retry_after is not None else wait
+
+
+@dataclass
+class _Shared:
+    """One request in flight and how many asks wait on it: the last one to give up cancels it."""
+
+    task: asyncio.Task[Answer[Any]]
+    waiting: int = 0
 
 
 class VLMClient:
@@ -49,14 +67,37 @@ class VLMClient:
         self.cache = cache
         self.backend: VLMBackend = create_backend(name, profile)
         self.totals = CallStats()
+        #: Set when the server is known to be unusable: questions the cache cannot answer fail at once with it.
+        self.unavailable: BackendError | None = None
         self._limit = asyncio.Semaphore(profile.max_concurrency)
-        self._inflight: dict[str, asyncio.Future[Answer[Any]]] = {}
+        self._inflight: dict[str, _Shared] = {}
+        self._identity: str | None = None
+        self._identity_lock = asyncio.Lock()
 
-    def key_for(self, request: ChatRequest, sample: int) -> str:
+    async def identity(self) -> str:
+        """What the server says the model is (an Ollama digest, say), so a re-pulled model misses the old answers.
+
+        Asked once; while the server is down, the identity it last reported (kept in the cache) stands in.
+        """
+        async with self._identity_lock:
+            if self._identity is None:
+                kind, url, model = self.profile.kind, self.backend.url, self.profile.model
+                try:
+                    found = await self.backend.model_identity()
+                except GeoAgentError:
+                    found = await asyncio.to_thread(self.cache.identity_sync, kind, url, model) if self.cache else None
+                else:
+                    if found and self.cache is not None:
+                        await asyncio.to_thread(self.cache.remember_identity_sync, kind, url, model, found)
+                self._identity = found or ""
+            return self._identity
+
+    def key_for(self, request: ChatRequest, sample: int, identity: str = "") -> str:
         return cache_key(
             {
                 "kind": self.profile.kind,
                 "model": self.profile.model,
+                **({"identity": identity} if identity else {}),
                 "messages": [
                     {"role": m.role, "text": m.text, "images": [image.sha256 for image in m.images]}
                     for m in request.messages
@@ -82,7 +123,8 @@ class VLMClient:
         """Ask one question about ``images`` (sent in order) and return an answer valid for ``schema``.
 
         ``sample`` distinguishes repeated samples of the same question (self-consistency): each has its own
-        seed and cache entry. Raises BackendError or AnswerError with a message fit for a user.
+        seed and cache entry. Identical questions in flight at once share one request; cancelling one asker
+        leaves the others waiting. Raises BackendError or AnswerError with a message fit for a user.
         """
         messages = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt, tuple(images)),)
         request = ChatRequest(
@@ -93,26 +135,32 @@ class VLMClient:
             seed=self.profile.seed + sample,
             max_tokens=self.profile.max_tokens,
         )
-        key = self.key_for(request, sample)
-        pending = self._inflight.get(key)
-        if pending is not None:  # an identical question is already on its way: share its answer
-            shared = await asyncio.shield(pending)
-            stats = CallStats(asks=1, cache_hits=1)
-            self.totals.add(stats)
-            return Answer[schema](value=shared.value, stats=stats, cached=True)  # type: ignore[valid-type]
-        future: asyncio.Future[Answer[Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        key = self.key_for(request, sample, await self.identity())
+        shared = self._inflight.get(key)
+        owner = shared is None
+        if shared is None:
+            shared = _Shared(asyncio.create_task(self._answer(key, request, schema, task or schema.__name__)))
+            self._inflight[key] = shared
+            shared.task.add_done_callback(lambda done: self._settled(key, done))
+        shared.waiting += 1
         try:
-            answer = await self._answer(key, request, schema, task or schema.__name__)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
+            answer = await asyncio.shield(shared.task)
+        except asyncio.CancelledError:
+            if not shared.task.done():  # this asker was cancelled, not the request: others may still wait on it
+                shared.waiting -= 1
+                if shared.waiting == 0:
+                    shared.task.cancel()
             raise
-        else:
-            future.set_result(answer)
-        finally:
-            self._inflight.pop(key, None)
-        return answer
+        if owner:
+            return answer
+        stats = CallStats(asks=1, cache_hits=1)
+        self.totals.add(stats)
+        return Answer[schema](value=answer.value, stats=stats, cached=True)  # type: ignore[valid-type]
+
+    def _settled(self, key: str, done: asyncio.Task[Answer[Any]]) -> None:
+        self._inflight.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every asker that still waits gets it from the task itself
 
     async def _answer(self, key: str, request: ChatRequest, schema: type[AnswerT], task: str) -> Answer[AnswerT]:
         stats = CallStats(asks=1)
@@ -123,11 +171,18 @@ class VLMClient:
                 if hit is not None:
                     stats.cache_hits = 1
                     return Answer[schema](value=schema.model_validate(hit.answer), stats=stats, cached=True)  # type: ignore[valid-type]
+            if self.unavailable is not None:
+                raise copy.copy(self.unavailable)  # a copy: each failed question carries its own stats
             completion = await self._complete(request, stats)
             try:
                 value = parse_answer(completion.text, schema)
             except AnswerParseError as first:
                 stats.repairs += 1
+                if stats.requests >= self._budget:
+                    raise AnswerError(
+                        f"backend '{self.name}' ({self.profile.model}): invalid {request.schema_name} answer "
+                        f"and no request left for a repair re-ask (max_retries = {self.profile.max_retries}): {first}"
+                    ) from None
                 repair = ChatRequest(
                     messages=(
                         *request.messages,
@@ -152,19 +207,27 @@ class VLMClient:
                 entry = CachedAnswer(answer=value.model_dump(mode="json"), usage=completion.usage)
                 await self.cache.put(key, kind=self.profile.kind, model=self.profile.model, task=task, entry=entry)
             return Answer[schema](value=value, stats=stats)  # type: ignore[valid-type]
-        except BaseException:
+        except BaseException as exc:
             stats.failures = 1
+            if isinstance(exc, GeoAgentError):
+                exc.stats = stats
             raise
         finally:
             stats.latency_s = time.perf_counter() - started
             self.totals.add(stats)
 
+    @property
+    def _budget(self) -> int:
+        """Requests one question may cost, its repair re-ask included."""
+        return 1 + self.profile.max_retries
+
     async def _complete(self, request: ChatRequest, stats: CallStats) -> Completion:
-        """Send with retries; each attempt waits for a concurrency slot, backoff sleeps hold none."""
+        """Send with retries from the question's remaining budget; each attempt waits for a concurrency slot,
+        backoff sleeps hold none."""
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.profile.max_retries + 1),
-            wait=_WaitRetryAfter(self.profile.retry_backoff_s, self.profile.retry_backoff_max_s),
-            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self._budget - stats.requests),
+            wait=_WaitRetryAfter(self.profile.retry_backoff_s, self.profile.retry_backoff_max_s, self.profile.retry_after_max_s),
+            retry=retry_if_exception_type(RETRYABLE),
             reraise=True,
         )
         try:
@@ -176,6 +239,9 @@ class VLMClient:
                     stats.prompt_tokens += completion.usage.prompt_tokens
                     stats.completion_tokens += completion.usage.completion_tokens
                     return completion
+        except UnreachableError as exc:
+            self.unavailable = exc  # the rest of the run answers from the cache, or fails at once
+            raise
         except TransientError as exc:
             raise BackendError(
                 f"backend '{self.name}' ({self.profile.model} at {self.backend.url}): gave up after "

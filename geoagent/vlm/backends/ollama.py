@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import ollama
 
-from geoagent.errors import BackendError
+from geoagent.errors import BackendError, ModelMissingError
 from geoagent.vlm.backend import TransientError, VLMBackend
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
@@ -25,8 +25,8 @@ class Backend(VLMBackend):
         # The client's default timeout is None (wait forever): always pass ours.
         self._client = ollama.AsyncClient(host=self.url, timeout=profile.timeout_s, headers=headers)
 
-    def _not_pulled(self) -> BackendError:
-        return BackendError(
+    def _not_pulled(self) -> ModelMissingError:
+        return ModelMissingError(
             f"backend '{self.name}': model '{self.profile.model}' is not on the Ollama server at {self.url}; "
             f"run `ollama pull {self.profile.model}`"
         )
