@@ -190,6 +190,9 @@ async def test_rejected_key_names_the_variable_not_the_value(route, standin, mar
 
 @pytest.mark.parametrize("route", ROUTES)
 async def test_unreachable_server_fails_fast_and_says_where(route, standin, marker_images, tmp_path):
+    """A refused connection is retried within the budget (short backoffs here), then named with the fix."""
+    if route.startswith("litellm"):
+        import litellm  # noqa: F401  - its first import alone takes seconds: not what this test times
     server = standin()
     settings = settings_for(route, server, tmp_path)
     server.__exit__(None, None, None)  # nothing listens on that port any more
@@ -307,3 +310,79 @@ async def test_a_server_echoing_the_key_never_puts_it_in_an_error(standin, marke
     finally:
         await pool.aclose()
     assert secret not in str(info.value) and "[redacted]" in str(info.value)
+
+
+async def test_a_repair_re_ask_spends_from_the_same_budget(standin, marker_images, tmp_path):
+    """One question costs at most 1 + max_retries requests, its repair included (503s then bad JSON)."""
+    server = standin(config=StandinConfig(faults=Faults(http_503=0.4, truncated=0.4, max_per_question=99, seed=3)))
+    pool = VLMPool(settings_for("ollama", server, tmp_path, max_retries=2))
+    client = pool.for_task("default")
+    prompts = [f"Which code is drawn? (question {i})" for i in range(30)]
+    try:
+        await asyncio.gather(*(client.ask(p, marker_images[:1], MarkerAnswer) for p in prompts), return_exceptions=True)
+    finally:
+        await pool.aclose()
+    per_question: dict[str, int] = {}
+    for request in server.chat_requests():
+        question = request.prompt.split("\n")[0]
+        per_question[question] = per_question.get(question, 0) + 1
+    assert set(per_question) == set(prompts)
+    assert max(per_question.values()) == 3, per_question  # the budget is reached, never exceeded
+    assert client.totals.repairs > 0
+
+
+async def test_an_hour_long_retry_after_is_capped(standin, marker_images, tmp_path):
+    """A server asking to wait an hour gets retry_after_max_s, not an hour."""
+    server = standin(config=StandinConfig(faults=Faults(http_429=1.0, retry_after_s=3600, max_per_question=1)))
+    pool = VLMPool(settings_for("openai", server, tmp_path, retry_after_max_s=0.5))
+    started = time.perf_counter()
+    try:
+        assert await asyncio.wait_for(ask_codes(pool, marker_images, 1), timeout=10) == [100]
+    finally:
+        await pool.aclose()
+    assert 0.5 <= time.perf_counter() - started < 5
+    assert [r.status for r in server.chat_requests()] == [429, 200]
+
+
+async def test_cancelling_one_asker_leaves_the_others_their_shared_answer(standin, marker_images, tmp_path):
+    """Identical questions share one request; the first asker giving up does not cancel it for the rest."""
+    server = standin(config=StandinConfig(latency_s=0.3))
+    pool = VLMPool(settings_for("ollama", server, tmp_path))
+    client = pool.for_task("default")
+    try:
+        first = asyncio.create_task(client.ask("code?", marker_images[:1], MarkerAnswer))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(client.ask("code?", marker_images[:1], MarkerAnswer))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        answer = await asyncio.wait_for(second, timeout=5)
+    finally:
+        await pool.aclose()
+    assert first.cancelled() and answer.value.code == 100
+    assert len(server.chat_requests()) == 1
+
+
+async def test_a_server_that_goes_down_fails_the_uncached_questions_at_once(standin, marker_images, tmp_path):
+    """After a question finds the server unreachable (retries spent), the next ones do not wait on it again,
+    and cached answers are still served."""
+    server = standin()
+    settings = settings_for("ollama", server, tmp_path, max_retries=2, retry_backoff_s=0.2, retry_backoff_max_s=0.2)
+    warm = VLMPool(settings)
+    try:
+        assert await ask_codes(warm, marker_images, 1) == [100]
+    finally:
+        await warm.aclose()
+    server.__exit__(None, None, None)
+    pool = VLMPool(settings)
+    client = pool.for_task("default")
+    try:
+        with pytest.raises(BackendError, match="cannot connect"):
+            await client.ask("code?", marker_images[1:2], MarkerAnswer)
+        assert client.totals.requests == 3  # retried within the budget: a restarting server comes back
+        started = time.perf_counter()
+        with pytest.raises(BackendError, match="cannot connect"):
+            await client.ask("code?", marker_images[2:3], MarkerAnswer)
+        assert time.perf_counter() - started < 0.1 and client.totals.requests == 3
+        assert await ask_codes(pool, marker_images, 1) == [100]  # cached
+    finally:
+        await pool.aclose()
