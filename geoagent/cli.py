@@ -132,8 +132,6 @@ def locate(
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
-    from geoagent.output import print_result
-
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
@@ -150,6 +148,7 @@ def locate(
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
+        from geoagent.output import print_result
 
         async def run() -> int:
             failed = len(photos) - len(readable)

@@ -1,0 +1,156 @@
+"""Nothing lost on long runs: a failed question degrades one answer, a failed photo is named and the rest go on,
+a dead server stops the run once with what finished kept, and a warm rerun needs no server at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import run_cli, world_settings, write_world_config
+from geoagent.agent import controller
+from geoagent.agent.controller import GeoAgent
+from geoagent.errors import PhotoError
+from geoagent.types import LocateResult
+from standin import StandinConfig, WorldJudge
+from standin.markers import read_marker
+
+
+class PickyJudge(WorldJudge):
+    """The world's judge, but some questions make it fail (the stand-in then answers HTTP 500)."""
+
+    def __init__(self, truth, refuse) -> None:
+        super().__init__(truth)
+        self.refuse = refuse
+
+    def __call__(self, seen):
+        if self.refuse(seen):
+            raise ValueError("image could not be processed")
+        return super().__call__(seen)
+
+
+def one_in(n: int):
+    """Refuses a fixed, content-determined share of the pairwise questions."""
+    return lambda seen: seen.schema_name == "PairwiseAnswer" and hashlib.sha256(seen.prompt.encode() + bytes(read_marker(i) or 0 for i in seen.images)).digest()[0] % n == 0
+
+
+async def locate_each(agent: GeoAgent, photos) -> list[tuple[str, LocateResult | Exception]]:
+    try:
+        return [item async for item in agent.locate_many([str(p) for p in photos], explain=True)]
+    finally:
+        await agent.aclose()
+
+
+async def test_a_failed_comparison_is_recorded_and_the_photo_still_answered(world, world_retriever, standin, tmp_path):
+    server = standin(judge=PickyJudge(world.truth, one_in(5)))
+    settings = world_settings(world, server, tmp_path, strategy="tournament", reasoning=True)
+    settings.backends["sim"].max_retries = 0
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [q.path for q in world.queries[:8]])
+    assert all(isinstance(outcome, LocateResult) for _, outcome in results), results
+    failed = [q for _, r in results for q in r.stats.failed_questions]  # type: ignore[union-attr]
+    assert failed and {q.task for q in failed} == {"pairwise"}
+    assert all("HTTP 500" in q.error and q.detail.startswith("A=") for q in failed)
+    matches = [m for _, r in results for m in r.trace.matches]  # type: ignore[union-attr]
+    assert sum(v is None for m in matches for v in m.votes) == len(failed)
+    for m in matches:  # one order failed: the other decides; both failed: a tie settled by the evidence
+        answered = [v for v in m.votes if v is not None]
+        if len(answered) == 1:
+            assert m.winner == answered[0]
+        if not answered:
+            assert m.winner is None
+
+
+async def test_a_photo_fails_only_when_every_question_about_it_failed(world, world_retriever, standin, tmp_path):
+    doomed = world.queries[1]
+    server = standin(judge=PickyJudge(world.truth, lambda seen: read_marker(seen.images[0]) == doomed.marker))
+    settings = world_settings(world, server, tmp_path, strategy="tournament", country_prior=True, reasoning=True)
+    settings.backends["sim"].max_retries = 0
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [q.path for q in world.queries[:4]])
+    outcomes = dict(results)
+    assert isinstance(outcomes[str(doomed.path)], PhotoError)
+    assert str(doomed.path) in str(outcomes[str(doomed.path)]) and "HTTP 500" in str(outcomes[str(doomed.path)])
+    assert [p for p, o in results if isinstance(o, LocateResult)] == [str(q.path) for q in world.queries[:4] if q is not doomed]
+
+
+def test_locate_sync_can_be_called_again(world, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament")
+    with GeoAgent.from_config(config, agent={"country_prior": False, "reasoning": False}) as agent:
+        first = agent.locate_sync(world.queries[0].path)
+        second = agent.locate_sync(world.queries[1].path)
+    assert first.stats.vlm_calls > 0 and second.stats.vlm_calls > 0
+
+
+async def test_reference_photos_evicted_by_a_concurrent_photo_are_still_used(world, world_retriever, standin, tmp_path, monkeypatch):
+    """More distinct references than the cache holds, several photos in flight: no KeyError, no photo-less candidates."""
+    monkeypatch.setattr(controller, "REFERENCE_PHOTO_CACHE", 3)
+    server = standin(judge=WorldJudge(world.truth))
+    settings = world_settings(world, server, tmp_path, strategy="tournament", max_concurrent_photos=4)
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [q.path for q in world.queries[:8]])
+    assert all(isinstance(outcome, LocateResult) for _, outcome in results), results
+    assert all("no photo" not in r.prompt for r in server.chat_requests("PairwiseAnswer"))
+
+
+def _predictions(stdout: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "stats"} for line in stdout.splitlines()]
+
+
+def test_a_warm_rerun_needs_no_server(world, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament", country_prior=True, reasoning=True)
+    photos = [str(q.path) for q in world.queries[:3]]
+    first = run_cli("locate", *photos, "--json", "--config", str(config), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    server.__exit__(None, None, None)
+    second = run_cli("locate", *photos, "--json", "--config", str(config), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert _predictions(second.stdout) == _predictions(first.stdout)
+    assert all(json.loads(line)["stats"]["vlm_calls"] == 0 for line in second.stdout.splitlines())
+    assert "is `ollama serve` running there?" in second.stderr and "answering from the cache" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_a_down_server_with_nothing_cached_stops_before_any_photo(world, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament")
+    server.__exit__(None, None, None)
+    proc = run_cli("locate", str(world.queries[0].path), "--json", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"cannot connect to {server.url}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_partly_warm_rerun_answers_what_is_cached_and_says_the_server_is_down(world, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament")
+    warm = [str(q.path) for q in world.queries[:2]]
+    assert run_cli("locate", *warm, "--json", "--config", str(config), cwd=tmp_path).returncode == 0
+    server.__exit__(None, None, None)
+    cold = str(world.queries[5].path)
+    proc = run_cli("locate", *warm, cold, "--json", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr  # the server being down is not "some photos failed"
+    assert [json.loads(line)["image"] for line in proc.stdout.splitlines()] == warm
+    assert f"{cold}: none of its" in proc.stderr and "start the server and rerun" in proc.stderr
+
+
+def test_a_missing_photo_is_named_at_once(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    proc = run_cli("locate", "missing.jpg", cwd=tmp_path)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: missing.jpg: no such file"
+    assert elapsed < 1.0, elapsed  # reported before torch or open_clip is imported
+
+
+@pytest.mark.parametrize("name", ["folder.jpg", "fifo.jpg"])
+def test_a_path_that_is_not_a_photo_file_is_named_without_hanging(name, tmp_path):
+    import os
+
+    path = tmp_path / name
+    if name == "fifo.jpg":
+        os.mkfifo(path)  # opening it to read would block forever
+    else:
+        path.mkdir()
+    proc = run_cli("locate", str(path), cwd=tmp_path)
+    assert proc.returncode == 1 and str(path) in proc.stderr and "Traceback" not in proc.stderr
