@@ -255,18 +255,44 @@ async def test_kmeans_submap_keeps_the_clusters_around_the_reasoning_estimate(wo
     assert all(int(table.cluster[ids.index(c.id)]) in clusters for c in result.candidates if c.source == "index")
 
 
+WRONG_PRIOR_QUERY = 12  # a BR photo whose stand-in prior names US: a submap that should not hide the truth
+SUBMAP_BOOST = 0.1  # the README's example. Whole-map top 5: BR 0.9975, BR 0.9928, IN 0.9894, FR 0.9885, IN 0.9882;
+#   only two US references (0.979, 0.9786) are in the whole-map pool of top_k x SUBMAP_BOOST_POOL, and +0.1 lifts
+#   them above BR 0.9975 (any weight over 0.019 would), so three outside candidates stay where restricting keeps five US
+
+
 async def test_a_submap_weight_boosts_instead_of_restricting(world, world_server, world_retriever, tmp_path):
-    settings = world_settings(
-        world, world_server, tmp_path, strategy="tournament", country_prior=True, prior_countries=1,
-        submap="country", submap_weight=10.0, top_k=5,
-    )
-    agent = GeoAgent(settings, retriever=world_retriever)
-    try:
-        result = await agent.locate(world.queries[9].path, explain=True)
-    finally:
-        await agent.aclose()
-    boosted = result.prior[0].country
-    assert [c.country for c in result.candidates if c.source == "index"] == [boosted] * 5
+    """With a weight, submap candidates move up but strong ones outside stay: a wrong prior no longer hides the truth."""
+    query = world.queries[WRONG_PRIOR_QUERY]
+
+    async def retrieval_order(cache: str, **submap: object) -> tuple[list[str], dict[str, str | None], str]:
+        settings = world_settings(world, world_server, tmp_path / cache, strategy="tournament", country_prior=True,
+                                  prior_countries=1, top_k=5, **submap)
+        agent = GeoAgent(settings, retriever=world_retriever)
+        try:
+            result = await agent.locate(query.path, explain=True)
+        finally:
+            await agent.aclose()
+        countries = {c.id: c.country for c in result.candidates}
+        return result.trace.pool, countries, result.prior[0].country  # reasoning is off: the pool is the retrieval
+
+    plain, countries, prior = await retrieval_order("plain", submap="none")
+    restricted, in_restricted, _ = await retrieval_order("restricted", submap="country")
+    boosted, in_boosted, _ = await retrieval_order("boosted", submap="country", submap_weight=SUBMAP_BOOST)
+    countries |= in_restricted | in_boosted
+    assert prior != query.country, "premise: the prior points away from the photo's country"
+
+    assert {countries[c] for c in restricted} == {prior}
+    kept_outside = [c for c in boosted if countries[c] != prior]  # none of them is in the restricted list
+    assert kept_outside, (boosted, restricted)
+    assert query.ref in boosted and query.ref not in restricted  # the true place survives the wrong prior
+
+    inside = [c for c in boosted if countries[c] == prior]
+    assert inside, "the boost should lift submap candidates into the top k"
+    assert all(c not in plain or boosted.index(c) < plain.index(c) for c in inside), (plain, boosted)
+    assert [c for c in plain if c in boosted and countries[c] != prior] == kept_outside  # outside: order kept
+    assert all(boosted.index(c) >= plain.index(c) for c in kept_outside)  # ... and they only drop
+    assert any(boosted.index(c) > plain.index(c) for c in kept_outside)
 
 
 async def test_neighbour_augmented_reasoning_shows_reference_coordinates(world, world_server, world_retriever, tmp_path):

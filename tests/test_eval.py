@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +20,20 @@ from geoagent.eval.datasets import load_dataset
 from geoagent.eval.metrics import Prediction, accuracy_at, geoscore, summarise
 from geoagent.geo import haversine_km
 from standin import StandinConfig, WorldJudge
+
+PROMPT_HASH_HEX = 12  # geoagent/prompts.py keeps the first 12 hex digits of the sha256
+
+
+def content_hashes(folder) -> dict[str, str]:
+    """What a report must name for ``folder``: sha256 of each template's text, computed here independently."""
+    return {
+        path.stem: hashlib.sha256(path.read_text(encoding="utf-8").encode("utf-8")).hexdigest()[:PROMPT_HASH_HEX]
+        for path in sorted(folder.glob("*.txt"))
+    }
+
+
+def differing(first: dict[str, str], second: dict[str, str]) -> set[str]:
+    return {name for name in first.keys() | second.keys() if first.get(name) != second.get(name)}
 
 
 def test_great_circle_distance_uses_r_6371():
@@ -73,6 +89,8 @@ def test_vigor_layout_names_each_query_true_tile(tmp_path):
 
 
 def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, world, tmp_path):
+    from geoagent.prompts import DEFAULT_PROMPTS_DIR
+
     server = standin(judge=WorldJudge(world.truth))
     retrieval_only = write_world_config(tmp_path / "retrieval.toml", world, server, tmp_path / "cache", strategy="none")
     agent = write_world_config(tmp_path / "agent.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False)
@@ -90,6 +108,7 @@ def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, wo
         recomputed = sum(r["error_km"] != "" and float(r["error_km"]) < 25 for r in mine) / len(mine)
         assert column["metrics"]["acc@25km"] == pytest.approx(recomputed, abs=1e-4)
         assert set(column["prompts"]) >= {"pairwise", "prior", "reasoning"}
+        assert column["prompts"] == content_hashes(DEFAULT_PROMPTS_DIR)  # neither column names a prompts folder
     assert report["columns"]["vlm"]["metrics"]["top1_after"] > report["columns"]["retrieval"]["metrics"]["top1_after"]
     assert "| acc@25km |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -111,7 +130,9 @@ def test_editing_the_pairwise_prompt_re_sends_only_pairwise_requests(standin, wo
     assert proc.returncode == 0, proc.stderr
     assert server.chat_requests() and {r.schema_name for r in server.chat_requests()} == {"PairwiseAnswer"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert list(report["columns"].values())[0]["prompts"]["pairwise"] != list(report["columns"].values())[0]["prompts"]["prior"]
+    reported = list(report["columns"].values())[0]["prompts"]
+    assert reported == content_hashes(prompts)
+    assert differing(reported, content_hashes(DEFAULT_PROMPTS_DIR)) == {"pairwise"}  # the copy differs by the edit only
 
 
 def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(standin, world, tmp_path):
@@ -137,7 +158,24 @@ def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(stand
     assert again["vlm_calls"] == 0 and again["cache_hits"] > 0
 
 
-def test_prompts_list_shows_hashes(tmp_path):
+def listed_hashes(stdout: str) -> dict[str, str]:
+    """``geoagent prompts list`` lines ``  name   digest`` (the heading, which may wrap, matches none)."""
+    return dict(re.findall(rf"^ +(\w+) +([0-9a-f]{{{PROMPT_HASH_HEX}}})$", stdout, flags=re.MULTILINE))
+
+
+def test_prompts_list_shows_each_template_content_hash(tmp_path):
+    """The listed digests are the templates' content hashes; editing one template changes its digest only."""
+    from geoagent.prompts import DEFAULT_PROMPTS_DIR
+
     proc = run_cli("prompts", "list", cwd=tmp_path)
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in ("pairwise", "pointwise", "prior", "reasoning", "pairwise_cross"))
+    assert listed_hashes(proc.stdout) == content_hashes(DEFAULT_PROMPTS_DIR)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(DEFAULT_PROMPTS_DIR, edited)
+    (edited / "prior.txt").write_text((edited / "prior.txt").read_text() + "\nAnswer in JSON only.\n")
+    proc = run_cli("prompts", "list", "--prompts", str(edited), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert listed_hashes(proc.stdout) == content_hashes(edited)
+    assert differing(listed_hashes(proc.stdout), content_hashes(DEFAULT_PROMPTS_DIR)) == {"prior"}
