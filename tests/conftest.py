@@ -111,11 +111,13 @@ def world_settings(world, server: StandinServer, cache_dir: Path, route: str = "
     )
 
 
-def write_world_config(path: Path, world, server: StandinServer, cache: Path, **agent: object) -> Path:
-    """A TOML config a user would write: the stand-in as Ollama, the world's index, ``[agent]`` keys as given."""
+def write_world_config(path: Path, world, server: StandinServer, cache: Path, backend: dict[str, object] | None = None, **agent: object) -> Path:
+    """A TOML config a user would write: the stand-in as Ollama, the world's index, ``[agent]`` keys as given
+    (``backend`` adds or overrides keys of the backend profile)."""
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
+    profile = {"kind": "ollama", "model": "llava:7b", "base_url": server.url, "max_concurrency": 16, "timeout_s": 20, **(backend or {})}
     path.write_text(
-        f'[backends.sim]\nkind = "ollama"\nmodel = "llava:7b"\nbase_url = "{server.url}"\nmax_concurrency = 16\ntimeout_s = 20\n'
+        "[backends.sim]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in profile.items()) +
         f'[tasks]\ndefault = "sim"\n[cache]\ndir = "{cache}"\n'
         f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nindex = "{world.root / "index"}"\n'
         f"[agent]\n{lines}\n"

@@ -154,3 +154,25 @@ def test_a_path_that_is_not_a_photo_file_is_named_without_hanging(name, tmp_path
         path.mkdir()
     proc = run_cli("locate", str(path), cwd=tmp_path)
     assert proc.returncode == 1 and str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_thirty_photos_through_a_hostile_server_are_all_answered(world, standin, tmp_path):
+    """The issue's reproduction: 20% 503, 10% 429, 10% 500, 10% malformed JSON and 2% hangs, with no cap per
+    question (a real server has none). Before, runs of 30 photos answered 3 to 26; now every photo is."""
+    from standin import Faults
+
+    faults = Faults(http_503=0.2, http_429=0.1, http_500=0.1, truncated=0.1, hang=0.02, max_per_question=10_000, seed=11)
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(faults=faults, hang_s=5))
+    backend = {"timeout_s": 1, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_concurrency": 32}
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, strategy="tournament")
+    photos = [str(q.path) for q in world.queries[:30]]
+    proc = run_cli("locate", *photos, "--json", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["image"] for line in lines] == photos
+    assert "Traceback" not in proc.stderr and "30 of 30 photos located" in proc.stderr
+    failed = [q for line in lines for q in line["stats"]["failed_questions"]]
+    faulted = {r.fault for r in server.chat_requests() if r.fault}
+    assert {"http_503", "http_429", "http_500", "truncated", "hang"} <= faulted
+    assert failed and {q["task"] for q in failed} <= {"prior", "reasoning", "pairwise"}  # recorded, not fatal
+    assert all(line["stats"]["calls_by_task"]["pairwise"] > 0 for line in lines)
