@@ -176,3 +176,36 @@ def test_thirty_photos_through_a_hostile_server_are_all_answered(world, standin,
     assert {"http_503", "http_429", "http_500", "truncated", "hang"} <= faulted
     assert failed and {q["task"] for q in failed} <= {"prior", "reasoning", "pairwise"}  # recorded, not fatal
     assert all(line["stats"]["calls_by_task"]["pairwise"] > 0 for line in lines)
+
+
+def _csv_predictions(path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open() as fh:
+        return [{k: v for k, v in row.items() if k != "vlm_calls"} for row in csv.DictReader(fh)]
+
+
+def test_an_eval_rerun_with_the_server_stopped_gives_the_same_report(world, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=True)
+    args = ("eval", str(world.queries_csv), "--config", str(config), "--limit", "6")
+    assert run_cli(*args, "--out", str(tmp_path / "first"), cwd=tmp_path).returncode == 0
+    server.__exit__(None, None, None)
+    proc = run_cli(*args, "--out", str(tmp_path / "second"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _csv_predictions(tmp_path / "second" / "predictions.csv") == _csv_predictions(tmp_path / "first" / "predictions.csv")
+    report = json.loads((tmp_path / "second" / "report.json").read_text())
+    column = report["columns"]["g"]
+    assert report["partial"] is False and column["metrics"]["vlm_calls"] == 0 and column["failures"] == []
+
+
+def test_eval_against_a_dead_server_still_writes_its_report(world, standin, tmp_path):
+    """Nothing cached and nothing listening: the column is reported as stopped, with why; exit 2, no traceback."""
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament")
+    server.__exit__(None, None, None)
+    proc = run_cli("eval", str(world.queries_csv), "--config", str(config), "--limit", "4", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["partial"] is True and "cannot connect" in report["columns"]["g"]["stopped"]
+    assert "stopped after 0 answered photos" in (tmp_path / "out" / "report.md").read_text()
