@@ -139,7 +139,7 @@ class AgentConfig(_Section):
         "random direction, the other only when the answer is not decisive; false: one order, candidate A first.",
     )
     adaptive_margin: float = Field(
-        default=0.1, ge=0, description="adaptive: also ask the other order when the pair's evidence differs by less."
+        default=0.1, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
     )
     vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
     country_prior: bool = True

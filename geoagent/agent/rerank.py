@@ -140,14 +140,18 @@ class Comparator:
         return (digest[0] & 1) == (0 if a.id < b.id else 1)
 
     def _decisive(self, vote: str | None, a: Candidate, b: Candidate) -> bool:
-        """One answer settles a match when it agrees with the retrieval and prior evidence, and that evidence is
-        not a near tie. When the model contradicts the evidence, or the evidence cannot tell the two apart, a
-        single answer (right about 90% of the time for a good VLM) is the whole verdict: ask the other order."""
+        """One answer settles a match unless it goes against clearly stronger retrieval and prior evidence.
+
+        Where the evidence cannot tell the two apart, one answer (right ~90% of the time for a good VLM) is as
+        good as two: on disagreement two would fall back to that same coin-flip evidence. Where the model
+        overturns a clear evidence lead, it is asked again in the other order: a repeated verdict stands, a
+        reversed one was position bias or noise, and the tie goes to the evidence.
+        """
         if vote is None:
             return False
         chosen, other = (a, b) if vote == a.id else (b, a)
-        margin = self.base.get(chosen.id, 0.0) - self.base.get(other.id, 0.0)
-        return margin >= self.adaptive_margin
+        lead_against = self.base.get(other.id, 0.0) - self.base.get(chosen.id, 0.0)
+        return lead_against < self.adaptive_margin
 
     async def winner(self, a: Candidate, b: Candidate) -> Candidate:
         match = await self.compare(a, b)
