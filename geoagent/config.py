@@ -51,6 +51,9 @@ class BackendProfile(_Section):
     max_tokens: int = Field(default=512, ge=16)
     retry_backoff_s: float = Field(default=0.5, ge=0, description="First backoff; doubles per attempt, with jitter.")
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    context_tokens: int | None = Field(
+        default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
+    )
 
     @field_validator("kind")
     @classmethod
