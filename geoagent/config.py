@@ -58,6 +58,9 @@ class BackendProfile(_Section):
         default=None, ge=0, description="US dollars; unset: litellm's bundled price table, where it lists the model."
     )
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    context_tokens: int | None = Field(
+        default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
+    )
 
     @field_validator("kind")
     @classmethod
