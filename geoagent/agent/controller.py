@@ -55,7 +55,7 @@ class GeoAgent:
         """The embedder and candidate source, loaded once on first use (in a worker thread)."""
         async with self._retriever_lock:
             if self._retriever is None:
-                self._retriever = await Retriever.load(self.settings.retrieval, self.settings.cache.dir)
+                self._retriever = await Retriever.load(self.settings.retrieval)
             return self._retriever
 
     async def preflight(self) -> list[GeoAgentError]:
