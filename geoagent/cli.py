@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import stat
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,33 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from geoagent.config import Settings, load_config
+from geoagent import __version__
+from geoagent.config import BackendProfile, Settings, inspect_config, load_config, validation_message
 from geoagent.errors import ConfigError, GeoAgentError, InputError
+from geoagent.paths import display_path, photo_problem
 
-app = typer.Typer(
+#: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
+#: failed") and 2 (usage or configuration).
+EXIT_BUG = 70
+
+
+class _App(typer.Typer):
+    """The typer app, guarded once for every command: an unexpected exception prints its traceback and a
+    line saying it is a bug to report, and exits with EXIT_BUG."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:  # typer.Exit and click's usage errors never get here: click turns them into SystemExit
+            traceback.print_exc()
+            print_error(
+                f"unexpected {type(exc).__name__}: this is a bug in GeoAgent; please report it with the traceback above "
+                f"(exit code {EXIT_BUG})"
+            )
+            sys.exit(EXIT_BUG)
+
+
+app = _App(
     name="geoagent",
     help="Where was this photo taken? Local CLIP retrieval, then vision-language models vote.",
     no_args_is_help=True,
@@ -45,24 +69,35 @@ ConfigOption = Annotated[
 ]
 
 
-def print_error(message: str) -> None:
-    """One error line on stderr, the message shown as is (square brackets included: no markup)."""
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+def print_line(text: object, console: Console | None = None) -> None:
+    """One line of user text exactly as it is: no rich markup, so ``[bold]`` in a file name or the
+    ``[redacted]`` placeholder in a message survive."""
+    (console or stdout).print(str(text), markup=False, highlight=False, soft_wrap=True)
 
 
-def print_warning(message: str) -> None:
-    stderr.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False, soft_wrap=True)
+def _labelled(label: str, style: str, message: object) -> None:
+    stderr.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+def print_error(message: object) -> None:
+    """``error: MESSAGE`` on stderr; the message is printed as it is (never read as markup)."""
+    _labelled("error:", "bold red", message)
+
+
+def print_warning(message: object) -> None:
+    """``warning: MESSAGE`` on stderr, printed as it is."""
+    _labelled("warning:", "yellow", message)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    print_warning(str(message))
+    print_warning(message)
 
 
 class _NoteHandler(logging.Handler):
     """GeoAgent's INFO log lines (slow one-time work, say) as notes on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        stderr.print(f"[dim]note:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+        _labelled("note:", "dim", record.getMessage())
 
 
 @contextmanager
@@ -73,44 +108,70 @@ def user_errors() -> Iterator[None]:
     if not package_log.handlers:
         package_log.addHandler(_NoteHandler(logging.INFO))
         package_log.setLevel(logging.INFO)
+        package_log.propagate = False  # a root handler (libraries call logging.basicConfig) would print it again
     try:
         yield
     except GeoAgentError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("interrupted")
+        print_line("interrupted", stderr)
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def _flag(name: str) -> Iterator[None]:
+    """A bad value set from a flag is reported under the flag's name, not the settings key it lands in."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as err:
+        raise ConfigError(f"{name}: {validation_message(err.errors()[0])}") from None
 
 
 def apply_flags(settings: Settings, **flags: Any) -> Settings:
     """Command-line flags override everything else (set with validation, so a bad value is a one-line error)."""
-    from pydantic import ValidationError
-
-    try:
-        if flags.get("backend"):
-            name = flags["backend"]
-            if name not in settings.backends:
-                raise ConfigError(f"--backend: no backend profile '{name}' (defined: {', '.join(sorted(settings.backends))})")
-            settings.tasks = type(settings.tasks)(default=name)
-        if flags.get("model"):
+    if flags.get("backend"):
+        name = flags["backend"]
+        if name not in settings.backends:
+            raise ConfigError(f"--backend: no backend profile '{name}' (defined: {', '.join(sorted(settings.backends))})")
+        settings.tasks = type(settings.tasks)(default=name)
+    if flags.get("model"):
+        with _flag("--model"):
             for name in settings.routed_profiles():
                 settings.backends[name].model = flags["model"]
-        if flags.get("index") is not None:
+    if flags.get("index") is not None:
+        with _flag("--index"):
             settings.retrieval.index = flags["index"]
-        if flags.get("top_k") is not None:
+    if flags.get("top_k") is not None:
+        with _flag("--top-k"):
             settings.retrieval.top_k = flags["top_k"]
             settings.agent.top_k = flags["top_k"]
-        if flags.get("strategy"):
+    if flags.get("strategy"):
+        with _flag("--strategy"):
             settings.agent.strategy = flags["strategy"]
-        if flags.get("prompts") is not None:
+    if flags.get("prompts") is not None:
+        with _flag("--prompts"):
             settings.agent.prompts_dir = flags["prompts"]
-        if flags.get("no_cache"):
-            settings.cache.enabled = False
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{'.'.join(str(p) for p in first['loc']) or 'option'}: {first['msg'].removeprefix('Value error, ')}") from None
+    if flags.get("no_cache"):
+        settings.cache.enabled = False
     return settings
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print_line(f"geoagent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    """Options of the geoagent command itself."""
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
@@ -118,7 +179,7 @@ NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read no
 
 @app.command("locate")
 def locate(
-    photos: Annotated[list[Path], typer.Argument(help="Photos to locate.", show_default=False)],
+    photos: Annotated[list[Path], typer.Argument(help="Photos to locate.", show_default=False, readable=False)],
     config: ConfigOption = None,
     backend: Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")] = None,
@@ -141,7 +202,7 @@ def locate(
         for photo in photos:  # before any heavy import: a typo in a path is reported at once
             problem = photo_problem(photo)
             if problem:
-                print_error(f"{photo}: {problem}")
+                print_error(f"{display_path(photo)}: {problem}")
             else:
                 readable.append(photo)
         if not readable:
@@ -151,7 +212,7 @@ def locate(
         from geoagent.output import print_result
 
         async def run() -> int:
-            failed = len(photos) - len(readable)
+            failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
             async with GeoAgent(settings) as agent:
                 readiness = await agent.preflight()
@@ -167,7 +228,9 @@ def locate(
                             failed += 1
                             server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
                             print_error(str(outcome))
-                        elif as_json:
+                            continue
+                        located += 1
+                        if as_json:
                             print(outcome.model_dump_json(exclude_none=not explain), flush=True)
                         else:
                             print_result(stdout, outcome, explain=explain)
@@ -176,16 +239,15 @@ def locate(
                     print_error(str(exc))
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
-                    located = len(photos) - failed if not stopped else "some"
-                    stderr.print(
+                    print_line(
                         f"{located} of {len(photos)} photos located; {run_total.requests} VLM requests, "
                         f"{run_total.cache_hits} cache hits, {run_total.failures} questions failed, "
                         f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens"
                         + ("" if run_total.unpriced_requests else f", ${run_total.cost_usd:.4f}"),
-                        highlight=False, markup=False,
+                        stderr,
                     )
             if stopped or server_down:
-                stderr.print("answers received so far are cached: start the server and rerun to finish", markup=False)
+                print_line("answers received so far are cached: start the server and rerun to finish", stderr)
                 return 2
             return 1 if failed else 0
 
@@ -194,30 +256,9 @@ def locate(
             raise typer.Exit(code)
 
 
-def photo_problem(path: Path) -> str | None:
-    """What makes ``path`` unusable as a photo, found without decoding it (cheap: no heavy import), or None."""
-    try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            return "is a directory, not an image"
-        if not stat.S_ISREG(info.st_mode):
-            return "not a regular file"
-        if info.st_size == 0:
-            return "empty file"
-        with path.open("rb"):
-            pass
-    except FileNotFoundError:
-        return "no such file"
-    except PermissionError:
-        return "permission denied"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
-    return None
-
-
 @app.command("eval")
 def evaluate(
-    dataset: Annotated[Path, typer.Argument(help="CSV path,lat,lon[,country][,ref_id]; a folder with EXIF GPS; IM2GPS3K/YFCC4K metadata CSV; or a VIGOR folder.")],
+    dataset: Annotated[Path, typer.Argument(help="CSV path,lat,lon[,country][,ref_id]; a folder with EXIF GPS; IM2GPS3K/YFCC4K metadata CSV; or a VIGOR folder.", readable=False)],
     configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: [name=]config.toml (repeatable).")] = None,
     prompts: Annotated[list[Path] | None, typer.Option("--prompts", help="A column per prompts folder (repeatable).")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Image folder for IMG_ID,LAT,LON metadata CSVs.")] = None,
@@ -234,7 +275,7 @@ def evaluate(
     with user_errors():
         data = load_dataset(dataset, images)
         for name, reason in data.skipped:
-            stderr.print(f"skipped {name}: {reason}", highlight=False)
+            print_line(f"skipped {name}: {reason}", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
@@ -255,14 +296,14 @@ def evaluate(
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
         _print_report(report, markdown_table)
         if out:
-            stdout.print(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png", highlight=False)
+            print_line(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
-            stderr.print("interrupted: the report covers the photos finished so far; rerun to resume from the cache")
+            print_line("interrupted: the report covers the photos finished so far; rerun to resume from the cache", stderr)
             raise typer.Exit(130)
         if run.stopped:
-            stderr.print("the report covers the photos finished so far; answered questions are cached, rerun to finish", markup=False)
+            print_line("the report covers the photos finished so far; answered questions are cached, rerun to finish", stderr)
             raise typer.Exit(2)
 
 
@@ -286,14 +327,16 @@ def prompts_list(
     with user_errors():
         settings = apply_flags(load_config(config), prompts=prompts)
         prompt_set = PromptSet(settings.agent.prompts_dir)
-        stdout.print(f"prompts from {prompt_set.directory}", highlight=False)
+        print_line(f"prompts from {prompt_set.directory}")
         for name, digest in prompt_set.hashes().items():
-            stdout.print(f"  {name:<24} {digest}", highlight=False)
+            print_line(f"  {name:<24} {digest}")
 
 
 @index_app.command("build")
 def index_build(
-    source: Annotated[Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].")],
+    source: Annotated[
+        Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].", readable=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to create or update.")],
     index_type: Annotated[str, typer.Option("--type", help="flat (exact) | hnsw | ivf (approximate, for large sets).")] = "flat",
     kmeans: Annotated[int | None, typer.Option("--kmeans", help="Geographic k-means clusters (default: retrieval.kmeans_k).")] = None,
@@ -309,8 +352,9 @@ def index_build(
             raise ConfigError(f"--type: '{index_type}' is not one of {', '.join(INDEX_TYPES)}")
         settings = load_config(config)
         from geoagent.retrieval.embedder import Embedder
-        from geoagent.retrieval.index import build_index
+        from geoagent.retrieval.index import build_index, read_source
 
+        items = read_source(source)  # a missing or unreadable source fails before the model loads
         embedder = Embedder.load(settings.retrieval)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"), TimeRemainingColumn())
         with Progress(*columns, console=stderr, transient=True) as bar:
@@ -330,20 +374,19 @@ def index_build(
                 batch_size=settings.retrieval.batch_size,
                 progress=advance,
                 on_total=lambda total: bar.update(task, total=total),
+                items=items,
             )
-        stdout.print(
-            f"indexed {report.indexed} photos into {out} ({report.embedded} embedded, "
-            f"{report.reused} reused), skipped {len(report.skipped)}",
-            highlight=False,
-            soft_wrap=True,
+        print_line(
+            f"indexed {report.indexed} photos into {display_path(out)} ({report.embedded} embedded, "
+            f"{report.reused} reused), skipped {len(report.skipped)}"
         )
         for name, reason in report.skipped:
-            stdout.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
+            print_line(f"  skipped {name}: {reason}")
 
 
 @index_app.command("info")
 def index_info(
-    directory: Annotated[Path, typer.Argument(help="An index folder.")],
+    directory: Annotated[Path, typer.Argument(help="An index folder.", readable=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -358,17 +401,39 @@ def index_info(
             return
         countries: dict[str, int] = summary.pop("countries")  # type: ignore[assignment]
         for key, value in summary.items():
-            stdout.print(f"{key:>16}: {value}", highlight=False)
+            print_line(f"{key:>16}: {value}")
         top = ", ".join(f"{code} {count}" for code, count in list(countries.items())[:20])
-        stdout.print(f"{'countries':>16}: {len(countries)} ({top}{', ...' if len(countries) > 20 else ''})", highlight=False)
+        print_line(f"{'countries':>16}: {len(countries)} ({top}{', ...' if len(countries) > 20 else ''})")
 
 
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
-    """Print the configuration in effect (file + environment + defaults) as JSON. Keys are never shown."""
+    """Print the configuration in effect (file + environment + defaults) as JSON. Keys are never shown.
+
+    A broken configuration is shown too, without its bad keys, each named on stderr (exit 2)."""
     with user_errors():
-        settings = load_config(config)
-        stdout.print_json(settings.model_dump_json())
+        report = inspect_config(config)
+        if report.settings is not None:
+            shown = json.loads(report.settings.model_dump_json())
+            for name, profile in report.settings.backends.items():
+                shown["backends"][name]["base_url"] = _effective_base_url(profile)
+            stdout.print_json(data=shown)
+        for problem in report.problems:
+            print_error(problem)
+        if report.problems:
+            if report.settings is not None:
+                print_line("note: the configuration above leaves these keys out (their defaults stand in)", stderr)
+            raise typer.Exit(ConfigError.exit_code)
+
+
+def _effective_base_url(profile: BackendProfile) -> str | None:
+    """The URL a profile talks to: its base_url, or when unset (null) its backend's default, if it has one."""
+    if profile.base_url:
+        return profile.base_url
+    import importlib
+
+    backend = importlib.import_module(f"geoagent.vlm.backends.{profile.kind}").Backend
+    return backend.default_url  # type: ignore[no-any-return]
 
 
 @cache_app.command("stats")
@@ -379,12 +444,12 @@ def cache_stats(config: ConfigOption = None) -> None:
     with user_errors():
         settings = load_config(config)
         stats = ResponseCache(settings.cache.dir).stats()
-        stdout.print(f"{stats.path}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
+        print_line(f"{display_path(stats.path)}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
             if counts:
                 table = Table(label, "answers")
                 for name, count in sorted(counts.items()):
-                    table.add_row(name, str(count))
+                    table.add_row(Text(name), str(count))  # Text: a model name is not markup
                 stdout.print(table)
 
 
@@ -396,7 +461,7 @@ def cache_clear(config: ConfigOption = None) -> None:
     with user_errors():
         settings = load_config(config)
         removed = ResponseCache(settings.cache.dir).clear()
-        stdout.print(f"removed {removed} cached answers from {settings.cache.dir}")
+        print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
 
 
 @app.command("check")
@@ -425,6 +490,6 @@ def check(config: ConfigOption = None) -> None:
         failed = False
         for name, outcome in asyncio.run(run()):
             failed |= bool(outcome and outcome.startswith("FAILED"))
-            stdout.print(f"{name}: {outcome}", highlight=False, soft_wrap=True)
+            print_line(f"{name}: {outcome}")
         if failed:
             raise typer.Exit(1)

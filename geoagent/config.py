@@ -6,17 +6,23 @@ with ``__``) > the TOML file (``--config FILE`` or ``./geoagent.toml``) > defaul
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
+    SettingsError,
 )
 
 from geoagent.errors import ConfigError
@@ -31,7 +37,24 @@ TASKS = ("prior", "reasoning", "pairwise", "pointwise")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a value (a key pasted in the wrong place, say) never reaches an error's text
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIX = re.compile(r"^((sk|pk|rk|hf|gsk|xai|ghp|gho|github_pat|glpat)[-_]|AIza|AKIA)")  # as providers issue them
+KEY_SHAPED_MIN_LENGTH = 20  # variable names are words; keys are long runs of mixed letters and digits
+
+
+def looks_like_a_key(value: str) -> bool:
+    """True for a secret pasted where a variable's NAME belongs: not a valid name, or a long token
+    (a provider's key prefix, or letters of both cases mixed with digits)."""
+    if not _ENV_NAME.fullmatch(value):
+        return True
+    if len(value) < KEY_SHAPED_MIN_LENGTH or not any(c.isdigit() for c in value):
+        return False
+    mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
+    return mixed_case or bool(_KEY_PREFIX.match(value))
 
 
 class BackendProfile(_Section):
@@ -69,6 +92,16 @@ class BackendProfile(_Section):
 
         if value not in backend_kinds():
             raise ValueError(f"unknown backend kind '{value}' (known: {', '.join(backend_kinds())})")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, value: str) -> str:
+        if value and looks_like_a_key(value):
+            raise ValueError(
+                "this looks like an API key, not the NAME of an environment variable (the value is not shown); "
+                "remove it, put the key in a variable (export OPENAI_API_KEY=...) and write that variable's name here"
+            )
         return value
 
     def api_key(self, profile_name: str) -> str | None:
@@ -119,13 +152,16 @@ class RetrievalConfig(_Section):
         default=100_000, ge=15000, description="6,204 cities at 100,000; about 34,000 at 15,000 (finer, slower to embed once)."
     )
     gazetteer_prompt: str = "a photo taken in {place}, {country}"
+    vectors_cache: Path | None = Field(
+        default=None, description="Folder for model-keyed caches shared by every project (gazetteer vectors); unset: the user cache dir."
+    )
 
     @field_validator("index", mode="before")
     @classmethod
     def _none_means_gazetteer(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
-    @field_validator("index")
+    @field_validator("index", "vectors_cache")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -186,7 +222,11 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
+        hide_input_in_errors=True,
     )
+
+    #: Set on the subclass that load_config validates its own merge of file, environment and overrides with.
+    layers_merged: ClassVar[bool] = False
 
     backends: dict[str, BackendProfile] = Field(default_factory=lambda: {"local": BackendProfile()})
     tasks: TasksConfig = Field(default_factory=TasksConfig)
@@ -220,26 +260,125 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if settings_cls.model_config.get("toml_file"):
-            sources.append(TomlConfigSettingsSource(settings_cls))
-        return tuple(sources)
+        # The TOML file is read by load_config, which names it in errors.
+        return (init_settings,) if getattr(settings_cls, "layers_merged", False) else (init_settings, env_settings)
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{loc}'"
-    if first["type"] == "value_error" and not loc:
-        return f"{origin}: {first['msg'].removeprefix('Value error, ')}"
-    return f"{origin}: {loc or 'config'}: {first['msg']}"
+class _Merged(Settings):
+    """Settings validated from the layers :func:`inspect_config` merged itself (pydantic runs a BaseSettings'
+    sources even in ``model_validate``, which would read the environment a second time)."""
+
+    layers_merged: ClassVar[bool] = True
 
 
-def _check_toml(path: Path) -> None:
+#: Repairs tried when showing a broken configuration: each drops the keys that failed.
+MAX_REPAIRS = 20
+
+
+@dataclass
+class _Layer:
+    """One source of settings, its data (nested dicts as in the TOML), and how a message names it."""
+
+    data: dict[str, Any]
+    origin: Callable[[tuple[str, ...]], str]
+
+
+@dataclass
+class ConfigReport:
+    """What :func:`inspect_config` found: the settings that parsed with the bad keys left out (None when the
+    problem is not one key's), and one line per problem."""
+
+    settings: Settings | None
+    problems: list[str] = field(default_factory=list)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested tables merged key by key (as pydantic-settings merges its sources)."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _lookup(data: dict[str, Any], loc: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _drop(data: dict[str, Any], loc: tuple[str, ...]) -> None:
+    node = data
+    for part in loc[:-1]:
+        node = node[part]
+    del node[loc[-1]]
+
+
+def _model_at(parent: tuple[str, ...]) -> type[BaseModel] | None:
+    """The section model whose keys live at ``parent`` (``("backends", "local")`` -> BackendProfile)."""
+    current: Any = Settings
+    for part in parent:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+    if get_origin(current) is dict:
+        return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    """The TOML tables a key can live in, by how a user writes them."""
+    found: dict[str, type[BaseModel]] = {}
+    for name in Settings.model_fields:
+        model = _model_at((name,))
+        if model is not None:
+            found[name] = model
+        elif (model := _model_at((name, "NAME"))) is not None:
+            found[f"{name}.NAME"] = model
+    return found
+
+
+def _suggestion(loc: tuple[str, ...]) -> str:
+    """' (did you mean ...?)' for an unknown key: a close key of the same table, or the same key elsewhere."""
+    *parent, key = loc
+    model = _model_at(tuple(parent))
+    if model is not None:
+        close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+        if close:
+            return f" (did you mean '{close[0]}'?)"
+    for section, section_model in _sections().items():
+        if key in section_model.model_fields and (model is None or section_model is not model):
+            return f" (did you mean [{section}] {key}?)"
+    return ""
+
+
+def validation_message(error: Any) -> str:
+    """A pydantic error's message as a user reads it: no 'Value error, ' prefix, lower-case start."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return message[:1].lower() + message[1:]
+
+
+def _describe(error: Any, origin: str) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'{_suggestion(loc)}"
+    if not loc:
+        return f"{origin}: {validation_message(error)}"
+    return f"{origin}: {key}: {validation_message(error)}"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
@@ -248,26 +387,79 @@ def _check_toml(path: Path) -> None:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
 
 
+def _env_layer() -> tuple[_Layer, list[str]]:
+    """``GEOAGENT_*`` variables as settings, and a problem line for each variable naming no known table."""
+    prefix = str(Settings.model_config.get("env_prefix", "")).upper()
+    delimiter = str(Settings.model_config.get("env_nested_delimiter", "__"))
+    names: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    for name in sorted(os.environ):
+        if not name.upper().startswith(prefix):
+            continue
+        path = tuple(name[len(prefix) :].lower().split(delimiter))
+        names[path] = name
+        if len(path) > 1 and path[0] not in Settings.model_fields:  # a one-word name may be a key's variable
+            problems.append(f"environment variable {name}: unknown key '{path[0]}'{_suggestion(path[:1])}")
+    try:
+        data = EnvSettingsSource(Settings)()
+    except SettingsError as exc:  # a whole table in one variable, not valid JSON
+        tables = [name for path, name in names.items() if len(path) == 1 and path[0] in Settings.model_fields]
+        raise ConfigError(f"environment variable {' or '.join(tables) or 'GEOAGENT_...'}: not valid JSON ({exc})") from None
+
+    def origin(loc: tuple[str, ...]) -> str:
+        for end in range(len(loc), 0, -1):
+            if loc[:end] in names:
+                return f"environment variable {names[loc[:end]]}"
+        return "environment"
+
+    return _Layer(data, origin), problems
+
+
+def _find_config_file(path: str | Path | None) -> Path | None:
+    if path is not None:
+        return Path(path).expanduser()
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def inspect_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, repair: bool = True) -> ConfigReport:
+    """Build Settings from the file (explicit or ``./geoagent.toml``), environment and overrides, and say what
+    is wrong, one line per problem naming the file or variable and the key.
+
+    With ``repair``, a bad key is dropped (its default takes its place) and the rest tried again, so the
+    settings that did parse can be shown beside the problems.
+    """
+    toml_file = _find_config_file(path)
+    file_origin = str(toml_file) if toml_file else "configuration"
+    file_layer = _Layer(_read_toml(toml_file) if toml_file else {}, lambda _loc: file_origin)
+    env_layer, problems = _env_layer()
+    override_layer = _Layer(copy.deepcopy(overrides or {}), lambda _loc: "overrides")
+    layers = [file_layer, env_layer, override_layer]  # lowest precedence first
+    for _ in range(MAX_REPAIRS):
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            merged = _merge(merged, layer.data)
+        try:
+            return ConfigReport(_Merged(**merged), problems)
+        except ValidationError as err:
+            repaired = False
+            for error in err.errors():
+                loc = tuple(str(part) for part in error["loc"])
+                source = next((candidate for candidate in reversed(layers) if loc and _lookup(candidate.data, loc)), None)
+                problems.append(_describe(error, source.origin(loc) if source else file_origin))
+                if source is not None:
+                    _drop(source.data, loc)
+                    repaired = True
+            if not (repair and repaired):
+                break
+    return ConfigReport(None, problems)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build Settings from the file (explicit or ``./geoagent.toml``), environment and overrides.
 
-    Raises ConfigError with one line naming the file or key and the problem.
+    Raises ConfigError with one line naming the file, variable or key and the problem.
     """
-    toml_file: Path | None = None
-    if path is not None:
-        toml_file = Path(path).expanduser()
-        _check_toml(toml_file)
-    elif DEFAULT_CONFIG_FILE.is_file():
-        toml_file = DEFAULT_CONFIG_FILE
-        _check_toml(toml_file)
-
-    settings_cls: type[Settings] = Settings
-    if toml_file is not None:
-        settings_cls = type(
-            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}}
-        )
-    origin = str(toml_file) if toml_file else "configuration"
-    try:
-        return settings_cls(**(overrides or {}))
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, origin)) from None
+    report = inspect_config(path, overrides, repair=False)
+    if report.problems or report.settings is None:
+        raise ConfigError(report.problems[0] if report.problems else "configuration: invalid")
+    return report.settings

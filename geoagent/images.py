@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from geoagent.errors import InputError
+from geoagent.paths import display_path, os_error_reason
 from geoagent.vlm.types import EncodedImage
 
 try:  # HEIC/HEIF photos, where the optional pillow-heif is installed.
@@ -43,9 +45,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def open_image(path: str | Path) -> Image.Image:
     """Open a photo fully decoded, upright and in RGB; InputError naming the file if it is unusable."""
     path = Path(path)
+    shown = display_path(path)
     try:
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: empty file")
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{shown}: not a regular file")
+        if info.st_size == 0:
+            raise InputError(f"{shown}: empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as raw:
@@ -55,17 +63,19 @@ def open_image(path: str | Path) -> Image.Image:
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{shown}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image") from None
+        raise InputError(f"{shown}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (or a format Pillow cannot read)") from None
+        raise InputError(f"{shown}: not an image (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: refused: too many pixels (possible decompression bomb)") from None
+        raise InputError(f"{shown}: refused: too many pixels (possible decompression bomb)") from None
     except OSError as exc:
-        raise InputError(f"{path}: unreadable image ({exc})") from None
+        if exc.errno is not None:  # the file itself: permission denied, symlink loop, ...
+            raise InputError(f"{shown}: {os_error_reason(exc, path)}") from None
+        raise InputError(f"{shown}: unreadable image ({exc})") from None
     except (ValueError, SyntaxError) as exc:  # Pillow raises these for some corrupt headers
-        raise InputError(f"{path}: corrupt image ({exc})") from None
+        raise InputError(f"{shown}: corrupt image ({exc})") from None
 
 
 def downscale(image: Image.Image, max_side: int) -> Image.Image:
@@ -112,4 +122,4 @@ def composite(panels: list[tuple[Image.Image, str]], max_side: int) -> Image.Ima
 
 def load_image(path: str | Path, max_side: int) -> EncodedImage:
     """Open, orient, downscale and encode a photo (blocking: call it from a worker thread)."""
-    return encode_image(open_image(path), max_side, label=str(path))
+    return encode_image(open_image(path), max_side, label=display_path(path))

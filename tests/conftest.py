@@ -32,6 +32,7 @@ BACKEND_ROUTES = {
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own folder (no stray ./geoagent.toml or cache/) with no GEOAGENT_* variables."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # shared caches (platformdirs) stay in the test
     for name in list(os.environ):
         if name.startswith("GEOAGENT_"):
             monkeypatch.delenv(name)

@@ -202,7 +202,7 @@ def test_gazetteer_is_the_default_candidate_source(tmp_path):
     result = json.loads(proc.stdout)
     assert {c["source"] for c in result["candidates"]} == {"gazetteer"}
     assert all(c["id"].startswith("geonames:") and c["country"] for c in result["candidates"])
-    assert list((tmp_path / "cache" / "gazetteer").glob("*.npy")), "the place embeddings are cached on disk"
+    assert list((tmp_path / "user-cache" / "geoagent" / "gazetteer").glob("*.npy")), "cached in the user cache dir"
     assert "note: embedding 564 gazetteer places" in proc.stderr  # the slow one-time step is announced
     again = run_cli("locate", str(photo), "--strategy", "none", "--json", cwd=tmp_path)
     assert again.returncode == 0 and "note: embedding" not in again.stderr and json.loads(again.stdout) == {**result, "stats": json.loads(again.stdout)["stats"]}

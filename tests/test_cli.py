@@ -24,9 +24,9 @@ def test_help_imports_no_heavy_module(tmp_path):
 
 def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nmodle = "llava"\n')
-    proc = run_cli("config", "show", cwd=tmp_path)
+    proc = run_cli("cache", "stats", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: geoagent.toml: unknown key 'backends.local.modle'"
+    assert proc.stderr.strip() == "error: geoagent.toml: unknown key 'backends.local.modle' (did you mean 'model'?)"
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

@@ -139,7 +139,7 @@ def test_a_missing_photo_is_named_at_once(tmp_path):
     started = time.perf_counter()
     proc = run_cli("locate", "missing.jpg", cwd=tmp_path)
     elapsed = time.perf_counter() - started
-    assert proc.returncode == 1 and proc.stderr.strip() == "error: missing.jpg: no such file"
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: missing.jpg: file not found"
     assert elapsed < 1.0, elapsed  # reported before torch or open_clip is imported
 
 

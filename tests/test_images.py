@@ -70,3 +70,15 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         open_image(tmp_path / "nope.jpg")
+
+
+def test_a_fifo_or_folder_is_refused_at_once_not_read(tmp_path):
+    """Opening a FIFO as an image would block forever; a folder is named as one."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(InputError, match="pipe.jpg: not a regular file"):
+        open_image(tmp_path / "pipe.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(InputError, match="dir.jpg: is a directory"):
+        open_image(tmp_path / "dir.jpg")

