@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "allpairs, no debias": {"strategy": "allpairs", "position_debias": False, **NO_VLM_EXTRAS},
     "tournament": {"strategy": "tournament", **NO_VLM_EXTRAS},
     "tournament, no debias": {"strategy": "tournament", "position_debias": False, **NO_VLM_EXTRAS},
+    "tournament, adaptive": {"strategy": "tournament", "position_debias": "adaptive", **NO_VLM_EXTRAS},
     "sorting": {"strategy": "sorting", **NO_VLM_EXTRAS},
     "tournament + prior + reasoning": {"strategy": "tournament", "country_prior": True, "reasoning": True},
     "tournament + country submap": {"strategy": "tournament", "country_prior": True, "reasoning": False, "submap": "country"},

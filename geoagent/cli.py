@@ -180,7 +180,8 @@ def locate(
                     stderr.print(
                         f"{located} of {len(photos)} photos located; {run_total.requests} VLM requests, "
                         f"{run_total.cache_hits} cache hits, {run_total.failures} questions failed, "
-                        f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens",
+                        f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens"
+                        + ("" if run_total.unpriced_requests else f", ${run_total.cost_usd:.4f}"),
                         highlight=False, markup=False,
                     )
             if stopped or server_down:

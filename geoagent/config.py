@@ -54,6 +54,13 @@ class BackendProfile(_Section):
     retry_after_max_s: float = Field(
         default=60.0, ge=0, description="The longest server-requested wait (Retry-After) honoured, as the openai SDK."
     )
+    price_per_1k_prompt_tokens: float | None = Field(
+        default=None, ge=0, description="US dollars; unset: litellm's bundled price table, where it lists the model."
+    )
+    price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    context_tokens: int | None = Field(
+        default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
+    )
 
     @field_validator("kind")
     @classmethod
@@ -129,7 +136,14 @@ class AgentConfig(_Section):
 
     strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting")
     top_k: int | None = Field(default=None, ge=1, le=200, description="Candidates reranked; unset: retrieval.top_k.")
-    position_debias: bool = Field(default=True, description="Ask both orders of every pair; disagreement is a tie.")
+    position_debias: bool | Literal["adaptive"] = Field(
+        default=True,
+        description='true: ask both orders of every pair (disagreement is a tie); "adaptive": one order in a seeded '
+        "random direction, the other only when the answer is not decisive; false: one order, candidate A first.",
+    )
+    adaptive_margin: float = Field(
+        default=0.1, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
+    )
     vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
     country_prior: bool = True
     prior_samples: int = Field(default=1, ge=1, le=32)

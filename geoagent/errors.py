@@ -59,6 +59,13 @@ class ModelMissingError(BackendError):
     stops_run = True
 
 
+class WrongServerError(BackendError):
+    """Something other than the expected API answers at the URL (a proxy page, a web app): every request will fail."""
+
+    exit_code = 2
+    stops_run = True
+
+
 class AnswerError(GeoAgentError):
     """A VLM answer could not be validated against the expected schema, even after a repair re-ask."""
 

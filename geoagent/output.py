@@ -30,7 +30,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     stats = result.stats
     console.print(
         f"[dim]{stats.vlm_calls} VLM requests, {stats.cache_hits} cache hits, "
-        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, {stats.wall_s:.1f} s"
+        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, "
+        + (f"${stats.cost_usd:.4f}, " if stats.cost_usd is not None else "")
+        + f"{stats.wall_s:.1f} s"
         + (f", {len(stats.failed_questions)} questions failed" + ("" if explain else " (--explain lists them)") if stats.failed_questions else "")
         + "[/]",
         highlight=False,

@@ -49,6 +49,7 @@ class Match(BaseModel):
     b: str
     winner: str | None  # None: a tie (the answers disagreed, or none came)
     votes: list[str | None]  # the candidate id each ask chose, in the order asked; None: that ask failed
+    shown_first: list[str] = Field(default_factory=list)  # the candidate in slot A of each ask, in the order asked
 
 
 class PointwiseScore(BaseModel):
@@ -74,6 +75,7 @@ class LocateStats(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls_by_task: dict[str, int] = Field(default_factory=dict)
+    cost_usd: float | None = Field(default=None, description="US dollars for the requests sent; None if a model's price is unknown.")
     failed_questions: list[FailedQuestion] = Field(default_factory=list)
 
 

@@ -88,7 +88,9 @@ async def test_composite_layout_sends_one_image_and_still_lifts_top1(world, worl
     assert top1(pairs) >= baseline + 0.2
     assert {len(r.prompt) > 0 for r in world_server.chat_requests()} == {True}
     # every pairwise question went out as a single composite picture
-    assert all("panel 1 is the query photo" in r.prompt for r in world_server.chat_requests("PairwiseAnswer"))
+    pairwise = world_server.chat_requests("PairwiseAnswer")
+    assert pairwise and all(r.images == 1 for r in pairwise), sorted({r.images for r in pairwise})
+    assert all("panel 1 is the query photo" in r.prompt for r in pairwise)
 
 
 async def test_prior_and_reasoning_join_the_pool_and_the_trace(world, world_server, world_retriever, tmp_path):

@@ -209,3 +209,30 @@ def test_eval_against_a_dead_server_still_writes_its_report(world, standin, tmp_
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["partial"] is True and "cannot connect" in report["columns"]["g"]["stopped"]
     assert "stopped after 0 answered photos" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("model", "per_million"), [("gpt-4o-mini", (0.15, 0.60)), ("llava:7b", None)])
+async def test_cost_per_photo_from_the_price_table_or_null(model, per_million, world, world_retriever, standin, tmp_path):
+    """cost_usd = prompt tokens x input price + completion tokens x output price, from litellm's bundled table
+    (gpt-4o-mini: $0.15 and $0.60 per million tokens there), read offline; null for a model it does not list."""
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(models=(model,)))
+    settings = world_settings(world, server, tmp_path, route="openai", strategy="tournament")
+    settings.backends["sim"].model = model
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [world.queries[0].path])
+    stats = results[0][1].stats  # type: ignore[union-attr]
+    assert stats.vlm_calls > 0 and stats.prompt_tokens > 0
+    if per_million is None:
+        assert stats.cost_usd is None
+    else:
+        expected = (stats.prompt_tokens * per_million[0] + stats.completion_tokens * per_million[1]) / 1e6
+        assert stats.cost_usd == pytest.approx(expected, rel=1e-6)
+
+
+async def test_a_profile_price_overrides_the_table(world, world_retriever, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth))
+    settings = world_settings(world, server, tmp_path, strategy="tournament")
+    settings.backends["sim"].price_per_1k_prompt_tokens = 0.01
+    settings.backends["sim"].price_per_1k_completion_tokens = 0.03
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [world.queries[0].path])
+    stats = results[0][1].stats  # type: ignore[union-attr]
+    assert stats.cost_usd == pytest.approx((stats.prompt_tokens * 0.01 + stats.completion_tokens * 0.03) / 1000, rel=1e-6)

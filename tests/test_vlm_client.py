@@ -125,7 +125,7 @@ async def test_identical_rerun_is_served_from_cache_and_keeps_no_secret(route, s
         assert secret.encode() not in data and b"STANDIN_KEY" not in data
 
 
-@pytest.mark.parametrize("route", ["openai", "litellm-openai"])
+@pytest.mark.parametrize("route", ["ollama", "openai", "litellm-openai"])
 async def test_retry_after_is_honoured(route, standin, marker_images, tmp_path):
     """A 429 with Retry-After: 1 delays the retry by at least a second, then succeeds."""
     server = standin(config=StandinConfig(faults=Faults(http_429=1.0, retry_after_s=1, max_per_question=1)))

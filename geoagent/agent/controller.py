@@ -223,6 +223,7 @@ class GeoAgent:
                 layout=cfg.image_layout,
                 view=cfg.view,
                 debias=cfg.position_debias,
+                adaptive_margin=cfg.adaptive_margin,
                 max_side=cfg.max_image_side,
             )
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
@@ -373,6 +374,7 @@ def _photo_stats(log: QuestionLog, wall_s: float) -> LocateStats:
         prompt_tokens=total.prompt_tokens,
         completion_tokens=total.completion_tokens,
         calls_by_task={task: stats.requests for task, stats in log.spent.items() if stats.asks},
+        cost_usd=None if total.unpriced_requests else total.cost_usd,
         failed_questions=log.failed,
     )
 

@@ -7,6 +7,7 @@ round's questions go out at once; the VLM client bounds how many are in flight.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class Comparator:
     log: QuestionLog = field(default_factory=QuestionLog)
     layout: Literal["separate", "composite"] = "separate"
     view: Literal["ground", "cross"] = "ground"
-    debias: bool = True
+    debias: bool | Literal["adaptive"] = True
+    adaptive_margin: float = 0.1
     max_side: int = 768
     stats: CallStats = field(default_factory=CallStats)
     matches: list[Match] = field(default_factory=list)
@@ -104,20 +106,52 @@ class Comparator:
         return first.id if answer.value.choice == "A" else second.id
 
     async def compare(self, a: Candidate, b: Candidate) -> Match:
-        """Which of ``a`` and ``b`` matches the query better; both orders when debiasing.
+        """Which of ``a`` and ``b`` matches the query better.
 
-        Disagreement is a tie, and so is a comparison whose every ask failed; when one of the two orders
-        failed, the other decides.
+        ``debias = true`` asks both orders; ``false`` one, ``a`` first; ``"adaptive"`` one in a random direction
+        (seeded by the pair, so reruns hit the cache) — a random slot turns the model's first-position bias into
+        noise instead of a systematic lean — and the other order only when the answer is not decisive (see
+        :meth:`_decisive`). Disagreement is a tie, and so is a comparison whose every ask failed; when one of two
+        asks failed, the other decides.
         """
-        if self.debias:
+        if self.debias == "adaptive":
+            first, second = (a, b) if self._a_first(a, b) else (b, a)
+            orders = [(first, second)]
+            votes = [await self._choose(first, second)]
+            if not self._decisive(votes[0], a, b):
+                orders.append((second, first))
+                votes.append(await self._choose(second, first))
+        elif self.debias:
+            orders = [(a, b), (b, a)]
             votes = list(await asyncio.gather(self._choose(a, b), self._choose(b, a)))
         else:
+            orders = [(a, b)]
             votes = [await self._choose(a, b)]
         answered = {vote for vote in votes if vote is not None}
         winner = answered.pop() if len(answered) == 1 else None
-        match = Match(a=a.id, b=b.id, winner=winner, votes=votes)
+        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders])
         self.matches.append(match)
         return match
+
+    def _a_first(self, a: Candidate, b: Candidate) -> bool:
+        """A coin flip seeded by the query and the pair: the same match shows the same order on every rerun."""
+        pair = "|".join(sorted((a.id, b.id)))
+        digest = hashlib.sha256(f"{self.query.encoded.sha256}|{pair}".encode()).digest()
+        return (digest[0] & 1) == (0 if a.id < b.id else 1)
+
+    def _decisive(self, vote: str | None, a: Candidate, b: Candidate) -> bool:
+        """One answer settles a match unless it goes against clearly stronger retrieval and prior evidence.
+
+        Where the evidence cannot tell the two apart, one answer (right ~90% of the time for a good VLM) is as
+        good as two: on disagreement two would fall back to that same coin-flip evidence. Where the model
+        overturns a clear evidence lead, it is asked again in the other order: a repeated verdict stands, a
+        reversed one was position bias or noise, and the tie goes to the evidence.
+        """
+        if vote is None:
+            return False
+        chosen, other = (a, b) if vote == a.id else (b, a)
+        lead_against = self.base.get(other.id, 0.0) - self.base.get(chosen.id, 0.0)
+        return lead_against < self.adaptive_margin
 
     async def winner(self, a: Candidate, b: Candidate) -> Candidate:
         match = await self.compare(a, b)

@@ -35,6 +35,7 @@ class Prediction(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
+    cost_usd: float | None = None  # None: a model's price is unknown (or the photo failed)
     error: str | None = None
 
 
@@ -77,6 +78,9 @@ def summarise(predictions: Sequence[Prediction]) -> dict[str, float | int | None
     metrics["cache_hits"] = sum(p.cache_hits for p in predictions)
     metrics["prompt_tokens"] = sum(p.prompt_tokens for p in predictions)
     metrics["completion_tokens"] = sum(p.completion_tokens for p in predictions)
+    answered = [p for p in predictions if p.error is None]
+    priced = answered and all(p.cost_usd is not None for p in answered)
+    metrics["cost_usd"] = round(sum(p.cost_usd or 0.0 for p in answered), 6) if priced else None
     return metrics
 
 

@@ -31,7 +31,7 @@ PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pre
 TABLE_METRICS = [
     *(f"acc@{t}km" for t in THRESHOLDS_KM), "median_km", "mean_km", "geoscore", "country_acc",
     "retrieval_recall@1", "retrieval_recall@5", "retrieval_recall@10", "top1_before", "top1_after",
-    "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "wall_s", "failures", "n",
+    "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "wall_s", "failures", "n",
 ]  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def prediction_from(result: LocateResult, path: str, lat: float, lon: float, cou
         retrieval_ranking=[c.id for c in by_retrieval], final_ranking=[c.id for c in result.candidates],
         vlm_calls=result.stats.vlm_calls, cache_hits=result.stats.cache_hits,
         prompt_tokens=result.stats.prompt_tokens, completion_tokens=result.stats.completion_tokens,
-        wall_s=result.stats.wall_s,
+        wall_s=result.stats.wall_s, cost_usd=result.stats.cost_usd,
     )  # fmt: skip
 
 

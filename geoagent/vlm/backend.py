@@ -12,14 +12,21 @@ import importlib
 import pkgutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-from geoagent.errors import AuthError, BackendError, ConfigError, ModelMissingError, UnreachableError
+from geoagent.errors import AuthError, BackendError, ConfigError, ModelMissingError, UnreachableError, WrongServerError
 from geoagent.vlm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
+    import httpx
+
     from geoagent.config import BackendProfile
+
+T = TypeVar("T")
 
 #: HTTP statuses worth another attempt: timeouts, conflicts, rate limits and server-side failures.
 TRANSIENT_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -57,11 +64,22 @@ class VLMBackend(ABC):
         return f"configured for {self.profile.model} (this backend has no cheap health check; the first ask will tell)"
 
     async def model_identity(self) -> str | None:
-        """What the server says the model is (a digest, a weights path), if it says; None when it cannot tell."""
+        """What tells this model's weights apart from another's of the same name (a digest), or None if unknown.
+
+        Part of the response-cache key, so a re-pulled model does not answer from the old one's cache.
+        Raises BackendError, like :meth:`check`, when the server cannot be asked.
+        """
         return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    async def probe(self, call: Awaitable[T]) -> T:
+        """Await a one-off question to the server (check, identity): nothing retries it, so no failure is transient."""
+        try:
+            return await call
+        except TransientError as exc:
+            raise BackendError(f"backend '{self.name}': {self.url}: {exc}") from None
 
     # Shared classification so every backend words the same failure the same way.
 
@@ -74,6 +92,10 @@ class VLMBackend(ABC):
 
     def unreachable_error(self, hint: str = "is the server running there?") -> UnreachableError:
         return UnreachableError(f"backend '{self.name}': cannot connect to {self.url}; {hint}")
+
+    def wrong_server_error(self, content_type: str, api: str, hint: str = "is base_url right?") -> WrongServerError:
+        """Something answered at the URL, but not the API: a proxy's page, a web app on that port."""
+        return WrongServerError(f"backend '{self.name}': {self.url} answered with {describe_content(content_type)}, not {api}; {hint}")
 
     def redact(self, text: str) -> str:
         """Servers sometimes echo what they were sent; a key must never reach a message or a log."""
@@ -89,6 +111,68 @@ class VLMBackend(ABC):
         if status == 404:
             return ModelMissingError(f"backend '{self.name}': no model '{self.profile.model}' at {self.url} ({message})")
         return BackendError(f"backend '{self.name}': HTTP {status} from {self.url}: {message}")
+
+
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_html(content_type: str) -> bool:
+    return _media_type(content_type) in HTML_TYPES
+
+
+def describe_content(content_type: str) -> str:
+    """A reply's content type in words, for saying what answered instead of an API."""
+    kind = _media_type(content_type)
+    if kind in HTML_TYPES:
+        return "an HTML page"
+    if not kind:
+        return "a reply without a content type"
+    if kind.endswith("json"):
+        return "JSON of another shape"
+    return f"a {kind} reply"
+
+
+@dataclass
+class ResponseSeen:
+    """What the HTTP response to a request said besides its body: clients that raise their own errors drop it."""
+
+    status: int = 0
+    content_type: str = ""
+    retry_after: float | None = None
+
+    @property
+    def is_html(self) -> bool:
+        return is_html(self.content_type)
+
+
+_RESPONSE_SEEN: ContextVar[ResponseSeen | None] = ContextVar("geoagent_response_seen", default=None)
+
+
+@contextmanager
+def watch_response() -> Iterator[ResponseSeen]:
+    """Collect, through :func:`record_response`, what the responses to requests sent inside the block said.
+
+    httpx runs event hooks in the task that sends the request, so concurrent requests each fill their own.
+    """
+    seen = ResponseSeen()
+    token = _RESPONSE_SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _RESPONSE_SEEN.reset(token)
+
+
+async def record_response(response: httpx.Response) -> None:
+    """An httpx ``response`` event hook feeding the innermost :func:`watch_response` of the sending task."""
+    seen = _RESPONSE_SEEN.get()
+    if seen is not None:
+        seen.status = response.status_code
+        seen.content_type = response.headers.get("content-type", "")
+        seen.retry_after = parse_retry_after(response.headers)
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:

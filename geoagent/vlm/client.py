@@ -19,6 +19,7 @@ from geoagent.errors import AnswerError, BackendError, GeoAgentError, Unreachabl
 from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
 from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
+from geoagent.vlm.pricing import Price, price_for
 from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class VLMClient:
         self._inflight: dict[str, _Shared] = {}
         self._identity: str | None = None
         self._identity_lock = asyncio.Lock()
+        self._price: Price | None = None
+        self._priced = False
 
     async def identity(self) -> str:
         """What the server says the model is (an Ollama digest, say), so a re-pulled model misses the old answers.
@@ -91,6 +94,13 @@ class VLMClient:
                         await asyncio.to_thread(self.cache.remember_identity_sync, kind, url, model, found)
                 self._identity = found or ""
             return self._identity
+
+    async def price(self) -> Price | None:
+        """The model's price per token (the profile's, else litellm's bundled table), None when unknown."""
+        if not self._priced:
+            self._price = await asyncio.to_thread(price_for, self.profile)  # the table is a 3 MB JSON file
+            self._priced = True
+        return self._price
 
     def key_for(self, request: ChatRequest, sample: int, identity: str = "") -> str:
         return cache_key(
@@ -238,6 +248,11 @@ class VLMClient:
                         completion = await self.backend.complete(request)
                     stats.prompt_tokens += completion.usage.prompt_tokens
                     stats.completion_tokens += completion.usage.completion_tokens
+                    price = await self.price()
+                    if price is None:
+                        stats.unpriced_requests += 1
+                    else:
+                        stats.cost_usd += price.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
                     return completion
         except UnreachableError as exc:
             self.unavailable = exc  # the rest of the run answers from the cache, or fails at once

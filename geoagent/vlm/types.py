@@ -76,6 +76,8 @@ class CallStats(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    cost_usd: float = 0.0  # of the requests whose model has a known price
+    unpriced_requests: int = 0  # requests to a model without one
 
     def __add__(self, other: CallStats) -> CallStats:
         return CallStats(**{name: getattr(self, name) + getattr(other, name) for name in CallStats.model_fields})

@@ -2,8 +2,10 @@
 
 It decodes the images it is sent, hands them with the prompt and the requested JSON schema to a judge that
 decides the answer, and misbehaves on request: latency, a bounded parallel capacity whose queue answers 503
-when full, and injected 500/503/429 (with Retry-After), hangs, truncated JSON, fenced JSON and prose.
-Every request is logged so tests can count what was actually sent.
+when full, and injected 500/503/429 (with Retry-After)/400, hangs, truncated JSON, fenced JSON and prose.
+It also models a context window as Ollama and vLLM do: images cost tokens, an Ollama prompt longer than its
+``num_ctx`` (or the default context) is cut from the start, and an OpenAI-protocol prompt that does not fit
+is refused with a 400. Every request is logged so tests can count what was actually sent.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from PIL import Image
 
-FAULTS = ("http_503", "http_429", "http_500", "hang", "truncated", "fenced", "prose")
+FAULTS = ("http_503", "http_429", "http_500", "hang", "truncated", "fenced", "prose", "http_400")
+#: What an injected HTTP fault says; 400 is the refusal a retry cannot fix.
+FAULT_MESSAGES = {503: "server overloaded", 429: "rate limit reached", 500: "internal error", 400: "image could not be processed"}
+#: Characters per text token in the stand-in's token count (a tokenizer's usual ratio for English).
+CHARS_PER_TOKEN = 4
 
 
 @dataclass
@@ -36,6 +42,7 @@ class Faults:
     truncated: float = 0.0
     fenced: float = 0.0
     prose: float = 0.0
+    http_400: float = 0.0  # "image could not be processed": not transient, the question fails
     retry_after_s: int = 0
     max_per_question: int = 2
     seed: int = 0
@@ -58,6 +65,8 @@ class SeenRequest:
     schema: dict[str, Any]
     schema_name: str
     options: dict[str, Any]
+    truncated: bool = False  # the prompt was cut to fit the context: what is left may not hold the question
+    prompt_tokens: int = 0  # tokens the model read (after any cut)
 
 
 @dataclass
@@ -69,9 +78,15 @@ class LoggedRequest:
     fault: str = ""
     prompt: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    images: int = 0  # images the chat request carried
+    prompt_tokens: int = 0  # the whole prompt's size in the stand-in's token count
+    context: int | None = None  # the context window that applied (None: unlimited)
+    truncated: bool = False  # the prompt was cut from the start to fit ``context``
 
 
 Judge = Callable[[SeenRequest], dict[str, Any]]
+#: Tokens one image costs: a number, or a function of (width, height) for size-dependent encoders.
+ImageTokens = int | Callable[[int, int], int]
 
 
 @dataclass
@@ -83,6 +98,12 @@ class StandinConfig:
     api_key: str | None = None
     hang_s: float = 30.0
     faults: Faults = field(default_factory=Faults)
+    context_tokens: int | None = None  # the default context (Ollama without num_ctx; any OpenAI request); None: unlimited
+    image_tokens: ImageTokens = 576  # LLaVA 1.5's cost per image
+    digests: dict[str, str] = field(default_factory=dict)  # model -> digest in /api/tags (and /v1/models root); "re-pull" by changing it
+
+    def digest(self, model: str) -> str:
+        return self.digests.get(model, hashlib.sha256(model.encode()).hexdigest())
 
 
 class _Server(ThreadingHTTPServer):
@@ -180,6 +201,7 @@ def _decode_image(data: str) -> Image.Image:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: without this each reply waits ~40 ms
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr
@@ -201,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
         if protocol == "ollama":
             self._send_json(status, {"error": message}, headers)
         else:
-            kind = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
+            kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
             self._send_json(status, {"error": {"message": message, "type": kind.get(status, "server_error"), "param": None, "code": None}}, headers)
 
     def _body(self) -> dict[str, Any]:
@@ -218,11 +240,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/api/version":
             self._send_json(200, {"version": "0.12.0-standin"})
         elif self.path == "/api/tags":
-            self._send_json(200, {"models": [{"name": m, "model": m, "size": 0, "digest": "0" * 64, "details": {"family": "llava"}} for m in models]})
+            tags = [{"name": m, "model": m, "size": 0, "digest": standin.config.digest(m), "details": {"family": "llama", "families": ["llama", "clip"]}} for m in models]
+            self._send_json(200, {"models": tags})
         elif self.path == "/v1/models":
             if not self._authorised("openai"):
                 return
-            self._send_json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "standin"} for m in models]})
+            # vLLM names the weights it serves in ``root``
+            listing = [{"id": m, "object": "model", "created": 0, "owned_by": "standin", "root": f"/weights/{m}@{standin.config.digest(m)}"} for m in models]
+            self._send_json(200, {"object": "list", "data": listing})
         else:
             self._send_json(404, {"error": "404 page not found"})
 
@@ -268,8 +293,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised(protocol):
             entry.status = 401
             return
-        seen = _parse_chat(protocol, body)
+        seen, segments = _parse_chat(protocol, body, config.image_tokens)
         entry.schema_name, entry.prompt, entry.options = seen.schema_name, seen.prompt, seen.options
+        entry.images, entry.prompt_tokens = len(seen.images), seen.prompt_tokens
         if seen.model not in config.models:
             entry.status = 404
             if protocol == "ollama":
@@ -277,6 +303,21 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(protocol, 404, f"The model `{seen.model}` does not exist or you do not have access to it.")
             return
+        context = (seen.options.get("num_ctx") if protocol == "ollama" else None) or config.context_tokens
+        entry.context = context
+        if context is not None and protocol == "openai":
+            wanted = seen.prompt_tokens + int(body.get("max_tokens") or 0)
+            if wanted > context:  # vLLM refuses what does not fit, in these words
+                entry.status = 400
+                self._error(protocol, 400, (
+                    f"This model's maximum context length is {context} tokens. However, you requested {wanted} tokens "
+                    f"({seen.prompt_tokens} in the messages, {wanted - seen.prompt_tokens} in the completion). "
+                    "Please reduce the length of the messages or completion."
+                ))
+                return
+        elif context is not None and seen.prompt_tokens > context:  # Ollama keeps the last num_ctx tokens, silently
+            seen = _keep_last(seen, segments, context)
+            entry.truncated = True
         if not standin._admit():
             entry.status, entry.fault = 503, "queue_full"
             self._error(protocol, 503, "server busy, please try again.  maximum pending requests exceeded")
@@ -296,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
                     status = int(fault[5:])
                     entry.status = status
                     headers = {"Retry-After": str(config.faults.retry_after_s)} if status == 429 else None
-                    self._error(protocol, status, {503: "server overloaded", 429: "rate limit reached", 500: "internal error"}[status], headers)
+                    self._error(protocol, status, FAULT_MESSAGES[status], headers)
                     return
                 try:
                     answer = json.dumps(standin.judge(seen))
@@ -315,8 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
             standin._release()
 
     def _reply(self, protocol: str, seen: SeenRequest, text: str) -> None:
-        prompt_tokens = len(seen.prompt) // 4 + 576 * len(seen.images)
-        completion_tokens = max(1, len(text) // 4)
+        prompt_tokens = seen.prompt_tokens
+        completion_tokens = max(1, len(text) // CHARS_PER_TOKEN)
         if protocol == "ollama":
             self._send_json(
                 200,
@@ -352,23 +393,41 @@ def _first_user_message(body: dict[str, Any]) -> Any:
     return next((m for m in body.get("messages", []) if m.get("role") == "user"), None)
 
 
-def _parse_chat(protocol: str, body: dict[str, Any]) -> SeenRequest:
-    prompts: list[str] = []
-    images: list[Image.Image] = []
+@dataclass
+class _Segment:
+    """One run of the prompt as the model reads it: a message's text or one image, with its token cost."""
+
+    role: str
+    tokens: int
+    text: str = ""
+    image: Image.Image | None = None
+
+
+def _text(role: str, text: str) -> _Segment:
+    return _Segment(role, -(-len(text) // CHARS_PER_TOKEN), text=text)
+
+
+def _image(role: str, image: Image.Image, cost: ImageTokens) -> _Segment:
+    return _Segment(role, cost if isinstance(cost, int) else cost(*image.size), image=image)
+
+
+def _parse_chat(protocol: str, body: dict[str, Any], image_tokens: ImageTokens) -> tuple[SeenRequest, list[_Segment]]:
+    """The request as the judge sees it (user text and images), and the whole prompt in reading order."""
+    segments: list[_Segment] = []
     for message in body.get("messages", []):
-        if message.get("role") != "user":
-            continue
+        role = message.get("role", "")
         content = message.get("content")
+        # Ollama puts a message's images before its text ([img-0] tags); OpenAI keeps the parts' order.
+        segments.extend(_image(role, _decode_image(data), image_tokens) for data in message.get("images") or [])
         if isinstance(content, str):
-            prompts.append(content)
+            segments.append(_text(role, content))
         elif isinstance(content, list):
             for part in content:
                 if part.get("type") == "text":
-                    prompts.append(part.get("text", ""))
+                    segments.append(_text(role, part.get("text", "")))
                 elif part.get("type") == "image_url":
                     url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-                    images.append(_decode_image(url))
-        images.extend(_decode_image(data) for data in message.get("images") or [])
+                    segments.append(_image(role, _decode_image(url), image_tokens))
     if protocol == "ollama":
         schema = body.get("format") if isinstance(body.get("format"), dict) else {}
         name = schema.get("title", "")
@@ -379,4 +438,29 @@ def _parse_chat(protocol: str, body: dict[str, Any]) -> SeenRequest:
         schema = spec.get("schema") or {}
         name = spec.get("name") or schema.get("title", "")
         options = {k: body[k] for k in ("temperature", "seed", "max_tokens") if k in body}
-    return SeenRequest(protocol, body.get("model", ""), "\n".join(prompts), images, schema, name, options)
+    seen = SeenRequest(protocol, body.get("model", ""), "", [], schema, name, options)
+    return _seen_from(seen, segments), segments
+
+
+def _seen_from(seen: SeenRequest, segments: list[_Segment]) -> SeenRequest:
+    """``seen`` showing what ``segments`` hold: the user's text and images, and the tokens read."""
+    user = [s for s in segments if s.role == "user"]
+    prompt = "\n".join(s.text for s in user if s.image is None)
+    images = [s.image for s in user if s.image is not None]
+    return replace(seen, prompt=prompt, images=images, prompt_tokens=sum(s.tokens for s in segments))
+
+
+def _keep_last(seen: SeenRequest, segments: list[_Segment], context: int) -> SeenRequest:
+    """Cut from the start as Ollama does: the model reads the last ``context`` tokens; a partly cut image is lost."""
+    kept: list[_Segment] = []
+    room = context
+    for segment in reversed(segments):
+        if room <= 0:
+            break
+        if segment.tokens <= room:
+            kept.append(segment)
+        elif segment.image is None:
+            kept.append(_Segment(segment.role, room, text=segment.text[-room * CHARS_PER_TOKEN :]))
+        room -= segment.tokens
+    cut = _seen_from(seen, kept[::-1])
+    return replace(cut, truncated=True, prompt_tokens=context)

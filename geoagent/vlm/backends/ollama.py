@@ -1,18 +1,29 @@
-"""Ollama's native ``/api/chat`` through ``ollama.AsyncClient``: base64 images, JSON-schema ``format``."""
+"""Ollama's native ``/api/chat`` through ``ollama.AsyncClient``: base64 images, JSON-schema ``format``, a sized ``num_ctx``."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import warnings
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import httpx
 import ollama
 
 from geoagent.errors import BackendError, ModelMissingError
-from geoagent.vlm.backend import TransientError, VLMBackend
+from geoagent.vlm.backend import TransientError, VLMBackend, record_response, watch_response
+from geoagent.vlm.context import CONTEXT_FIXES, ContextWindow, ContextWindowWarning
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
+T = TypeVar("T")
 
 OLLAMA_NOT_RUNNING = "is `ollama serve` running there? (set base_url if Ollama listens elsewhere)"
+OLLAMA_API = "the Ollama API"
+
+
+def _tagged(model: str) -> str:
+    """``llava`` and ``llava:latest`` name the same model."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
 class Backend(VLMBackend):
@@ -22,8 +33,15 @@ class Backend(VLMBackend):
     def __init__(self, name: str, profile: Any) -> None:
         super().__init__(name, profile)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        # The client's default timeout is None (wait forever): always pass ours.
-        self._client = ollama.AsyncClient(host=self.url, timeout=profile.timeout_s, headers=headers)
+        # The client's default timeout is None (wait forever): always pass ours. Its errors drop the response's
+        # headers, so a hook keeps what Retry-After and Content-Type said (extra kwargs reach httpx.AsyncClient).
+        self._client = ollama.AsyncClient(
+            host=self.url, timeout=profile.timeout_s, headers=headers, event_hooks={"response": [record_response]}
+        )
+        self._window = ContextWindow(profile.model, profile.context_tokens)
+        self._shown = False  # /api/show asked (once, lazily) for what sizes the window
+        self._show_lock = asyncio.Lock()
+        self._cut_reported = False
 
     def _not_pulled(self) -> ModelMissingError:
         return ModelMissingError(
@@ -31,18 +49,55 @@ class Backend(VLMBackend):
             f"run `ollama pull {self.profile.model}`"
         )
 
-    async def check(self) -> str:
-        try:
-            await self._client.show(self.profile.model)
-        except ollama.ResponseError as exc:
-            if exc.status_code == 404:
-                raise self._not_pulled() from None
-            raise self.status_error(exc.status_code, str(exc.error)) from None
-        except ConnectionError:
-            raise self.unreachable_error(OLLAMA_NOT_RUNNING) from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"backend '{self.name}': {self.url} did not answer ({type(exc).__name__})") from None
+    async def _api(self, call: Awaitable[T]) -> T:
+        """Await one client call, its failures worded as TransientError or BackendError."""
+        with watch_response() as seen:
+            try:
+                return await call
+            except ollama.ResponseError as exc:
+                if seen.is_html and exc.status_code < 500:  # 5xx pages are a proxy's own, worth a retry
+                    raise self.wrong_server_error(seen.content_type, OLLAMA_API) from None
+                if exc.status_code == 404 and "not found" in str(exc.error).lower():
+                    raise self._not_pulled() from None
+                raise self.status_error(exc.status_code, str(exc.error), seen.retry_after) from None
+            except ConnectionError:  # the client's wrapping of httpx.ConnectError
+                raise self.unreachable_error(OLLAMA_NOT_RUNNING) from None
+            except httpx.TimeoutException:
+                raise TransientError(f"no answer within {self.profile.timeout_s:g} s") from None
+            except httpx.TransportError as exc:
+                raise TransientError(f"connection failed: {type(exc).__name__}") from None
+            except ValueError:  # not JSON, or JSON of another shape (pydantic's ValidationError is a ValueError)
+                if not seen.status:  # raised before anything answered: not the server's doing
+                    raise
+                raise self.wrong_server_error(seen.content_type, OLLAMA_API) from None
+
+    async def _show(self) -> str:
+        show = await self._api(self._client.show(self.profile.model))
+        details = show.details.model_dump() if show.details else {}
+        self._window.learn_model(self.profile.model, details, show.modelinfo or {}, show.parameters or "")
+        self._shown = True
         return f"ok: {self.profile.model} at {self.url}"
+
+    async def check(self) -> str:
+        return await self.probe(self._show())
+
+    async def model_identity(self) -> str | None:
+        listing = await self.probe(self._api(self._client.list()))
+        wanted = _tagged(self.profile.model)
+        return next((entry.digest or None for entry in listing.models if _tagged(entry.model or "") == wanted), None)
+
+    async def _learn_model(self) -> None:
+        """Ask /api/show once, for the window's estimate; a failure leaves the estimate to the model's name."""
+        if self._shown or self._window.override is not None:
+            return
+        async with self._show_lock:
+            if self._shown:
+                return
+            try:
+                await self._show()
+            except (BackendError, TransientError):
+                pass  # the chat itself will say what is wrong
+            self._shown = True
 
     async def complete(self, request: ChatRequest) -> Completion:
         messages: list[dict[str, Any]] = []
@@ -51,25 +106,22 @@ class Backend(VLMBackend):
             if message.images:
                 entry["images"] = [image.b64 for image in message.images]
             messages.append(entry)
-        try:
-            response = await self._client.chat(
-                model=self.profile.model,
-                messages=messages,
-                format=request.schema,
-                options={"temperature": request.temperature, "seed": request.seed, "num_predict": request.max_tokens},
-                stream=False,
-            )
-        except ollama.ResponseError as exc:
-            if exc.status_code == 404 and "not found" in str(exc.error).lower():
-                raise self._not_pulled() from None
-            raise self.status_error(exc.status_code, str(exc.error)) from None
-        except ConnectionError:  # the client's wrapping of httpx.ConnectError
-            raise self.unreachable_error(OLLAMA_NOT_RUNNING) from None
-        except httpx.TimeoutException:
-            raise TransientError(f"no answer within {self.profile.timeout_s:g} s") from None
-        except httpx.TransportError as exc:
-            raise TransientError(f"connection failed: {type(exc).__name__}") from None
+        await self._learn_model()
+        num_ctx = self._window.size_for(request)
+        options = {"temperature": request.temperature, "seed": request.seed, "num_predict": request.max_tokens, "num_ctx": num_ctx}
+        response = await self._api(
+            self._client.chat(model=self.profile.model, messages=messages, format=request.schema, options=options, stream=False)
+        )
         usage = Usage(prompt_tokens=response.prompt_eval_count or 0, completion_tokens=response.eval_count or 0)
+        if self._window.observe(request, num_ctx, usage.prompt_tokens) and not self._cut_reported:
+            self._cut_reported = True
+            warnings.warn(
+                f"backend '{self.name}' ({self.profile.model}): a prompt filled the whole context of {num_ctx} tokens, "
+                f"so Ollama cut it from the start (the query photo first) and the answer is a guess; {CONTEXT_FIXES} "
+                f"(context_tokens in backend '{self.name}', or unset it to let GeoAgent size it)",
+                ContextWindowWarning,
+                stacklevel=2,
+            )
         return Completion(text=response.message.content or "", usage=usage)
 
     async def aclose(self) -> None:

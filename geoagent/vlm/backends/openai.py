@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import openai
+from openai.types import Model
 
 from geoagent.errors import BackendError
-from geoagent.vlm.backend import TransientError, VLMBackend, parse_retry_after
+from geoagent.vlm.backend import TransientError, VLMBackend, is_html, parse_retry_after
+from geoagent.vlm.context import CONTEXT_FIXES
 from geoagent.vlm.types import ChatRequest, Completion, Usage
+
+OPENAI_API = "an OpenAI-compatible API"
+OPENAI_URL_HINT = "is base_url right? (it usually ends in /v1)"
+#: How servers say a prompt does not fit: vLLM and OpenAI, llama.cpp's server, hosted providers via litellm.
+CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length|context[_ ]length[_ ]exceeded|exceeds? the available context|exceed_context_size"
+    r"|prompt is too long|input length exceeds|context window",
+    re.IGNORECASE,
+)
+#: litellm's wording for a 200 it could not read, quoting the body: here, a web page.
+LITELLM_HTML_REPLY = re.compile(r"invalid response from LLM endpoint.*<(!doctype )?html", re.IGNORECASE | re.DOTALL)
 
 
 def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -47,11 +61,20 @@ class Backend(VLMBackend):
     def url(self) -> str:
         return str(self._client.base_url).rstrip("/") if hasattr(self, "_client") else super().url
 
-    async def check(self) -> str:
+    def _expect_json(self, content_type: str) -> None:
+        if "json" not in content_type.lower():
+            raise self.wrong_server_error(content_type, OPENAI_API, OPENAI_URL_HINT)
+
+    async def _models(self) -> list[Model]:
         try:
-            models = [model.id async for model in self._client.models.list()]
+            raw = await self._client.models.with_raw_response.list()
         except openai.OpenAIError as exc:
             raise classify_openai_error(self, exc) from None
+        self._expect_json(raw.headers.get("content-type", ""))
+        return list(raw.parse().data or [])  # JSON of another shape lists nothing
+
+    async def check(self) -> str:
+        models = [model.id for model in await self.probe(self._models())]
         if self.profile.model not in models:
             raise BackendError(
                 f"backend '{self.name}': no model '{self.profile.model}' at {self.url} "
@@ -59,9 +82,17 @@ class Backend(VLMBackend):
             )
         return f"ok: {self.profile.model} at {self.url}"
 
+    async def model_identity(self) -> str | None:
+        """The listing's ``root``: vLLM names the weights it serves there; OpenAI itself says nothing more."""
+        for model in await self.probe(self._models()):
+            if model.id == self.profile.model:
+                root = (model.model_extra or {}).get("root")
+                return str(root) if root else None
+        return None
+
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            response = await self._client.chat.completions.create(  # type: ignore[call-overload]
+            raw = await self._client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
                 model=self.profile.model,
                 messages=openai_messages(request),  # type: ignore[arg-type]
                 response_format=json_schema_format(request),  # type: ignore[arg-type]
@@ -71,6 +102,8 @@ class Backend(VLMBackend):
             )
         except openai.OpenAIError as exc:
             raise classify_openai_error(self, exc) from None
+        self._expect_json(raw.headers.get("content-type", ""))
+        response = raw.parse()
         if not response.choices:
             raise TransientError("the server returned no choices")
         usage = response.usage
@@ -96,7 +129,16 @@ def classify_openai_error(backend: VLMBackend, exc: openai.OpenAIError) -> Excep
         return TransientError(f"connection failed: {exc}")
     if isinstance(exc, openai.APIStatusError):
         headers = getattr(exc, "litellm_response_headers", None) or exc.response.headers
-        return backend.status_error(exc.status_code, _error_message(exc), parse_retry_after(headers))
+        message = _error_message(exc)
+        page = exc.status_code < 500 and is_html(exc.response.headers.get("content-type", ""))  # 5xx pages: a proxy's, retry
+        if page or LITELLM_HTML_REPLY.search(message):
+            return backend.wrong_server_error("text/html", OPENAI_API, OPENAI_URL_HINT)
+        if exc.status_code in (400, 413) and CONTEXT_OVERFLOW.search(f"{message} {getattr(exc, 'code', None) or ''}"):
+            return BackendError(
+                f"backend '{backend.name}': the prompt does not fit the model's context at {backend.url} "
+                f"({backend.redact(message)}); {CONTEXT_FIXES} (on the server: vLLM --max-model-len, llama.cpp --ctx-size)"
+            )
+        return backend.status_error(exc.status_code, message, parse_retry_after(headers))
     return backend.status_error(0, str(exc))
 
 
