@@ -29,6 +29,7 @@ from geoagent.config import Settings
 from geoagent.errors import AnswerError, BackendError, UnreachableError
 from geoagent.images import composite, encode_image
 from geoagent.vlm import VLMPool
+from geoagent.vlm.context import IMAGE_TOKENS, estimate_prompt_tokens
 from geoagent.vlm.parsing import AnswerParseError, parse_answer
 from geoagent.vlm.types import ChatMessage, ChatRequest, EncodedImage
 
@@ -77,11 +78,10 @@ def qwen2vl_image_tokens(width: int, height: int, min_pixels: int = MIN_PIXELS, 
     """Qwen2-VL's rule: each side rounded to a multiple of 28, the area brought within [min, max] pixels, then one
     token per 28x28 block (14-pixel patches merged 2x2)."""
     factor = TOKEN_PIXELS
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -170,7 +170,8 @@ async def test_prompt_tokens_grow_with_the_number_and_size_of_images_as_qwen2vl_
     """``usage.prompt_tokens`` is the engine processor's count: per image, one token per 28x28 pixels after
     Qwen2-VL's resize plus the vision start/end tokens; three images cost three times one. This is the count the
     product's context-window estimate has to match."""
-    sizes = [(56, 56), (224, 224), (448, 336), (1000, 750)]  # the last one the product downscales to 768 x 576
+    # The strip (768 x 8 once downscaled) is below Qwen2-VL's minimum area and scaled up; the last is 768 x 576.
+    sizes = [(56, 56), (2000, 20), (224, 224), (448, 336), (1000, 750)]
     images = [encode_image(photo(w, h, seed=i), 768) for i, (w, h) in enumerate(sizes)]
     pool = VLMPool(engine_settings(engine, tiny_qwen2vl))
     try:
@@ -183,6 +184,25 @@ async def test_prompt_tokens_grow_with_the_number_and_size_of_images_as_qwen2vl_
     assert one_each == sorted(one_each) and len(set(one_each)) == len(one_each)
     assert (images[-1].width, images[-1].height) == (768, 576) and one_each[-1] == 27 * 21 + VISION_WRAP_TOKENS
     assert three_largest == 3 * one_each[-1]
+
+
+async def test_the_products_qwen_vl_estimate_is_within_a_fifth_of_the_engines_count_and_never_below(engine, tiny_qwen2vl):
+    """The context-window estimate for the qwen-vl family against a real Qwen2-VL processor's count, for 1 and 3
+    photos at the product's default size and shapes: per image it may round up but never under-count (a window
+    too small cuts the query photo), and the whole prompt's estimate is within 20% of ``usage.prompt_tokens``."""
+    shapes = [(1024, 768), (768, 1024), (900, 900)]  # landscape, portrait, square; downscaled to 768 by the product
+    images = [encode_image(photo(w, h, seed=i), 768) for i, (w, h) in enumerate(shapes)]
+    pool = VLMPool(engine_settings(engine, tiny_qwen2vl))
+    try:
+        text_only = await prompt_tokens(pool, [])
+        counted = {n: await prompt_tokens(pool, images[:n]) for n in (1, 3)}
+    finally:
+        await pool.aclose()
+    for n, total in counted.items():
+        estimated_images = sum(IMAGE_TOKENS["qwen-vl"](image.width, image.height) for image in images[:n])
+        assert total - text_only <= estimated_images <= 1.2 * (total - text_only), (n, total - text_only, estimated_images)
+        estimate = estimate_prompt_tokens(chat_request(images[:n]), "qwen-vl")
+        assert abs(estimate - total) <= 0.2 * total, (n, total, estimate)
 
 
 async def test_response_format_is_accepted_but_not_applied(engine, tiny_qwen2vl):
