@@ -466,30 +466,35 @@ def cache_clear(config: ConfigOption = None) -> None:
 
 @app.command("check")
 def check(config: ConfigOption = None) -> None:
-    """Check that every backend profile a task routes to is reachable and has its model."""
+    """Check that every backend profile a task routes to is reachable, has its model and answers a chat request."""
     from geoagent.vlm import VLMPool
+    from geoagent.vlm.backend import Health
 
     with user_errors():
         settings = load_config(config)
         routed = settings.routed_profiles()
 
-        async def run() -> list[tuple[str, str | None]]:
+        async def run() -> list[tuple[str, Health | GeoAgentError]]:
             pool = VLMPool(settings)
-            results: list[tuple[str, str | None]] = []
+            results: list[tuple[str, Health | GeoAgentError]] = []
             try:
                 for name in routed:
-                    client = pool.client(name)
                     try:
-                        results.append((name, await client.backend.check()))
+                        results.append((name, await pool.client(name).backend.check(probe_chat=True)))
                     except GeoAgentError as exc:
-                        results.append((name, f"FAILED: {exc}"))
+                        results.append((name, exc))
             finally:
                 await pool.aclose()
             return results
 
         failed = False
         for name, outcome in asyncio.run(run()):
-            failed |= bool(outcome and outcome.startswith("FAILED"))
-            print_line(f"{name}: {outcome}")
+            if isinstance(outcome, GeoAgentError):
+                failed = True
+                print_line(f"{name}: FAILED: {outcome}")
+                continue
+            print_line(f"{name}: {outcome.summary}")
+            for warning in outcome.warnings:
+                print_warning(warning)
         if failed:
             raise typer.Exit(1)

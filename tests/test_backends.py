@@ -285,3 +285,46 @@ async def test_an_injected_400_refuses_the_question_without_retries(route, stand
     finally:
         await pool.aclose()
     assert [(r.status, r.fault) for r in server.chat_requests()] == [(400, "http_400")]
+
+
+def test_an_empty_model_listing_is_a_warning_when_a_chat_request_works(world, standin, tmp_path):
+    """Engines that list nothing until a model is loaded (transformers serve) must not stop a run."""
+    from conftest import run_cli, write_world_config
+    from standin import WorldJudge
+
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(list_models=False))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend={"kind": "openai", "base_url": server.openai_url}, strategy="tournament")
+    proc = run_cli("locate", str(world.queries[0].path), "--json", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the model listing does not name 'llava:7b' (it lists: nothing)" in proc.stderr and "a chat request worked" in proc.stderr
+    check = run_cli("check", "--config", str(config), cwd=tmp_path)
+    assert check.returncode == 0 and "sim: ok: a chat request to llava:7b" in check.stdout
+
+
+def test_a_missing_model_fails_the_chat_probe_too(standin, tmp_path):
+    from conftest import run_cli
+
+    server = standin(config=StandinConfig(list_models=False))
+    (tmp_path / "geoagent.toml").write_text(f'[backends.local]\nkind = "openai"\nmodel = "llava:13b"\nbase_url = "{server.openai_url}"\n')
+    proc = run_cli("check", cwd=tmp_path)
+    assert proc.returncode == 1 and "no model 'llava:13b'" in proc.stdout
+
+
+async def test_a_server_that_refuses_response_format_is_asked_without_it(standin, marker_images, tmp_path):
+    """The first refusal costs one more request; later questions go without response_format (the prompt asks
+    for the JSON shape), and the answers are right."""
+    from pydantic import BaseModel
+
+    class MarkerAnswer(BaseModel):
+        code: int
+
+    server = standin(config=StandinConfig(refuse_response_format=True))
+    pool = VLMPool(settings_for("openai", server, tmp_path))
+    client = pool.for_task("default")
+    try:
+        for i in range(3):
+            answer = await client.ask(f'Which code is drawn? (question {i}) Answer with a JSON object: {{"code": <int>}}', marker_images[i : i + 1], MarkerAnswer)
+            assert answer.value.code == 100 + i
+    finally:
+        await pool.aclose()
+    assert [r.status for r in server.chat_requests()] == [400, 200, 200, 200]

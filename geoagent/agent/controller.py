@@ -120,7 +120,8 @@ class GeoAgent:
     async def _check_backend(self, name: str, readiness: Readiness) -> None:
         client = self.pool.client(name)
         try:
-            await client.backend.check()
+            health = await client.backend.check()
+            readiness.warnings += health.warnings
         except ConfigError:
             raise
         except GeoAgentError as exc:

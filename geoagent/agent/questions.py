@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from geoagent.errors import AnswerError, BackendError, GeoAgentError, PhotoError
+from geoagent.errors import AnswerError, BackendError, PhotoError
 from geoagent.types import FailedQuestion
 from geoagent.vlm import CallStats
 
@@ -25,7 +25,7 @@ class QuestionLog:
         self.answered = 0
         #: What the photo's questions cost, by task; the stages add their answers', failed questions add theirs.
         self.spent: defaultdict[str, CallStats] = defaultdict(CallStats)
-        self._first_error: GeoAgentError | None = None
+        self._backend_error: BackendError | None = None  # the first failure that was the server's, not the model's
 
     async def ask(self, question: Awaitable[T], task: str, detail: str) -> T | None:
         """The question's answer, or None when it failed after its retries (recorded)."""
@@ -37,16 +37,22 @@ class QuestionLog:
             self.failed.append(FailedQuestion(task=task, detail=detail, error=str(exc)))
             if exc.stats is not None:
                 self.spent[task].add(exc.stats)
-            self._first_error = self._first_error or exc
+            if isinstance(exc, BackendError):
+                self._backend_error = self._backend_error or exc
             return None
         self.answered += 1
         return result
 
     def nothing_answered(self, photo: str) -> PhotoError | None:
-        """The photo's error when questions were asked and not one was answered."""
-        if self.answered or self._first_error is None:
+        """The photo's error when not one question was answered because the backend could not answer.
+
+        A model that answered every question, but never in the schema, leaves the retrieval ranking as the
+        answer (each question listed as failed): a rerun would not do better. A server that could not answer
+        fails the photo, so a rerun once it is back completes it.
+        """
+        if self.answered or self._backend_error is None:
             return None
         return PhotoError(
-            f"{photo}: none of its {len(self.failed)} VLM questions could be answered: {self._first_error}",
-            cause=self._first_error,
+            f"{photo}: none of its {len(self.failed)} VLM questions could be answered: {self._backend_error}",
+            cause=self._backend_error,
         )

@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from pydantic import BaseModel, Field
+
 from geoagent.errors import AuthError, BackendError, ConfigError, ModelMissingError, UnreachableError, WrongServerError
 from geoagent.vlm.types import ChatRequest, Completion
 
@@ -30,6 +32,13 @@ T = TypeVar("T")
 
 #: HTTP statuses worth another attempt: timeouts, conflicts, rate limits and server-side failures.
 TRANSIENT_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class Health(BaseModel):
+    """What a backend check found: a one-line summary, and what works but deserves a warning."""
+
+    summary: str
+    warnings: list[str] = Field(default_factory=list)
 
 
 class TransientError(Exception):
@@ -59,9 +68,10 @@ class VLMBackend(ABC):
     async def complete(self, request: ChatRequest) -> Completion:
         """One request. Raise TransientError to ask for a retry, BackendError to stop."""
 
-    async def check(self) -> str:
-        """A cheap reachability and model check for ``geoagent check``; raises BackendError with the fix."""
-        return f"configured for {self.profile.model} (this backend has no cheap health check; the first ask will tell)"
+    async def check(self, *, probe_chat: bool = False) -> Health:
+        """A cheap reachability and model check (the preflight, ``geoagent check``); raises BackendError with
+        the fix. ``probe_chat`` also sends a minimal chat request where the backend can (``geoagent check``)."""
+        return Health(summary=f"configured for {self.profile.model} (this backend has no cheap health check; the first ask will tell)")
 
     async def model_identity(self) -> str | None:
         """What tells this model's weights apart from another's of the same name (a digest), or None if unknown.

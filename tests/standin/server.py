@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -101,6 +102,8 @@ class StandinConfig:
     context_tokens: int | None = None  # the default context (Ollama without num_ctx; any OpenAI request); None: unlimited
     image_tokens: ImageTokens = 576  # LLaVA 1.5's cost per image
     digests: dict[str, str] = field(default_factory=dict)  # model -> digest in /api/tags (and /v1/models root); "re-pull" by changing it
+    refuse_response_format: bool = False  # OpenAI protocol: answer 400 to structured-output requests, as some engines do
+    list_models: bool = True  # False: /v1/models lists nothing, as an engine that has not loaded its model yet
 
     def digest(self, model: str) -> str:
         return self.digests.get(model, hashlib.sha256(model.encode()).hexdigest())
@@ -247,6 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             # vLLM names the weights it serves in ``root``
             listing = [{"id": m, "object": "model", "created": 0, "owned_by": "standin", "root": f"/weights/{m}@{standin.config.digest(m)}"} for m in models]
+            listing = listing if standin.config.list_models else []
             self._send_json(200, {"object": "list", "data": listing})
         else:
             self._send_json(404, {"error": "404 page not found"})
@@ -302,6 +306,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(protocol, 404, f'model "{seen.model}" not found, try pulling it first')
             else:
                 self._error(protocol, 404, f"The model `{seen.model}` does not exist or you do not have access to it.")
+            return
+        if protocol == "openai" and config.refuse_response_format and body.get("response_format"):
+            entry.status = 400
+            self._error(protocol, 400, "response_format is not supported by this model")
+            return
+        if not seen.schema:  # no structured output asked: a model still reads the JSON shape the prompt names
+            seen.schema = _schema_named_in(seen.prompt)
+            seen.schema_name = seen.schema.get("title", "")
+        if not seen.schema and not seen.images:  # a plain chat, such as a health probe
+            self._reply(protocol, seen, "OK")
             return
         context = (seen.options.get("num_ctx") if protocol == "ollama" else None) or config.context_tokens
         entry.context = context
@@ -387,6 +401,17 @@ class _Handler(BaseHTTPRequestHandler):
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
                 },
             )
+
+
+_SHAPE = re.compile(r"\{[^{}]*\}\s*\.?\s*$")
+_SHAPE_KEY = re.compile(r'"(\w+)"\s*:')
+
+
+def _schema_named_in(prompt: str) -> dict[str, Any]:
+    """The properties of the JSON object a prompt ends by asking for ({"reasoning": ..., "choice": ...})."""
+    shape = _SHAPE.search(prompt.strip())
+    keys = _SHAPE_KEY.findall(shape.group()) if shape else []
+    return {"title": "", "properties": {key: {} for key in keys}} if keys else {}
 
 
 def _first_user_message(body: dict[str, Any]) -> Any:

@@ -11,7 +11,7 @@ import httpx
 import ollama
 
 from geoagent.errors import BackendError, ModelMissingError
-from geoagent.vlm.backend import TransientError, VLMBackend, record_response, watch_response
+from geoagent.vlm.backend import Health, TransientError, VLMBackend, record_response, watch_response
 from geoagent.vlm.context import CONTEXT_FIXES, ContextWindow, ContextWindowWarning
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
@@ -71,14 +71,14 @@ class Backend(VLMBackend):
                     raise
                 raise self.wrong_server_error(seen.content_type, OLLAMA_API) from None
 
-    async def _show(self) -> str:
+    async def _show(self) -> Health:
         show = await self._api(self._client.show(self.profile.model))
         details = show.details.model_dump() if show.details else {}
         self._window.learn_model(self.profile.model, details, show.modelinfo or {}, show.parameters or "")
         self._shown = True
-        return f"ok: {self.profile.model} at {self.url}"
+        return Health(summary=f"ok: {self.profile.model} at {self.url}")
 
-    async def check(self) -> str:
+    async def check(self, *, probe_chat: bool = False) -> Health:
         return await self.probe(self._show())
 
     async def model_identity(self) -> str | None:

@@ -8,8 +8,8 @@ from typing import Any
 import openai
 from openai.types import Model
 
-from geoagent.errors import BackendError
-from geoagent.vlm.backend import TransientError, VLMBackend, is_html, parse_retry_after
+from geoagent.errors import AuthError, BackendError, ModelMissingError, UnreachableError, WrongServerError
+from geoagent.vlm.backend import Health, TransientError, VLMBackend, is_html, parse_retry_after
 from geoagent.vlm.context import CONTEXT_FIXES
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
@@ -56,6 +56,7 @@ class Backend(VLMBackend):
             timeout=profile.timeout_s,
             max_retries=0,
         )
+        self._structured = True  # send response_format until the server refuses it
 
     @property
     def url(self) -> str:
@@ -73,34 +74,64 @@ class Backend(VLMBackend):
         self._expect_json(raw.headers.get("content-type", ""))
         return list(raw.parse().data or [])  # JSON of another shape lists nothing
 
-    async def check(self) -> str:
-        models = [model.id for model in await self.probe(self._models())]
-        if self.profile.model not in models:
-            raise BackendError(
-                f"backend '{self.name}': no model '{self.profile.model}' at {self.url} "
-                f"(it serves: {', '.join(models[:8]) or 'nothing'})"
+    async def check(self, *, probe_chat: bool = False) -> Health:
+        """The model listing, trusted less than a chat request: engines list nothing until a model is loaded
+        (transformers serve) or fail on the listing (no model cache folder) while chat works. When the listing
+        does not vouch for the model (or ``probe_chat``), a minimal chat request decides."""
+        try:
+            models = [model.id for model in await self.probe(self._models())]
+        except (UnreachableError, AuthError, WrongServerError):
+            raise
+        except BackendError as exc:
+            listing: str | None = f"the model listing failed ({exc})"
+        else:
+            listing = None if self.profile.model in models else (
+                f"the model listing does not name '{self.profile.model}' (it lists: {', '.join(models[:8]) or 'nothing'})"
             )
-        return f"ok: {self.profile.model} at {self.url}"
+        if listing is None and not probe_chat:
+            return Health(summary=f"ok: {self.profile.model} at {self.url}")
+        try:
+            await self.probe(self._create([{"role": "user", "content": "Reply with OK."}], max_tokens=1))
+        except (UnreachableError, AuthError, WrongServerError, ModelMissingError):
+            raise
+        except BackendError as exc:
+            if listing is None:
+                raise
+            raise ModelMissingError(
+                f"backend '{self.name}': no model '{self.profile.model}' at {self.url}? {listing}, and a chat request failed: {exc}"
+            ) from None
+        if listing is None:
+            return Health(summary=f"ok: {self.profile.model} listed at {self.url}, and a chat request worked")
+        return Health(
+            summary=f"ok: a chat request to {self.profile.model} at {self.url} worked",
+            warnings=[f"backend '{self.name}': {listing}; a chat request worked, so the run goes on"],
+        )
 
     async def model_identity(self) -> str | None:
         """The listing's ``root``: vLLM names the weights it serves there; OpenAI itself says nothing more."""
-        for model in await self.probe(self._models()):
+        try:
+            listed = await self.probe(self._models())
+        except (UnreachableError, AuthError, WrongServerError):
+            raise
+        except BackendError:
+            return None  # a listing that fails says nothing of the weights; chat may still work
+        for model in listed:
             if model.id == self.profile.model:
                 root = (model.model_extra or {}).get("root")
                 return str(root) if root else None
         return None
 
-    async def complete(self, request: ChatRequest) -> Completion:
+    async def _create(self, messages: list[dict[str, Any]], **options: Any) -> Completion:
+        """One chat completion request, classified: TransientError, BackendError, or the completion."""
         try:
             raw = await self._client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
-                model=self.profile.model,
-                messages=openai_messages(request),  # type: ignore[arg-type]
-                response_format=json_schema_format(request),  # type: ignore[arg-type]
-                temperature=request.temperature,
-                seed=request.seed,
-                max_tokens=request.max_tokens,
+                model=self.profile.model, messages=messages, **options
             )
         except openai.OpenAIError as exc:
+            if self._structured and "response_format" in options and _rejects_response_format(exc):
+                # Some engines refuse structured output; the prompt itself asks for the JSON shape.
+                self._structured = False
+                raise TransientError("the server does not take response_format; asking again without it", retry_after=0) from None
             raise classify_openai_error(self, exc) from None
         self._expect_json(raw.headers.get("content-type", ""))
         response = raw.parse()
@@ -114,6 +145,12 @@ class Backend(VLMBackend):
                 completion_tokens=usage.completion_tokens if usage else 0,
             ),
         )
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        options: dict[str, Any] = {"temperature": request.temperature, "seed": request.seed, "max_tokens": request.max_tokens}
+        if self._structured:
+            options["response_format"] = json_schema_format(request)
+        return await self._create(openai_messages(request), **options)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -155,6 +192,17 @@ def _refused(exc: BaseException) -> bool:
 
 def _error_message(exc: openai.APIStatusError) -> str:
     body = exc.body  # the client already unwrapped {"error": {...}}
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
+    if isinstance(body, dict):
+        for key in ("message", "detail"):  # OpenAI and vLLM say "message", FastAPI servers "detail"
+            if isinstance(body.get(key), str):
+                return body[key]
     return exc.message
+
+
+RESPONSE_FORMAT_REFUSED = re.compile(r"response_format|json_schema|structured output|guided_json", re.IGNORECASE)
+
+
+def _rejects_response_format(exc: openai.OpenAIError) -> bool:
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (400, 422) and bool(
+        RESPONSE_FORMAT_REFUSED.search(_error_message(exc))
+    )
