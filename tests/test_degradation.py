@@ -236,3 +236,70 @@ async def test_a_profile_price_overrides_the_table(world, world_retriever, stand
     results = await locate_each(GeoAgent(settings, retriever=world_retriever), [world.queries[0].path])
     stats = results[0][1].stats  # type: ignore[union-attr]
     assert stats.cost_usd == pytest.approx((stats.prompt_tokens * 0.01 + stats.completion_tokens * 0.03) / 1000, rel=1e-6)
+
+
+def test_thirty_photos_with_three_percent_of_requests_refused(world, standin, tmp_path):
+    """The issue's must-show: a server refusing 3% of requests with HTTP 400 ("image could not be processed").
+    eval writes its report and answers at least 27 of 30; locate over the same 30 answers at least 27, names
+    any failure, no traceback. Refused questions are recorded, not retried (a 400 will not change)."""
+    from standin import Faults
+
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(faults=Faults(http_400=0.03, max_per_question=10_000, seed=5)))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=True)
+    proc = run_cli("eval", str(world.queries_csv), "--config", str(config), "--limit", "30", "--out", str(tmp_path / "out"), "--no-cache", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    column = json.loads((tmp_path / "out" / "report.json").read_text())["columns"]["g"]
+    assert column["answered"] >= 27 and column["metrics"]["n"] == 30
+    refused = [r for r in server.chat_requests() if r.fault == "http_400"]
+    assert refused, "the stand-in should have refused some requests"
+
+    server.reset_log()
+    photos = [str(q.path) for q in world.queries[:30]]
+    located = run_cli("locate", *photos, "--json", "--explain", "--no-cache", "--config", str(config), cwd=tmp_path)
+    assert located.returncode in (0, 1) and "Traceback" not in located.stderr, located.stderr
+    lines = [json.loads(line) for line in located.stdout.splitlines()]
+    assert len(lines) >= 27
+    failed_photos = set(photos) - {line["image"] for line in lines}
+    assert all(f"{p}: " in located.stderr for p in failed_photos)
+    recorded = [q for line in lines for q in line["stats"]["failed_questions"]]
+    assert recorded and all("image could not be processed" in q["error"] for q in recorded)
+    assert len(recorded) <= len([r for r in server.chat_requests() if r.fault == "http_400"])  # never retried
+
+
+def test_a_server_killed_halfway_through_an_eval_leaves_a_report(world, standin, tmp_path):
+    """What finished is kept and reported; the column says why it stopped; exit 2, no traceback."""
+    import threading
+    import time
+
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.02))
+    backend = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_concurrency": 4}
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, strategy="tournament", max_concurrent_photos=2)
+
+    def kill_after(requests: int) -> None:
+        deadline = time.monotonic() + 120
+        while len(server.chat_requests()) < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.kill()
+
+    threading.Thread(target=kill_after, args=(18 * 12,), daemon=True).start()  # about a dozen photos in
+    proc = run_cli("eval", str(world.queries_csv), "--config", str(config), "--limit", "40", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    column = report["columns"]["g"]
+    assert report["partial"] is True and "could not be answered" in column["stopped"]
+    assert 5 <= column["answered"] < 40
+    with (tmp_path / "out" / "predictions.csv").open() as fh:
+        assert sum(1 for row in fh if row.strip()) - 1 >= column["answered"]
+
+
+async def test_a_re_pulled_model_does_not_answer_from_the_old_models_cache(world, world_retriever, standin, tmp_path):
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(digests={"llava:7b": "sha256:" + "1" * 64}))
+    settings = world_settings(world, server, tmp_path, strategy="tournament")
+    photo = [world.queries[0].path]
+    await locate_each(GeoAgent(settings, retriever=world_retriever), photo)
+    server.reset_log()
+    await locate_each(GeoAgent(settings, retriever=world_retriever), photo)
+    assert server.chat_requests() == []  # same model: every answer from the cache
+    server.config.digests["llava:7b"] = "sha256:" + "2" * 64  # `ollama pull llava:7b` brought new weights
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), photo)
+    assert server.chat_requests() and results[0][1].stats.cache_hits == 0  # type: ignore[union-attr]

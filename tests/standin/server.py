@@ -127,6 +127,7 @@ class StandinServer:
         self._faults_by_question: dict[str, int] = {}
         self._busy = 0
         self.max_busy = 0  # most chat requests in the server at once
+        self.killed = False
         self._slots = threading.Semaphore(self.config.capacity)
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
@@ -150,6 +151,12 @@ class StandinServer:
         self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def kill(self) -> None:
+        """Die as a crashed server does: stop listening, and drop open connections without answering (a
+        plain stop leaves keep-alive connections served by their threads)."""
+        self.killed = True
+        self.__exit__(None, None, None)
 
     # --- accounting ---------------------------------------------------------------------------------
 
@@ -213,6 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing -----------------------------------------------------------------------------------
 
     def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        if self._dead():
+            return
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -236,7 +245,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routes -------------------------------------------------------------------------------------
 
+    def _dead(self) -> bool:
+        if self.server.standin.killed:
+            self.close_connection = True
+            return True
+        return False
+
     def do_GET(self) -> None:  # noqa: N802
+        if self._dead():
+            return
         standin = self.server.standin
         standin._record(LoggedRequest(path=self.path, status=200))
         models = standin.config.models
@@ -256,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": "404 page not found"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._dead():
+            return
         standin = self.server.standin
         if self.path == "/api/show":
             body = self._body()
