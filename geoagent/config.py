@@ -173,12 +173,12 @@ class AgentConfig(_Section):
     strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting")
     top_k: int | None = Field(default=None, ge=1, le=200, description="Candidates reranked; unset: retrieval.top_k.")
     position_debias: bool | Literal["adaptive"] = Field(
-        default=True,
+        default="adaptive",
         description='true: ask both orders of every pair (disagreement is a tie); "adaptive": one order in a seeded '
         "random direction, the other only when the answer is not decisive; false: one order, candidate A first.",
     )
     adaptive_margin: float = Field(
-        default=0.1, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
+        default=0.05, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
     )
     vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
     country_prior: bool = True

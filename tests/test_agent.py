@@ -117,7 +117,7 @@ async def test_country_submap_restricts_retrieval_to_the_prior(world, world_serv
 
 
 async def test_explain_records_every_stage(world, world_server, world_retriever, tmp_path):
-    agent = GeoAgent(world_settings(world, world_server, tmp_path, strategy="allpairs", reasoning=True), retriever=world_retriever)
+    agent = GeoAgent(world_settings(world, world_server, tmp_path, strategy="allpairs", reasoning=True, position_debias=True), retriever=world_retriever)
     try:
         result = await agent.locate(world.queries[1].path, explain=True)
     finally:
@@ -306,3 +306,46 @@ async def test_neighbour_augmented_reasoning_shows_reference_coordinates(world, 
     prompts = [r.prompt for r in world_server.chat_requests("ReasoningAnswer")]
     assert len(prompts) == 3 and all("visually similar photos were taken at these coordinates" in p for p in prompts)
     assert any(c.source == "reasoning" for c in result.candidates)
+
+
+async def test_adaptive_debiasing_asks_the_other_order_only_against_the_evidence(world, world_server, world_retriever, tmp_path):
+    """One ask per match in a seeded random slot; a second, reversed ask only when the first answer overturned
+    an evidence lead of at least adaptive_margin. A warm rerun asks nothing: the random slots are seeded."""
+    settings = world_settings(world, world_server, tmp_path, strategy="tournament", position_debias="adaptive")
+    agent = GeoAgent(settings, retriever=world_retriever)
+    try:
+        results = [await agent.locate(q.path, explain=True) for q in world.queries[:12]]
+    finally:
+        await agent.aclose()
+    matches = [m for r in results for m in r.trace.matches]
+    assert {len(m.votes) for m in matches} == {1, 2}, "some matches needed one ask, some two"
+    assert {m.shown_first[0] for m in matches if m.shown_first[0] == m.a} and {m.shown_first[0] for m in matches if m.shown_first[0] == m.b}
+    for result in results:
+        assert result.stats.vlm_calls <= 2 * (len(result.candidates) - 1)
+    for m in matches:
+        assert m.shown_first[1:] == ([m.b if m.shown_first[0] == m.a else m.a] if len(m.votes) == 2 else [])
+    total = sum(r.stats.vlm_calls for r in results)
+    assert total < 1.5 * sum(len(r.candidates) - 1 for r in results)
+
+    world_server.reset_log()
+    agent = GeoAgent(settings, retriever=world_retriever)
+    try:
+        again = [await agent.locate(q.path) for q in world.queries[:12]]
+    finally:
+        await agent.aclose()
+    assert world_server.chat_requests() == [] and all(r.stats.cache_hits > 0 for r in again)
+    assert [r.candidates[0].id for r in again] == [r.candidates[0].id for r in results]
+
+
+def test_the_adaptive_rule_by_hand():
+    """An answer settles the match unless it overturns an evidence lead of at least adaptive_margin."""
+    from geoagent.agent.rerank import Comparator
+    from geoagent.types import Candidate
+
+    a, b = (Candidate(id=i, lat=0, lon=0, source="index") for i in "ab")
+    judge = Comparator(None, None, None, None, photos={}, base={"a": 0.50, "b": 0.40}, debias="adaptive", adaptive_margin=0.05)  # type: ignore[arg-type]
+    assert judge._decisive("a", a, b)  # agrees with the evidence
+    assert not judge._decisive("b", a, b)  # overturns a 0.10 lead
+    assert not judge._decisive(None, a, b)  # the ask failed: ask the other order
+    judge.base = {"a": 0.50, "b": 0.47}
+    assert judge._decisive("b", a, b)  # a 0.03 lead is no evidence either way: one answer is the verdict
