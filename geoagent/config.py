@@ -202,7 +202,16 @@ class AgentConfig(_Section):
     fusion_consensus: float = 0.3
     consensus_bandwidth_km: float = Field(default=25.0, gt=0)
     proximity_km: float = Field(default=500.0, gt=0)
-    max_concurrent_photos: int = Field(default=4, ge=1)
+    max_concurrent_photos: int | None = Field(
+        default=None, ge=1, description="Photos in flight at once; unset: enough to keep every backend's max_concurrency busy."
+    )
+    early_exit: bool = Field(
+        default=True, description="Skip reranking when it cannot move the answer (every candidate within consensus_bandwidth_km)."
+    )
+    near_duplicate_similarity: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; unset: off.",
+    )
 
     @field_validator("strategy")
     @classmethod

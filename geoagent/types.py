@@ -76,6 +76,7 @@ class LocateStats(BaseModel):
     completion_tokens: int = 0
     calls_by_task: dict[str, int] = Field(default_factory=dict)
     cost_usd: float | None = Field(default=None, description="US dollars for the requests sent; None if a model's price is unknown.")
+    stages: dict[str, str] = Field(default_factory=dict)  # stage -> "ran", "off", or "skipped: why"
     failed_questions: list[FailedQuestion] = Field(default_factory=list)
 
 
@@ -105,5 +106,6 @@ class LocateResult(BaseModel):
     confidence: float
     candidates: list[Candidate]
     prior: list[CountryScore] = Field(default_factory=list)
+    match: Literal["near_duplicate"] | None = None  # the answer is a reference photo the query copies
     stats: LocateStats = Field(default_factory=LocateStats)
     trace: Trace | None = None

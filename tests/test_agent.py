@@ -349,3 +349,30 @@ def test_the_adaptive_rule_by_hand():
     assert not judge._decisive(None, a, b)  # the ask failed: ask the other order
     judge.base = {"a": 0.50, "b": 0.47}
     assert judge._decisive("b", a, b)  # a 0.03 lead is no evidence either way: one answer is the verdict
+
+
+async def test_early_exit_skips_reranking_that_cannot_move_the_answer(world, world_server, world_retriever, tmp_path):
+    """Every candidate within the consensus bandwidth of the top one: no comparison is asked, and stats say why."""
+    settings = world_settings(world, world_server, tmp_path, strategy="tournament", consensus_bandwidth_km=20_000)
+    agent = GeoAgent(settings, retriever=world_retriever)
+    try:
+        result = await agent.locate(world.queries[0].path)
+    finally:
+        await agent.aclose()
+    assert result.stats.vlm_calls == 0 and world_server.chat_requests() == []
+    assert result.stats.stages["rerank"].startswith("skipped: every candidate lies within")
+    assert result.stats.stages["prior"] == "off"
+
+
+async def test_a_near_duplicate_reference_is_the_answer(world, world_server, world_retriever, tmp_path):
+    """At or above near_duplicate_similarity the top reference wins outright (marked), with no comparison."""
+    settings = world_settings(world, world_server, tmp_path, strategy="tournament", near_duplicate_similarity=0.5)
+    agent = GeoAgent(settings, retriever=world_retriever)
+    try:
+        result = await agent.locate(world.queries[0].path)
+    finally:
+        await agent.aclose()
+    best = max(result.candidates, key=lambda c: c.retrieval_score or 0.0)
+    assert result.match == "near_duplicate" and result.candidates[0].id == best.id and result.candidates[0].rank == 1
+    assert (result.lat, result.lon) == (best.lat, best.lon)
+    assert result.stats.vlm_calls == 0 and "near-duplicate" in result.stats.stages["rerank"]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from geoagent.agent.aggregate import confidence, fuse
 from geoagent.agent.prior import country_prior
 from geoagent.agent.questions import QuestionLog
@@ -17,7 +19,7 @@ from geoagent.agent.reasoning import consensus, neighbour_block, reason
 from geoagent.agent.rerank import STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
-from geoagent.geo import reverse_geocode
+from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import open_image
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
@@ -27,6 +29,7 @@ from geoagent.vlm import CallStats, VLMPool
 
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
+MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
 
 
@@ -132,6 +135,15 @@ class GeoAgent:
             client.unavailable = exc
             readiness.warnings.append(f"{exc}; answering from the cache, questions it cannot answer will fail")
 
+    def photos_in_flight(self) -> int:
+        """``max_concurrent_photos``, or as many photos as the busiest routed backend has request slots: a photo
+        keeps only a few questions in flight at a time (a tournament's later rounds, one or two), so one photo
+        per slot keeps the server saturated."""
+        if self.settings.agent.max_concurrent_photos is not None:
+            return self.settings.agent.max_concurrent_photos
+        slots = max(self.settings.backends[name].max_concurrency for name in self.settings.routed_profiles())
+        return max(MIN_PHOTOS_IN_FLIGHT, slots)
+
     async def locate_many(
         self, photos: Sequence[str | Path], *, explain: bool = False
     ) -> AsyncIterator[tuple[str, LocateResult | GeoAgentError]]:
@@ -142,7 +154,7 @@ class GeoAgent:
         a backend refused the credentials or lacks the model, or its server was unreachable for
         ``UNREACHABLE_PHOTOS_BEFORE_STOP`` photos in a row.
         """
-        limit = asyncio.Semaphore(self.settings.agent.max_concurrent_photos)
+        limit = asyncio.Semaphore(self.photos_in_flight())
         stopped: asyncio.Future[RunStopped] = asyncio.get_running_loop().create_future()
         unreachable_in_a_row = 0
 
@@ -199,7 +211,7 @@ class GeoAgent:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
         image = await asyncio.to_thread(open_image, photo)
-        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo))
+        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
         candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
@@ -210,8 +222,15 @@ class GeoAgent:
         weights = self._fusion_weights()
         votes: dict[str, float] = {}
         comparator = None
-        if cfg.strategy != "none":
-            evidence_only, _ = fuse(pool, {}, prior_p, guess, **{**weights, "w_votes": 0.0})
+        evidence_only, _ = fuse(pool, {}, prior_p, guess, **{**weights, "w_votes": 0.0})
+        duplicate = self._near_duplicate(candidates)
+        skip = self._early_exit(evidence_only, duplicate) if cfg.strategy != "none" else "off"
+        stages = {
+            "prior": "ran" if cfg.strategy != "none" and cfg.country_prior else "off",
+            "reasoning": "ran" if cfg.strategy != "none" and cfg.reasoning else "off",
+            "rerank": skip if skip == "off" else f"skipped: {skip}" if skip else "ran",
+        }
+        if skip is None:
             task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
             comparator = Comparator(
                 pairwise_client=self.pool.for_task("pairwise"),
@@ -233,6 +252,8 @@ class GeoAgent:
         if failure is not None:
             raise failure
         ranked, terms = fuse(pool, votes, prior_p, guess, **weights)
+        if duplicate is not None:  # a copy of the photo is the answer, whatever its neighbours say
+            ranked = [c.model_copy(update={"rank": r}) for r, c in enumerate(sorted(ranked, key=lambda c: c.id != duplicate.id), 1)]
         top = ranked[0]
 
         if explain:
@@ -252,7 +273,8 @@ class GeoAgent:
             confidence=confidence(ranked, cfg.consensus_bandwidth_km),
             candidates=ranked,
             prior=prior,
-            stats=_photo_stats(log, time.perf_counter() - started),
+            match="near_duplicate" if duplicate is not None else None,
+            stats=_photo_stats(log, time.perf_counter() - started, stages),
             trace=trace if explain else None,
         )
 
@@ -293,6 +315,28 @@ class GeoAgent:
                     task.cancel()
             raise
         return candidates, prior, guesses
+
+    def _near_duplicate(self, candidates: list[Candidate]) -> Candidate | None:
+        """The reference the photo copies (re-encoded, resized), if ``near_duplicate_similarity`` is set and met."""
+        threshold = self.settings.agent.near_duplicate_similarity
+        scored = [c for c in candidates if c.source == "index" and c.retrieval_score is not None]
+        best = max(scored, key=lambda c: c.retrieval_score or 0.0, default=None)
+        return best if threshold is not None and best is not None and (best.retrieval_score or 0.0) >= threshold else None
+
+    def _early_exit(self, by_evidence: list[Candidate], duplicate: Candidate | None) -> str | None:
+        """Why reranking can be skipped (it could not move the answer), or None."""
+        cfg = self.settings.agent
+        if duplicate is not None:
+            return f"{duplicate.id} is a near-duplicate of the photo (similarity {duplicate.retrieval_score:.4f})"
+        if len(by_evidence) < 2:
+            return "fewer than two candidates"
+        if not cfg.early_exit:
+            return None
+        top = by_evidence[0]
+        spread = float(max(haversine_km(np.array([c.lat for c in by_evidence]), np.array([c.lon for c in by_evidence]), top.lat, top.lon)))
+        if spread <= cfg.consensus_bandwidth_km:
+            return f"every candidate lies within {spread:.1f} km of the top one (consensus_bandwidth_km {cfg.consensus_bandwidth_km:g})"
+        return None
 
     def _fusion_weights(self) -> dict[str, float]:
         cfg = self.settings.agent
@@ -347,10 +391,11 @@ class GeoAgent:
         by another photo meanwhile is still in hand here.
         """
         max_side = self.settings.agent.max_image_side
+        composite = self.settings.agent.image_layout == "composite"
 
         def load(path: str) -> Photo | None:
             try:
-                return Photo.of(open_image(path), max_side, path)
+                return Photo.of(open_image(path), max_side, path, keep_pixels=composite)
             except InputError:
                 return None  # moved or deleted since indexing: the candidate is described by its coordinates
 
@@ -366,7 +411,7 @@ class GeoAgent:
         return {c.id: photos[c.image_path] if c.image_path else None for c in pool}
 
 
-def _photo_stats(log: QuestionLog, wall_s: float) -> LocateStats:
+def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> LocateStats:
     total = sum(log.spent.values(), CallStats())
     return LocateStats(
         vlm_calls=total.requests,
@@ -378,6 +423,7 @@ def _photo_stats(log: QuestionLog, wall_s: float) -> LocateStats:
         calls_by_task={task: stats.requests for task, stats in log.spent.items() if stats.asks},
         cost_usd=None if total.unpriced_requests else total.cost_usd,
         failed_questions=log.failed,
+        stages=stages,
     )
 
 

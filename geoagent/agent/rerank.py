@@ -27,17 +27,19 @@ from geoagent.vlm import CallStats, EncodedImage, VLMClient
 
 @dataclass
 class Photo:
-    """An image ready for either layout: downscaled pixels (for composites) and its encoding (sent as is)."""
+    """An image ready to send: its encoding, and downscaled pixels only where composites are drawn from it."""
 
-    pixels: Image.Image
     encoded: EncodedImage
+    pixels: Image.Image | None = None
 
     @classmethod
-    def of(cls, image: Image.Image, max_side: int, label: str = "") -> Photo:
+    def of(cls, image: Image.Image, max_side: int, label: str = "", *, keep_pixels: bool = False) -> Photo:
         encoded = encode_image(image, max_side, label)
+        if not keep_pixels:
+            return cls(encoded)
         pixels = image.copy()
         pixels.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        return cls(pixels, encoded)
+        return cls(encoded, pixels)
 
 
 @dataclass
@@ -59,10 +61,21 @@ class Comparator:
     stats: CallStats = field(default_factory=CallStats)
     matches: list[Match] = field(default_factory=list)
     scores: list[PointwiseScore] = field(default_factory=list)
+    _questions: dict[tuple[str, ...], asyncio.Task[tuple[str, list[EncodedImage]]]] = field(default_factory=dict)
 
     def prefer(self, a: Candidate, b: Candidate) -> Candidate:
         """The tie-breaker: the candidate with more retrieval and prior evidence."""
         return a if self.base.get(a.id, 0.0) >= self.base.get(b.id, 0.0) else b
+
+    async def _question(self, template: str, candidates: list[Candidate], slots: list[str]) -> tuple[str, list[EncodedImage]]:
+        """The prompt and images for these candidates in these slots. A composite is drawn once per ordered
+        pair, in a worker thread (drawing and encoding it would stall the event loop), and reused by every ask."""
+        if self.layout != "composite":
+            return self._render(template, candidates, slots)  # a template filled in: cheap
+        key = (template, *(c.id for c in candidates))
+        if key not in self._questions:
+            self._questions[key] = asyncio.create_task(asyncio.to_thread(self._render, template, candidates, slots))
+        return await asyncio.shield(self._questions[key])
 
     def _render(self, template: str, candidates: list[Candidate], slots: list[str]) -> tuple[str, list[EncodedImage]]:
         noun = "an aerial image" if self.view == "cross" else "a reference photo"
@@ -97,7 +110,7 @@ class Comparator:
 
     async def _choose(self, first: Candidate, second: Candidate) -> str | None:
         """One ask with ``first`` as A and ``second`` as B; the chosen candidate's id, None if the ask failed."""
-        prompt, images = self._render(self._template("pairwise"), [first, second], ["A", "B"])
+        prompt, images = await self._question(self._template("pairwise"), [first, second], ["A", "B"])
         question = self.pairwise_client.ask(prompt, images, PairwiseAnswer, task="pairwise")
         answer = await self.log.ask(question, "pairwise", f"A={first.id} B={second.id}")
         if answer is None:
@@ -161,7 +174,7 @@ class Comparator:
 
     async def score(self, candidate: Candidate) -> float | None:
         """The candidate's 0-10 score, None if the ask failed."""
-        prompt, images = self._render(self._template("pointwise"), [candidate], ["X"])
+        prompt, images = await self._question(self._template("pointwise"), [candidate], ["X"])
         question = self.pointwise_client.ask(prompt, images, PointwiseAnswer, task="pointwise")
         answer = await self.log.ask(question, "pointwise", candidate.id)
         if answer is None:
