@@ -34,18 +34,22 @@ from standin.world import build_world  # noqa: E402
 TINY_CLIP = ROOT / "tests" / "data" / "tiny-clip.json"
 NO_VLM_EXTRAS = {"country_prior": False, "reasoning": False}
 
+BOTH_ORDERS = {"position_debias": True}
+ONE_ORDER = {"position_debias": False}
+ADAPTIVE = {"position_debias": "adaptive"}
+
 #: label -> [agent] settings. Reranking alone first, then with the prior, reasoning and submaps.
 VARIANTS: dict[str, dict[str, object]] = {
     "retrieval only": {"strategy": "none", **NO_VLM_EXTRAS},
     "pointwise": {"strategy": "pointwise", **NO_VLM_EXTRAS},
-    "allpairs": {"strategy": "allpairs", **NO_VLM_EXTRAS},
-    "allpairs, Copeland": {"strategy": "allpairs", "vote_model": "copeland", **NO_VLM_EXTRAS},
-    "allpairs, Copeland, no consensus": {"strategy": "allpairs", "vote_model": "copeland", "fusion_consensus": 0.0, **NO_VLM_EXTRAS},
-    "allpairs, no debias": {"strategy": "allpairs", "position_debias": False, **NO_VLM_EXTRAS},
-    "tournament": {"strategy": "tournament", **NO_VLM_EXTRAS},
-    "tournament, no debias": {"strategy": "tournament", "position_debias": False, **NO_VLM_EXTRAS},
-    "tournament, adaptive": {"strategy": "tournament", "position_debias": "adaptive", **NO_VLM_EXTRAS},
-    "sorting": {"strategy": "sorting", **NO_VLM_EXTRAS},
+    "allpairs": {"strategy": "allpairs", **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "allpairs, Copeland": {"strategy": "allpairs", "vote_model": "copeland", **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "allpairs, Copeland, no consensus": {"strategy": "allpairs", "vote_model": "copeland", "fusion_consensus": 0.0, **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "allpairs, one order": {"strategy": "allpairs", **ONE_ORDER, **NO_VLM_EXTRAS},
+    "tournament, both orders": {"strategy": "tournament", **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "tournament, adaptive (default)": {"strategy": "tournament", **ADAPTIVE, **NO_VLM_EXTRAS},
+    "tournament, one order": {"strategy": "tournament", **ONE_ORDER, **NO_VLM_EXTRAS},
+    "sorting, both orders": {"strategy": "sorting", **BOTH_ORDERS, **NO_VLM_EXTRAS},
     "tournament + prior + reasoning": {"strategy": "tournament", "country_prior": True, "reasoning": True},
     "tournament + country submap": {"strategy": "tournament", "country_prior": True, "reasoning": False, "submap": "country"},
 }
@@ -68,24 +72,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    knobs = Knobs(
-        pairwise_accuracy=args.pairwise_accuracy, first_position_bias=args.first_position_bias,
-        pointwise_noise=args.pointwise_noise, pointwise_calibration=args.pointwise_calibration,
-        prior_accuracy=args.prior_accuracy, seed=args.seed,
-    )  # fmt: skip
+def simulate(knobs: Knobs, variants: dict[str, dict[str, object]], *, seed: int, places_per_country: int) -> tuple[EvalRun, float, int]:
+    """Build the world for ``seed``, run one eval column per variant against a stand-in with ``knobs``.
+
+    Returns the finished run, its wall time and the number of reference photos.
+    """
     with tempfile.TemporaryDirectory(prefix="geoagent-sim-") as scratch:
         work = Path(scratch)
-        world = build_world(work / "world", places_per_country=args.places_per_country, seed=args.seed)
+        world = build_world(work / "world", places_per_country=places_per_country, seed=seed)
         retrieval = {"clip_model": str(TINY_CLIP), "clip_pretrained": "none", "index": str(work / "index")}
         build_index(world.references_csv, work / "index", Embedder.load(Settings(retrieval=retrieval).retrieval))
         dataset = load_dataset(world.queries_csv)
         with StandinServer(WorldJudge(world.truth, knobs), StandinConfig(capacity=64)) as server:
             columns = []
-            for label, agent in VARIANTS.items():
-                if args.only and label not in args.only:
-                    continue
+            for label, agent in variants.items():
                 backend = {"kind": "ollama", "model": "llava:7b", "base_url": server.url, "max_concurrency": 32, "timeout_s": 30}
                 settings = Settings(
                     backends={"sim": backend}, tasks={"default": "sim"}, retrieval=retrieval, agent=agent,
@@ -96,8 +96,20 @@ def main() -> None:
             started = time.perf_counter()
             asyncio.run(run.execute())
             elapsed = time.perf_counter() - started
-        report = write_outputs(run, args.out / "simulation")
-    text = render(report, knobs, args, elapsed, len(dataset.items), len(world.references))
+    return run, elapsed, len(world.references)
+
+
+def main() -> None:
+    args = parse_args()
+    knobs = Knobs(
+        pairwise_accuracy=args.pairwise_accuracy, first_position_bias=args.first_position_bias,
+        pointwise_noise=args.pointwise_noise, pointwise_calibration=args.pointwise_calibration,
+        prior_accuracy=args.prior_accuracy, seed=args.seed,
+    )  # fmt: skip
+    variants = {label: agent for label, agent in VARIANTS.items() if not args.only or label in args.only}
+    run, elapsed, references = simulate(knobs, variants, seed=args.seed, places_per_country=args.places_per_country)
+    report = write_outputs(run, args.out / "simulation")
+    text = render(report, knobs, args, elapsed, len(run.items), references)
     (args.out / "simulation.md").write_text(text)
     print(text)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from geoagent.errors import AnswerError, BackendError, GeoAgentError, UnreachableError
@@ -49,6 +51,12 @@ class _WaitRetryAfter:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         return max(wait, min(retry_after, self._retry_after_max)) if retry_after is not None else wait
+
+
+@functools.lru_cache(maxsize=64)
+def _json_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    """An answer type's JSON schema, built once (pydantic builds it anew on every call). Read-only: shared."""
+    return schema.model_json_schema()
 
 
 @dataclass
@@ -140,7 +148,7 @@ class VLMClient:
         request = ChatRequest(
             messages=messages,
             schema_name=schema.__name__,
-            schema=schema.model_json_schema(),
+            schema=_json_schema(schema),
             temperature=self.profile.temperature,
             seed=self.profile.seed + sample,
             max_tokens=self.profile.max_tokens,

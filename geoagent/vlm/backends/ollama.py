@@ -104,7 +104,9 @@ class Backend(VLMBackend):
         for message in request.messages:
             entry: dict[str, Any] = {"role": message.role, "content": message.text}
             if message.images:
-                entry["images"] = [image.b64 for image in message.images]
+                # Raw bytes: the client base64-encodes them in C; given a base64 string it would try it as a
+                # file path and decode it to validate, costing about 3x the request's own CPU.
+                entry["images"] = [image.data for image in message.images]
             messages.append(entry)
         await self._learn_model()
         num_ctx = self._window.size_for(request)
