@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from geoagent.config import Settings, load_config
@@ -43,7 +44,7 @@ ConfigOption = Annotated[
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 class _NoteHandler(logging.Handler):
@@ -64,7 +65,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except GeoAgentError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -133,7 +134,7 @@ def locate(
             async with GeoAgent(settings) as agent:
                 problems = await agent.preflight()
                 for problem in problems:
-                    stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+                    stderr.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
                 if problems:
                     raise typer.Exit(max(p.exit_code for p in problems))
                 async for _photo, outcome in agent.locate_many(photos, explain=explain):
@@ -160,7 +161,7 @@ def locate(
 @app.command("eval")
 def evaluate(
     dataset: Annotated[Path, typer.Argument(help="CSV path,lat,lon[,country][,ref_id]; a folder with EXIF GPS; IM2GPS3K/YFCC4K metadata CSV; or a VIGOR folder.")],
-    configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: [name=]config.toml (repeatable).")] = None,
+    configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: \\[name=]config.toml (repeatable).")] = None,
     prompts: Annotated[list[Path] | None, typer.Option("--prompts", help="A column per prompts folder (repeatable).")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Image folder for IMG_ID,LAT,LON metadata CSVs.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N photos.")] = None,
@@ -194,7 +195,8 @@ def evaluate(
         report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
         _print_report(report, markdown_table)
         if out:
-            stdout.print(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png", highlight=False)
+            plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
+            stdout.print(f"wrote {out}/report.json, report.md, predictions.csv{plot}", highlight=False)
         if partial:
             stderr.print("interrupted: the report covers the photos finished so far; rerun to resume from the cache")
             raise typer.Exit(130)
@@ -220,9 +222,22 @@ def prompts_list(
     with user_errors():
         settings = apply_flags(load_config(config), prompts=prompts)
         prompt_set = PromptSet(settings.agent.prompts_dir)
-        stdout.print(f"prompts from {prompt_set.directory}", highlight=False)
+        stdout.print(f"prompts from {prompt_set.directory}", highlight=False, markup=False, soft_wrap=True)
         for name, digest in prompt_set.hashes().items():
-            stdout.print(f"  {name:<24} {digest}", highlight=False)
+            stdout.print(f"  {name:<24} {digest}", highlight=False, markup=False)
+
+
+@prompts_app.command("export")
+def prompts_export(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the templates into (created if missing).", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite templates already in the folder.")] = False,
+) -> None:
+    """Copy the bundled prompt templates into a folder to edit them; use it with --prompts DIR."""
+    from geoagent.prompts import export_prompts
+
+    with user_errors():
+        written = export_prompts(directory, force=force)
+        stdout.print(f"wrote {len(written)} files to {directory}; edit them and pass --prompts {directory}", highlight=False, markup=False, soft_wrap=True)
 
 
 @index_app.command("build")
