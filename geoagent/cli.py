@@ -259,7 +259,7 @@ def locate(
 @app.command("eval")
 def evaluate(
     dataset: Annotated[Path, typer.Argument(help="CSV path,lat,lon[,country][,ref_id]; a folder with EXIF GPS; IM2GPS3K/YFCC4K metadata CSV; or a VIGOR folder.", readable=False)],
-    configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: [name=]config.toml (repeatable).")] = None,
+    configs: Annotated[list[str] | None, typer.Option("--config", "-c", help="A column: \\[name=]config.toml (repeatable).")] = None,
     prompts: Annotated[list[Path] | None, typer.Option("--prompts", help="A column per prompts folder (repeatable).")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Image folder for IMG_ID,LAT,LON metadata CSVs.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N photos.")] = None,
@@ -296,7 +296,8 @@ def evaluate(
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
         _print_report(report, markdown_table)
         if out:
-            print_line(f"wrote {out}/report.json, report.md, predictions.csv, accuracy.png")
+            plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
+            print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
@@ -330,6 +331,19 @@ def prompts_list(
         print_line(f"prompts from {prompt_set.directory}")
         for name, digest in prompt_set.hashes().items():
             print_line(f"  {name:<24} {digest}")
+
+
+@prompts_app.command("export")
+def prompts_export(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the templates into (created if missing).", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite templates already in the folder.")] = False,
+) -> None:
+    """Copy the bundled prompt templates into a folder to edit them; use it with --prompts DIR."""
+    from geoagent.prompts import export_prompts
+
+    with user_errors():
+        written = export_prompts(directory, force=force)
+        print_line(f"wrote {len(written)} files to {directory}; edit them and pass --prompts {directory}")
 
 
 @index_app.command("build")

@@ -8,10 +8,12 @@ distance threshold). Written atomically; an interrupted run writes what it finis
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +218,16 @@ def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str
     return report
 
 
+#: Said (once) when the optional plotting extra is missing; the rest of the report is written regardless.
+PLOT_EXTRA_MISSING = "accuracy.png not written: matplotlib is not installed (pip install 'geoagent-vlm[plot]')"
+
+
 def _plot(run: EvalRun, path: Path) -> None:
+    """accuracy.png, where the ``[plot]`` extra is installed; otherwise a warning, and no stale plot left behind."""
+    if importlib.util.find_spec("matplotlib") is None:
+        path.unlink(missing_ok=True)
+        warnings.warn(PLOT_EXTRA_MISSING, stacklevel=2)
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,17 +6,33 @@ set it never reaches the network while doing so.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 
+from geoagent.errors import ConfigError
 from geoagent.vlm.backend import VLMBackend
 from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
+if TYPE_CHECKING:
+    from geoagent.config import BackendProfile
+
+
+#: litellm is an optional extra: a plain install stays lean, hosted models need it.
+HOSTED_EXTRA_INSTALL = "pip install 'geoagent-vlm[hosted]'"
+
+
+def _require_litellm(user: str = "a backend of kind 'litellm'") -> None:
+    """A one-line ConfigError naming the extra where litellm is not installed (cheap: no import)."""
+    if importlib.util.find_spec("litellm") is None:
+        raise ConfigError(f"{user} needs litellm, which is not installed: {HOSTED_EXTRA_INSTALL}")
+
 
 def _litellm() -> Any:
+    _require_litellm()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
@@ -32,6 +48,10 @@ def litellm_model(model: str) -> str:
 
 class Backend(VLMBackend):
     kind = "litellm"
+
+    def __init__(self, name: str, profile: BackendProfile) -> None:
+        _require_litellm(f"backends.{name} (kind 'litellm')")  # created in the preflight, so a missing extra stops the run before any photo
+        super().__init__(name, profile)
 
     def _key(self) -> str | None:
         # A local OpenAI-compatible server takes any key, but litellm insists on one; providers reached

@@ -1,15 +1,40 @@
-"""Prompt templates from a folder (``prompts/`` by default): loading, rendering, content hashes."""
+"""Prompt templates from a folder (the bundled ``templates/`` by default): loading, rendering, content hashes.
+
+The bundled templates ship inside the package, so a wheel finds them; ``export_prompts`` copies them out
+for editing (``geoagent prompts export DIR``, then ``--prompts DIR``).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from string import Template
 
 from geoagent.errors import ConfigError
 
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_SUFFIX = ".txt"
+#: The guide to the placeholders, exported beside the templates.
+PROMPTS_README = "README.md"
+
+
+def export_prompts(directory: str | Path, *, force: bool = False) -> list[Path]:
+    """Copy the bundled templates and their README into ``directory``; existing files only with ``force``."""
+    target = Path(directory).expanduser()
+    sources = sorted(DEFAULT_PROMPTS_DIR.glob(f"*{TEMPLATE_SUFFIX}")) + [DEFAULT_PROMPTS_DIR / PROMPTS_README]
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{target}: exists and is not a folder")
+    existing = [target / source.name for source in sources if (target / source.name).exists()]
+    if existing and not force:
+        others = f" and {len(existing) - 1} other files" if len(existing) > 1 else ""
+        raise ConfigError(f"{target}: {existing[0].name}{others} already there; pass --force to overwrite")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        written = [Path(shutil.copyfile(source, target / source.name)) for source in sources]
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot write the prompts ({exc.strerror or exc})") from None
+    return written
 
 
 class PromptSet:
