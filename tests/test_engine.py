@@ -153,7 +153,7 @@ async def test_an_engine_that_loads_on_demand_lists_a_model_only_once_it_has_ans
 async def test_the_products_image_order_and_the_composite_layout_are_accepted(engine, tiny_qwen2vl):
     """Query, A, B as three data-URL JPEGs of different sizes, and the same three as one composite picture: the
     engine accepts both and counts every image's tokens (the prompt grows by exactly each image's share)."""
-    photos = [Photo.of(photo(w, h, seed=i), 768, label) for i, (w, h, label) in
+    photos = [Photo.of(photo(w, h, seed=i), 768, label, keep_pixels=True) for i, (w, h, label) in
               enumerate([(640, 480, "query"), (300, 300, "A"), (360, 480, "B")])]
     separate = [p.encoded for p in photos]
     sheet = encode_image(composite([(p.pixels, p.encoded.label) for p in photos], 768), 768)
