@@ -415,3 +415,35 @@ async def test_a_server_that_goes_down_fails_the_uncached_questions_at_once(stan
         assert await ask_codes(pool, marker_images, 1) == [100]  # cached
     finally:
         await pool.aclose()
+
+
+def test_litellm_is_imported_once_off_the_event_loop(tmp_path):
+    """Importing litellm takes seconds: it happens in a worker thread during the preflight's check, so the event
+    loop keeps ticking (in a fresh process, where litellm is not imported yet)."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, sys, time
+from geoagent.config import Settings
+from geoagent.vlm import VLMPool
+
+async def main():
+    pool = VLMPool(Settings(backends={"h": {"kind": "litellm", "model": "openai/x", "base_url": "http://127.0.0.1:9/v1"}}, tasks={"default": "h"}))
+    gaps, last, done = [], time.perf_counter(), False
+    async def tick():
+        nonlocal last
+        while not done:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter(); gaps.append(now - last); last = now
+    ticker = asyncio.create_task(tick())
+    started = time.perf_counter()
+    await pool.client("h").backend.check()
+    done = True; await ticker
+    print("litellm" in sys.modules, round(time.perf_counter() - started, 2), round(max(gaps), 3))
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    imported, took, longest_gap = proc.stdout.split()
+    assert imported == "True", proc.stderr
+    assert float(longest_gap) < min(0.5, float(took) / 2), (took, longest_gap)  # on the loop, the gap would be the import

@@ -1,11 +1,14 @@
 """Hosted providers (Anthropic, Gemini, Bedrock, ...) and anything else litellm routes, via ``litellm.acompletion``.
 
-litellm is imported on first use: it takes seconds to import, and with ``LITELLM_LOCAL_MODEL_COST_MAP``
-set it never reaches the network while doing so.
+litellm is imported once, in a worker thread, when the preflight checks the profile (or on the first ask): it
+takes seconds to import, which would stall the event loop, and with ``LITELLM_LOCAL_MODEL_COST_MAP`` set it
+never reaches the network while doing so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING, Any
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import openai
 
 from geoagent.errors import ConfigError
-from geoagent.vlm.backend import VLMBackend
+from geoagent.vlm.backend import Health, VLMBackend
 from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
 from geoagent.vlm.types import ChatRequest, Completion, Usage
 
@@ -31,6 +34,7 @@ def _require_litellm(user: str = "a backend of kind 'litellm'") -> None:
         raise ConfigError(f"{user} needs litellm, which is not installed: {HOSTED_EXTRA_INSTALL}")
 
 
+@functools.lru_cache(maxsize=1)
 def _litellm() -> Any:
     _require_litellm()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -52,6 +56,18 @@ class Backend(VLMBackend):
     def __init__(self, name: str, profile: BackendProfile) -> None:
         _require_litellm(f"backends.{name} (kind 'litellm')")  # created in the preflight, so a missing extra stops the run before any photo
         super().__init__(name, profile)
+        self._module: Any = None
+
+    async def _imported(self) -> Any:
+        """litellm, imported in a worker thread the first time (seconds of import would block the event loop)."""
+        if self._module is None:
+            self._module = await asyncio.to_thread(_litellm)
+        return self._module
+
+    async def check(self, *, probe_chat: bool = False) -> Health:
+        """Imports litellm now, while the rest of the preflight runs, so the first photo does not wait for it."""
+        await self._imported()
+        return await super().check(probe_chat=probe_chat)
 
     def _key(self) -> str | None:
         # A local OpenAI-compatible server takes any key, but litellm insists on one; providers reached
@@ -61,7 +77,7 @@ class Backend(VLMBackend):
         return self.api_key
 
     async def complete(self, request: ChatRequest) -> Completion:
-        litellm = _litellm()
+        litellm = await self._imported()
         try:
             response = await litellm.acompletion(
                 model=litellm_model(self.profile.model),
