@@ -84,10 +84,10 @@ def test_locate_sync_can_be_called_again(world, standin, tmp_path):
 
 async def test_reference_photos_evicted_by_a_concurrent_photo_are_still_used(world, world_retriever, standin, tmp_path, monkeypatch):
     """More distinct references than the cache holds, several photos in flight: no KeyError, no photo-less candidates."""
-    monkeypatch.setattr(controller, "REFERENCE_PHOTO_CACHE", 3)
+    monkeypatch.setattr(controller, "REFERENCE_PHOTO_CACHE", 10)  # fewer than one photo's candidates: eviction mid-flight
     server = standin(judge=WorldJudge(world.truth))
-    settings = world_settings(world, server, tmp_path, strategy="tournament", max_concurrent_photos=4)
-    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [q.path for q in world.queries[:8]])
+    settings = world_settings(world, server, tmp_path, strategy="tournament", max_concurrent_photos=8)
+    results = await locate_each(GeoAgent(settings, retriever=world_retriever), [q.path for q in world.queries])
     assert all(isinstance(outcome, LocateResult) for _, outcome in results), results
     assert all("no photo" not in r.prompt for r in server.chat_requests("PairwiseAnswer"))
 
