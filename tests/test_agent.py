@@ -43,6 +43,14 @@ async def locate_all(world, server, retriever, cache_dir, limit=None, route="oll
         await agent.aclose()
 
 
+async def locate_one(world, server, retriever, cache_dir, photo, explain=False, **agent_cfg) -> LocateResult:
+    agent = GeoAgent(world_settings(world, server, cache_dir, **agent_cfg), retriever=retriever)
+    try:
+        return await agent.locate(photo, explain=explain)
+    finally:
+        await agent.aclose()
+
+
 async def test_pairwise_reranking_lifts_top1_where_pointwise_does_not(world, world_server, world_retriever, tmp_path):
     """The seed's finding, in simulation: tournament >= +20 points, allpairs >= +15, pointwise no help."""
     scores, runs = {}, {}
@@ -353,12 +361,7 @@ def test_the_adaptive_rule_by_hand():
 
 async def test_early_exit_skips_reranking_that_cannot_move_the_answer(world, world_server, world_retriever, tmp_path):
     """Every candidate within the consensus bandwidth of the top one: no comparison is asked, and stats say why."""
-    settings = world_settings(world, world_server, tmp_path, strategy="tournament", consensus_bandwidth_km=20_000)
-    agent = GeoAgent(settings, retriever=world_retriever)
-    try:
-        result = await agent.locate(world.queries[0].path)
-    finally:
-        await agent.aclose()
+    result = await locate_one(world, world_server, world_retriever, tmp_path, world.queries[0].path, strategy="tournament", consensus_bandwidth_km=20_000)
     assert result.stats.vlm_calls == 0 and world_server.chat_requests() == []
     assert result.stats.stages["rerank"].startswith("skipped: every candidate lies within")
     assert result.stats.stages["prior"] == "off"
@@ -366,12 +369,7 @@ async def test_early_exit_skips_reranking_that_cannot_move_the_answer(world, wor
 
 async def test_a_near_duplicate_reference_is_the_answer(world, world_server, world_retriever, tmp_path):
     """At or above near_duplicate_similarity the top reference wins outright (marked), with no comparison."""
-    settings = world_settings(world, world_server, tmp_path, strategy="tournament", near_duplicate_similarity=0.5)
-    agent = GeoAgent(settings, retriever=world_retriever)
-    try:
-        result = await agent.locate(world.queries[0].path)
-    finally:
-        await agent.aclose()
+    result = await locate_one(world, world_server, world_retriever, tmp_path, world.queries[0].path, strategy="tournament", near_duplicate_similarity=0.5)
     best = max(result.candidates, key=lambda c: c.retrieval_score or 0.0)
     assert result.match == "near_duplicate" and result.candidates[0].id == best.id and result.candidates[0].rank == 1
     assert (result.lat, result.lon) == (best.lat, best.lon)
