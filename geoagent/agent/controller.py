@@ -30,6 +30,7 @@ from geoagent.vlm import CallStats, VLMPool
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
+PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
 
 
@@ -136,13 +137,13 @@ class GeoAgent:
             readiness.warnings.append(f"{exc}; answering from the cache, questions it cannot answer will fail")
 
     def photos_in_flight(self) -> int:
-        """``max_concurrent_photos``, or as many photos as the busiest routed backend has request slots: a photo
-        keeps only a few questions in flight at a time (a tournament's later rounds, one or two), so one photo
-        per slot keeps the server saturated."""
+        """``max_concurrent_photos``, or two photos per request slot of the busiest routed backend: a photo keeps
+        one or two questions in flight on average (a tournament's later rounds, an adaptive match's second ask
+        waiting for its first), so two per slot keep the server saturated up to the batch's last photos."""
         if self.settings.agent.max_concurrent_photos is not None:
             return self.settings.agent.max_concurrent_photos
         slots = max(self.settings.backends[name].max_concurrency for name in self.settings.routed_profiles())
-        return max(MIN_PHOTOS_IN_FLIGHT, slots)
+        return max(MIN_PHOTOS_IN_FLIGHT, PHOTOS_PER_SLOT * slots)
 
     async def locate_many(
         self, photos: Sequence[str | Path], *, explain: bool = False
