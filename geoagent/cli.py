@@ -175,21 +175,28 @@ def _options(
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+# The flags of every command that locates photos (locate, batch).
+BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
+IndexOption = Annotated[Path | None, typer.Option("--index", help="Reference index folder (default: the gazetteer).")]
+TopKOption = Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")]
+StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting.")]
+PromptsOption = Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")]
 
 
 @app.command("locate")
 def locate(
     photos: Annotated[list[Path], typer.Argument(help="Photos to locate.", show_default=False, readable=False)],
     config: ConfigOption = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")] = None,
-    index: Annotated[Path | None, typer.Option("--index", help="Reference index folder (default: the gazetteer).")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")] = None,
-    strategy: Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting.")] = None,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    index: IndexOption = None,
+    top_k: TopKOption = None,
+    strategy: StrategyOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per photo (JSON Lines).")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Show the prior, clues, guesses and matches.")] = False,
     no_cache: NoCacheOption = False,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")] = None,
+    prompts: PromptsOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
@@ -254,6 +261,88 @@ def locate(
         code = asyncio.run(run())
         if code:
             raise typer.Exit(code)
+
+
+@app.command("batch")
+def batch(
+    source: Annotated[Path, typer.Argument(metavar="INPUT", help="A folder of photos (recursive), a CSV with a path column, or a text file of paths (one a line); paths relative to the file.", show_default=False, readable=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSON Lines journal (the output), or a .csv / .geojson written from a journal kept beside it.")],
+    out_format: Annotated[str | None, typer.Option("--format", help="jsonl | csv | geojson (default: from --out's suffix).", show_default=False)] = None,
+    engine: Annotated[str, typer.Option("--engine", help="Where photos are located: local (asyncio, one process).")] = "local",
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Locate again the photos the journal has as failed.")] = False,
+    config: ConfigOption = None,
+    backend: BackendOption = None,
+    model: ModelOption = None,
+    index: IndexOption = None,
+    top_k: TopKOption = None,
+    strategy: StrategyOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Journal each photo's trace too (prior, clues, guesses, matches).")] = False,
+    no_cache: NoCacheOption = False,
+    prompts: PromptsOption = None,
+) -> None:
+    """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
+    Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
+    from geoagent.batch.formats import plan_output
+    from geoagent.batch.runner import run_batch
+
+    with user_errors():
+        settings = apply_flags(
+            load_config(config), backend=backend, model=model, index=index, top_k=top_k,
+            strategy=strategy, prompts=prompts, no_cache=no_cache,
+        )
+        plan = plan_output(out, out_format)
+        with _batch_progress() as on_progress:
+            try:
+                report = asyncio.run(run_batch(
+                    settings, source, plan, engine=engine, retry_failed=retry_failed, explain=explain,
+                    on_progress=on_progress, on_error=print_error, on_warning=print_warning,
+                ))
+            except KeyboardInterrupt:
+                print_line(f"interrupted: every finished photo is in {display_path(plan.journal)}; rerun the same command to resume", stderr)
+                raise typer.Exit(130) from None
+        for problem in report.problems:
+            print_error(problem)
+        if not report.problems:
+            print_line(
+                f"{report.journal_located} located, {report.journal_failed} failed in {display_path(report.journal)} "
+                f"(this run: {report.located} located, {report.failed} failed, {report.skipped} already journalled"
+                + (f", {report.duplicates} named twice" if report.duplicates else "")
+                + f"; {report.vlm.requests} VLM requests, {report.vlm.cache_hits} cache hits)"
+                + (f"; wrote {display_path(report.output)}" if report.output else ""),
+                stderr,
+            )
+        if report.stopped:
+            print_error(report.stopped)
+        if report.stopped or report.unfinished:
+            print_line("answers received so far are cached and finished photos journalled: start the server and rerun to finish", stderr)
+        if report.exit_code:
+            raise typer.Exit(report.exit_code)
+
+
+@contextmanager
+def _batch_progress() -> Iterator[Any]:
+    """A progress bar on stderr for ``batch``: done/total, photos/s, ETA, VLM calls/s, cache hits, failures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
+        TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
+    )
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:  # no bar in a log file
+        task = bar.add_task("batch", total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+
+        def update(p: Any) -> None:
+            if not bar.tasks[0].started:
+                bar.start_task(task)
+                bar.update(task, completed=p.done_before)  # photos from earlier runs are not this run's speed
+            hit_rate = p.cache_hit_rate
+            bar.update(
+                task, completed=p.done, total=p.total, rate=f"{p.photos_per_s:.1f}", vlm=f"{p.vlm_calls_per_s:.1f}",
+                hits="-" if hit_rate is None else f"{hit_rate:.0%}", failed=p.failed,
+            )
+
+        yield update
 
 
 @app.command("eval")

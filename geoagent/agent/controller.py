@@ -42,6 +42,33 @@ class Readiness:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class RunGuard:
+    """When a run over many photos must stop: at the first failure that is not the photo's own (credentials
+    refused, model missing), or after ``UNREACHABLE_PHOTOS_BEFORE_STOP`` photos in a row lost to an unreachable
+    server. Shared by :meth:`GeoAgent.locate_many` and the batch engines."""
+
+    unreachable_in_a_row: int = 0
+
+    def stop_reason(self, outcome: LocateResult | GeoAgentError) -> str | None:
+        """Record one photo's outcome (in the order photos finish); why the run must stop now, or None."""
+        if not isinstance(outcome, GeoAgentError):
+            self.unreachable_in_a_row = 0
+            return None
+        if not outcome.per_item:
+            return f"stopped: {outcome}"
+        if isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError):
+            self.unreachable_in_a_row += 1
+            if self.unreachable_in_a_row >= UNREACHABLE_PHOTOS_BEFORE_STOP:
+                return f"stopped after {self.unreachable_in_a_row} photos in a row could not be answered: {outcome.cause}"
+        return None
+
+    @staticmethod
+    def keeps(outcome: LocateResult | GeoAgentError) -> bool:
+        """False for a failure that belongs to the run, not the photo: the photo was never really tried."""
+        return not isinstance(outcome, GeoAgentError) or outcome.per_item
+
+
 class GeoAgent:
     """Locate photos. Use as ``async with GeoAgent.from_config(...) as agent: await agent.locate(path)``."""
 
@@ -157,30 +184,20 @@ class GeoAgent:
         """
         limit = asyncio.Semaphore(self.photos_in_flight())
         stopped: asyncio.Future[RunStopped] = asyncio.get_running_loop().create_future()
-        unreachable_in_a_row = 0
-
-        def stop(reason: str) -> None:
-            if not stopped.done():
-                stopped.set_result(RunStopped(reason))
+        guard = RunGuard()
 
         async def one(photo: str | Path) -> LocateResult | GeoAgentError | None:
-            nonlocal unreachable_in_a_row
             async with limit:
                 if stopped.done():
                     return None  # never tried
                 try:
-                    result = await self.locate(photo, explain=explain)
+                    outcome: LocateResult | GeoAgentError = await self.locate(photo, explain=explain)
                 except GeoAgentError as exc:
-                    if not exc.per_item:
-                        stop(f"stopped: {exc}")
-                        return None
-                    if isinstance(exc, PhotoError) and isinstance(exc.cause, UnreachableError):
-                        unreachable_in_a_row += 1
-                        if unreachable_in_a_row >= UNREACHABLE_PHOTOS_BEFORE_STOP:
-                            stop(f"stopped after {unreachable_in_a_row} photos in a row could not be answered: {exc.cause}")
-                    return exc
-                unreachable_in_a_row = 0
-                return result
+                    outcome = exc
+                reason = guard.stop_reason(outcome)
+                if reason is not None and not stopped.done():
+                    stopped.set_result(RunStopped(reason))
+                return outcome if guard.keeps(outcome) else None
 
         tasks = [asyncio.create_task(one(p)) for p in photos]
         try:
