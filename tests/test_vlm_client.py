@@ -446,4 +446,5 @@ asyncio.run(main())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     imported, took, longest_gap = proc.stdout.split()
     assert imported == "True", proc.stderr
-    assert float(longest_gap) < min(0.5, float(took) / 2), (took, longest_gap)  # on the loop, the gap would be the import
+    # On the loop the longest gap would be the whole import; in a thread only GIL hand-offs remain (longer on a busy machine).
+    assert float(longest_gap) < float(took) / 2, (took, longest_gap)
