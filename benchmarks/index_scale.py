@@ -236,11 +236,14 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    load_before, started = os.getloadavg()[1], time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         rows = [row for n in args.sizes for row in measure(n, args.types, args.queries, Path(scratch))]
+    load_after, minutes = os.getloadavg()[1], (time.perf_counter() - started) / 60
     idle = min(float(row["baseline_anon_mb"]) for row in rows)
     lines = [
-        f"Measured in one run on this machine ({os.cpu_count()} CPU cores, no GPU); ratios travel better than absolute figures.",
+        f"Measured in one run on this machine ({os.cpu_count()} CPU cores, no GPU, shared: 5-minute load average "
+        f"{load_before:.1f} at the start, {load_after:.1f} at the end; {minutes:.0f} minutes); ratios travel better than absolute figures.",
         "",
         f"{args.queries} queries; single queries on one thread (flat: the first {min(int(r['singles']) for r in rows if r['index'] == 'flat')} "
         f"at the largest size), batches on every core. Peak anonymous memory includes the {idle:.0f} MB a process holds "
