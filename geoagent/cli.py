@@ -335,9 +335,14 @@ def prompts_list(
 @index_app.command("build")
 def index_build(
     source: Annotated[
-        Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].", readable=False)
+        Path,
+        typer.Argument(
+            help="A folder of photos with EXIF GPS (recursive), a CSV path,lat,lon[,country], or MP-16-style IMG_ID,LAT,LON with --images.",
+            readable=False,
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to create or update.")],
+    images: Annotated[Path | None, typer.Option("--images", help="Photo folder of an IMG_ID,LAT,LON metadata CSV.")] = None,
     index_type: Annotated[
         str | None, typer.Option("--type", help="flat (exact, default) | hnsw | ivf | ivfpq (compressed: millions on a laptop).")
     ] = None,
@@ -366,7 +371,7 @@ def index_build(
         from geoagent.retrieval.embedder import Embedder
         from geoagent.retrieval.index import build_index, read_source
 
-        items = read_source(source)  # a missing source or a bad CSV header fails before the model loads
+        items = read_source(source, images)  # a missing source or a bad CSV header fails before the model loads
         embedder = Embedder.load(settings.retrieval)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"), TimeRemainingColumn())
         with Progress(*columns, console=stderr, transient=True) as bar:

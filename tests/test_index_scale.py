@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import shutil
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -325,3 +327,64 @@ def test_a_csv_source_is_read_as_it_is_consumed(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# --- item 4: dataset loaders at full size --------------------------------------------------------------------------
+
+
+def mp16_csv(path: Path, rows: int, broken_end: bool = False) -> Path:
+    with path.open("w") as fh:
+        fh.write("IMG_ID,AUTHOR,LAT,LON\n")
+        fh.writelines(f"{i % 100:02d}/{i}.jpg,someone,{i % 170 - 85}.5,{i % 350 - 175}.25\n" for i in range(rows))
+        if broken_end:
+            fh.write("x" * 200_000 + ",b,1,2\n")
+    return path
+
+
+def live_bytes(work: Callable[[], object]) -> int:
+    """Python allocations still alive when ``work`` returns (its result included), leaving out CPython's
+    table of interned path parts, which pathlib grows once for the whole process."""
+    tracemalloc.start()
+    try:
+        result = work()
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    del result
+    kept = snapshot.filter_traces([tracemalloc.Filter(False, pathlib.__file__)])
+    return sum(stat.size for stat in kept.statistics("filename"))
+
+
+def test_an_mp16_sized_metadata_csv_streams_a_row_at_a_time(tmp_path):
+    """Halfway through 30,000 IMG_ID,LAT,LON rows the loader holds next to nothing (collecting them holds
+    megabytes); load_dataset(limit=10) stops reading after 10 photos (a broken row further down is never met)."""
+    from geoagent.eval.datasets import iter_dataset, load_dataset
+
+    meta, images = mp16_csv(tmp_path / "mp16.csv", 30_000), tmp_path / "mp16"
+
+    def halfway() -> object:
+        rows = iter_dataset(meta, images)
+        for _ in range(15_000):
+            next(rows)
+        return rows
+
+    streaming, collected = live_bytes(halfway), live_bytes(lambda: load_dataset(meta, images))
+    assert streaming < 200_000 and collected > 10 * streaming, f"streaming {streaming} B, collected {collected} B"
+    broken = mp16_csv(tmp_path / "broken.csv", 50, broken_end=True)
+    first = load_dataset(broken, tmp_path / "mp16", limit=10)
+    assert [item.path for item in first.items] == [tmp_path / "mp16" / f"{i:02d}/{i}.jpg" for i in range(10)]
+    with pytest.raises(InputError, match="broken.csv line 52: not a readable CSV"):
+        load_dataset(broken, tmp_path / "mp16")
+
+
+def test_index_build_reads_mp16_style_metadata_with_its_image_folder(tmp_path, embedder):
+    folder = tmp_path / "mp16"
+    photos(folder / "ab", 0, 3)
+    meta = tmp_path / "mp16.csv"
+    meta.write_text("IMG_ID,AUTHOR,LAT,LON\n" + "".join(f"ab/p{i:03d}.jpg,x,{i + 1}.5,{i + 2}.5\n" for i in range(3)) + "ab/gone.jpg,x,1,1\n")
+    with pytest.raises(InputError, match="needs the image folder: --images DIR"):
+        read_source(meta)
+    report = build_index(meta, tmp_path / "idx", embedder, images=folder)
+    assert report.indexed == 3 and report.skipped == [("ab/gone.jpg", "file not found")]
+    index = ReferenceIndex.open(tmp_path / "idx")
+    assert [(e.id, e.lat) for e in index.entries] == [("ab/p000.jpg", 1.5), ("ab/p001.jpg", 2.5), ("ab/p002.jpg", 3.5)]

@@ -266,32 +266,44 @@ def is_utf8(text: str) -> bool:
     return not any("\udc80" <= char <= "\udcff" for char in text)
 
 
-def read_csv(csv_path: Path) -> Iterator[SourceItem]:
-    """Rows ``path,lat,lon[,country]``, paths relative to the CSV's folder; the header is checked at once."""
+METADATA_COLUMNS = {"IMG_ID", "LAT", "LON"}  # IM2GPS3K, YFCC4K and MP-16 metadata: images in their own folder
+
+
+def read_csv(csv_path: Path, images: Path | None = None) -> Iterator[SourceItem]:
+    """Rows ``path,lat,lon[,country]`` (paths relative to the CSV's folder), or MP-16-style metadata
+    ``IMG_ID,...,LAT,LON`` with the photos under ``images``; the header is checked at once, rows are read as
+    they are consumed."""
     columns, rows = read_csv_rows(csv_path)
-    missing = {"path", "lat", "lon"} - columns
-    if missing:
+    shown = display_path(csv_path)
+    problem = None
+    if METADATA_COLUMNS <= columns and images is None:
+        problem = f"{shown}: an IMG_ID,LAT,LON metadata file needs the image folder: --images DIR"
+    elif not METADATA_COLUMNS <= columns and {"path", "lat", "lon"} - columns:
+        missing = ", ".join(sorted({"path", "lat", "lon"} - columns))
+        problem = f"{shown}: missing column(s) {missing} (need path,lat,lon[,country], or IMG_ID,LAT,LON with --images)"
+    if problem:
         rows.close()
-        raise InputError(f"{display_path(csv_path)}: missing column(s) {', '.join(sorted(missing))} (need path,lat,lon[,country])")
-    return _csv_items(csv_path, rows)
+        raise InputError(problem)
+    layout = ("IMG_ID", "LAT", "LON", images) if METADATA_COLUMNS <= columns else ("path", "lat", "lon", csv_path.parent)
+    return _csv_items(csv_path, rows, *layout)  # type: ignore[arg-type]
 
 
-def _csv_items(csv_path: Path, rows: Iterator[CsvRow]) -> Iterator[SourceItem]:
+def _csv_items(csv_path: Path, rows: Iterator[CsvRow], name: str, lat_column: str, lon_column: str, folder: Path) -> Iterator[SourceItem]:
     for row in rows:
-        name = row.name(csv_path, "path")
+        item_id = row.name(csv_path, name)
         if row.problem:
-            yield SourceItem(name, csv_path.parent, None, None, problem=row.problem)
+            yield SourceItem(item_id, folder, None, None, problem=row.problem)
             continue
         try:
-            lat, lon = float(row.cells["lat"]), float(row.cells["lon"])
+            lat, lon = float(row.cells[lat_column]), float(row.cells[lon_column])
             if not (-90 <= lat <= 90 and -180 <= lon <= 180):
                 raise ValueError
         except (TypeError, ValueError):
-            yield SourceItem(name, csv_path.parent, None, None, problem="invalid lat/lon")
+            yield SourceItem(item_id, folder, None, None, problem="invalid lat/lon")
             continue
-        path, problem = resolve(csv_path.parent / (row.cells.get("path") or "").strip())
+        path, problem = resolve(folder / (row.cells.get(name) or "").strip())
         country = (row.cells.get("country") or "").strip().upper() or None
-        yield SourceItem(name, path or csv_path.parent, lat, lon, country, problem)
+        yield SourceItem(item_id, path or folder, lat, lon, country, problem)
 
 
 _VIGOR_TILE = re.compile(r"^satellite_(?P<lat>-?\d+\.\d+)_(?P<lon>-?\d+\.\d+)\.png$")
@@ -306,15 +318,15 @@ def read_vigor_tiles(root: Path) -> Iterator[SourceItem]:
                 yield SourceItem(tile.relative_to(root).as_posix(), tile.resolve(), float(match["lat"]), float(match["lon"]), "US")
 
 
-def read_source(source: Path) -> Iterator[SourceItem]:
-    """The photos of a folder, VIGOR folder or CSV, read lazily; a missing source or a bad CSV header is an
-    InputError now, before anything is read or loaded."""
+def read_source(source: Path, images: Path | None = None) -> Iterator[SourceItem]:
+    """The photos of a folder, VIGOR folder or CSV (``images``: the photo folder of an IMG_ID,LAT,LON CSV),
+    read lazily; a missing source or a bad CSV header is an InputError now, before anything is read or loaded."""
     if source.is_dir() and (source / "splits").is_dir():
         return read_vigor_tiles(source)
     if source.is_dir():
         return read_folder(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        return read_csv(source)
+        return read_csv(source, images)
     if not source.exists():
         raise InputError(f"{display_path(source)}: no such folder or CSV")
     raise InputError(f"{display_path(source)}: expected a folder of photos or a CSV with path,lat,lon[,country]")
@@ -640,15 +652,17 @@ def build_index(
     progress: Callable[[int, int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     items: Iterable[SourceItem] | None = None,
+    images: Path | None = None,
     chunk_rows: int = INDEX_CHUNK_ROWS,
 ) -> BuildReport:
     """Index the photos of ``source`` into ``out``: a new version, reusing the embeddings of unchanged files
     from the live one; or, with ``append``, the live version plus the photos it does not hold yet.
 
-    ``items``: what :func:`read_source` gave for ``source``, when the caller read it already.
+    ``items``: what :func:`read_source` gave for ``source``, when the caller read it already; ``images``: the
+    photo folder of an IMG_ID,LAT,LON metadata CSV.
     """
     out = out.expanduser()
-    items = read_source(source) if items is None else items
+    items = read_source(source, images) if items is None else items
     report = BuildReport()
     live = _open_live(out)
     if append:
