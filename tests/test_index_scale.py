@@ -124,6 +124,10 @@ def test_default_parameters_follow_the_documented_size_rule():
     assert default_params("ivfpq", 100_000, 96).pq_m == 12  # divides the dimension
     overridden = default_params("ivf", 100_000, 512, {"nlist": 100, "nprobe": 7})
     assert (overridden.nlist, overridden.nprobe) == (100, 7)
+    with pytest.raises(ConfigError, match="nlist applies to ivf and ivfpq indexes, not hnsw"):
+        default_params("hnsw", 100_000, 512, {"nlist": 100})
+    with pytest.raises(ConfigError, match="pq_m 48 bytes do not divide the embedding dimension 512"):
+        default_params("ivfpq", 100_000, 512, {"pq_m": 48})
 
 
 def test_searches_use_the_parameters_stored_in_the_manifest(tmp_path):
@@ -172,6 +176,7 @@ def test_submap_search_is_exact_over_the_submap_read_a_chunk_at_a_time(tmp_path,
     order = np.argsort(-sims, kind="stable")[:10]
     assert np.array_equal(found, rows[order]) and np.allclose(scores, sims[order], atol=1e-6)
     assert list(found[:2]) == [3, 21]
+    assert table.clusters_in({"jp"}) == {int(c) for c in table.cluster[rows]}
 
 
 def test_an_ivf_index_moved_elsewhere_opens_and_faiss_prints_nothing(tmp_path, capfd):

@@ -56,6 +56,7 @@ from geoagent.retrieval.vectors import (
     NpyAppender,
     ParamOverrides,
     VectorTable,
+    check_overrides,
     default_params,
     geo_kmeans,
     nearest_centroid,
@@ -509,6 +510,7 @@ class IndexWriter:
     ) -> None:
         self.out, self.spec, self.index_type, self.source = out.expanduser(), spec, index_type, source
         self.kmeans_k, self.overrides, self.base, self.chunk_rows = kmeans_k, overrides or {}, base, chunk_rows
+        check_overrides(index_type, base.manifest.dim if base else None, self.overrides)  # before any photo is embedded
         self.name = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
         self.out.mkdir(parents=True, exist_ok=True)
         self.staging = self.out / staging_name(self.name)
@@ -554,6 +556,7 @@ class IndexWriter:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(drafts), -1)
         if self._vectors is None:
+            check_overrides(self.index_type, vectors.shape[1], self.overrides)
             self._vectors = NpyAppender(self.staging / "vectors.npy", vectors.shape[1])
         missing = [i for i, draft in enumerate(drafts) if draft.place is None]
         found = iter(reverse_geocode(np.array([drafts[i].lat for i in missing]), np.array([drafts[i].lon for i in missing])) if missing else [])
@@ -600,8 +603,9 @@ class IndexWriter:
         vectors = np.load(self.staging / "vectors.npy", mmap_mode="r")
         params = default_params(self.index_type, self.count, vectors.shape[1], self.overrides)
         grow = base is not None and base.manifest.params.kind == params.kind
-        if grow:
-            params = base.manifest.params  # type: ignore[union-attr]
+        if grow:  # the trained quantizer stays; how it is searched may change
+            searching = {key: value for key, value in self.overrides.items() if key in ("nprobe", "ef_search")}
+            params = base.manifest.params.model_copy(update=searching)  # type: ignore[union-attr]
         write_ann(
             vectors, self.staging, params, final_folder=self.out / self.name, chunk_rows=self.chunk_rows,
             base_folder=base.version if grow else None, base_lists=base.manifest.lists_path if grow else None,  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel
 
+from geoagent.errors import ConfigError
 from geoagent.geo import from_unit_vectors, unit_vectors
 
 IndexType = Literal["flat", "hnsw", "ivf", "ivfpq"]
@@ -88,25 +89,34 @@ class IndexParams(BaseModel):
 
 
 ParamOverrides = dict[str, int]  # nlist / nprobe / ef_search / pq_m given by the user
+OVERRIDABLE: dict[str, tuple[IndexType, ...]] = {"nlist": ("ivf", "ivfpq"), "nprobe": ("ivf", "ivfpq"), "ef_search": ("hnsw",), "pq_m": ("ivfpq",)}
+
+
+def check_overrides(index_type: IndexType, dim: int | None, overrides: ParamOverrides) -> None:
+    """ConfigError for a parameter the type does not have, or a PQ size that does not divide the dimension."""
+    for key in overrides:
+        if index_type not in OVERRIDABLE[key]:
+            raise ConfigError(f"{key} applies to {' and '.join(OVERRIDABLE[key])} indexes, not {index_type}")
+    if dim is not None and dim % overrides.get("pq_m", 1):
+        raise ConfigError(f"pq_m {overrides['pq_m']} bytes do not divide the embedding dimension {dim}")
 
 
 def default_params(index_type: IndexType, n: int, dim: int, overrides: ParamOverrides | None = None) -> IndexParams:
     """The parameters for ``n`` vectors of ``dim`` dimensions (the rule is in the module docstring)."""
     overrides = overrides or {}
+    check_overrides(index_type, dim, overrides)
     if index_type == "flat" or n < EXACT_BELOW:
         return IndexParams(kind="flat")
     if index_type == "hnsw":
         ef_search = next((ef for below, ef in HNSW_EF_SEARCH_STEPS if n < below), HNSW_EF_SEARCH_MAX)
         ef_construction = HNSW_EF_CONSTRUCTION if n < LARGE_INDEX else HNSW_EF_CONSTRUCTION_LARGE
         params = IndexParams(kind="hnsw", hnsw_m=HNSW_NEIGHBOURS, ef_construction=ef_construction, ef_search=ef_search)
-        return params.model_copy(update={k: v for k, v in overrides.items() if k == "ef_search"})
+        return params.model_copy(update=overrides)
     nlist = overrides.get("nlist") or max(1, min(int(IVF_LISTS_PER_SQRT * math.sqrt(n)), n // IVF_MIN_POINTS_PER_LIST))
     nprobe = overrides.get("nprobe") or max(IVF_NPROBE_MIN, nlist // IVF_NPROBE_FRACTION)
     params = IndexParams(kind=index_type, nlist=nlist, nprobe=min(nprobe, nlist), trained_on=n)
     if index_type == "ivfpq":
         pq_m = overrides.get("pq_m") or _pq_subquantizers(dim)
-        if dim % pq_m:
-            raise ValueError(f"pq_m {pq_m} does not divide the dimension {dim}")
         train = _train_size(params, n)
         bits = max(PQ_MIN_BITS, min(PQ_MAX_BITS, int(math.log2(max(2, train / IVF_MIN_POINTS_PER_LIST)))))
         params = params.model_copy(update={"pq_m": pq_m, "pq_bits": bits, "rerank": RERANK_SHORTLIST})
@@ -425,6 +435,11 @@ class VectorTable:
             top = np.lexsort((pos, -sims))[:k]
             best_pos, best_sims = pos[top], sims[top]
         return rows[best_pos].astype(np.int64), best_sims
+
+    def clusters_in(self, countries: set[str]) -> set[int]:
+        """The geographic clusters holding rows of the given countries (vectorised: millions of rows)."""
+        inside = np.isin(self.country, sorted(c.upper() for c in countries))
+        return {int(c) for c in np.unique(np.asarray(self.cluster)[inside])}
 
     def nearest_clusters(self, lat: float, lon: float, n: int = 1) -> list[int]:
         """The ``n`` clusters whose centroids lie nearest a coordinate."""
