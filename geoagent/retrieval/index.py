@@ -74,6 +74,7 @@ LOCK = ".lock"  # held while CURRENT moves and old versions are removed, so conc
 STALE_STAGING_AGE_S = 6 * 3600  # a staging folder untouched this long belongs to a build that is gone
 HEARTBEAT_S = 60  # a build touches its staging folder this often, so a long one is never taken for stale
 PASS_THROUGH_ROWS = 4096  # reused rows written at once between embedding batches
+GEOCODE_ROWS = 256  # rows reverse-geocoded per call: 0.13 ms a row here, against 0.5 ms a row 32 at a time
 ROW_DTYPE = np.dtype([("lat", "<f8"), ("lon", "<f8"), ("cluster", "<i4"), ("country", "<i4"), ("key", "<u8"), ("offset", "<i8")])
 _T = TypeVar("_T")
 
@@ -517,13 +518,18 @@ class IndexWriter:
         self.staging.mkdir()
         self._touched = time.monotonic()
         self._vectors: NpyAppender | None = None
-        self._columns: list[np.ndarray] = []  # (lat, lon, key, offset, country) per add, as ROW_DTYPE rows
+        self._columns: list[np.ndarray] = []  # ROW_DTYPE rows, one block per add (clusters filled at commit)
         self._countries: dict[str, int] = {}  # code -> index in first-seen order
+        self._drafts: list[RowDraft] = []  # rows whose vectors are written, entries not yet
         self.count = 0
         self.added = 0
-        self._entries = open(self.staging / "entries.jsonl", "wb")  # noqa: SIM115 - closed by commit/abort
-        if base is not None:
-            self._copy_base(base)
+        try:
+            self._entries = open(self.staging / "entries.jsonl", "wb")  # noqa: SIM115 - closed by commit/abort
+            if base is not None:
+                self._copy_base(base)
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
 
     def __enter__(self) -> IndexWriter:
         return self
@@ -551,40 +557,52 @@ class IndexWriter:
         self.count = len(base.rows)
 
     def add(self, drafts: Sequence[RowDraft], vectors: np.ndarray) -> None:
-        """Append rows (their vectors L2-normalised, row i for draft i)."""
+        """Append rows (their vectors L2-normalised, row i for draft i). Vectors go to disk now; entries wait
+        for GEOCODE_ROWS of them, as reverse geocoding costs per call far more than per row."""
         if not drafts:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(drafts), -1)
         if self._vectors is None:
             check_overrides(self.index_type, vectors.shape[1], self.overrides)
             self._vectors = NpyAppender(self.staging / "vectors.npy", vectors.shape[1])
-        missing = [i for i, draft in enumerate(drafts) if draft.place is None]
-        found = iter(reverse_geocode(np.array([drafts[i].lat for i in missing]), np.array([drafts[i].lon for i in missing])) if missing else [])
-        block = np.zeros(len(drafts), dtype=ROW_DTYPE)
-        offset, lines = self._entries.tell(), []
-        for i, draft in enumerate(drafts):
-            country, place = next(found) if draft.place is None else (draft.country or "", draft.place)
-            entry = IndexEntry(
-                id=draft.id, path=draft.path, lat=draft.lat, lon=draft.lon, country=draft.country or country,
-                place=place, size=draft.size, mtime_ns=draft.mtime_ns,
-            )  # fmt: skip
-            line = entry.model_dump_json(exclude={"cluster"}).encode() + b"\n"
-            block[i] = (draft.lat, draft.lon, 0, self._countries.setdefault(entry.country, len(self._countries)), id_key(draft.id), offset)
-            offset += len(line)
-            lines.append(line)
-        self._entries.write(b"".join(lines))
         self._vectors.append(vectors)
-        self._columns.append(block)
+        self._drafts.extend(drafts)
         self.count += len(drafts)
         self.added += len(drafts)
+        if len(self._drafts) >= GEOCODE_ROWS:
+            self._write_entries()
         if time.monotonic() - self._touched > HEARTBEAT_S:
             os.utime(self.staging)
             self._touched = time.monotonic()
+
+    def _write_entries(self) -> None:
+        """The waiting rows' entries (places reverse-geocoded where not given) and their ROW_DTYPE columns."""
+        for start in range(0, len(self._drafts), GEOCODE_ROWS):
+            drafts = self._drafts[start : start + GEOCODE_ROWS]
+            missing = [draft for draft in drafts if draft.place is None]
+            found = iter(reverse_geocode(np.array([d.lat for d in missing]), np.array([d.lon for d in missing])) if missing else [])
+            block = np.zeros(len(drafts), dtype=ROW_DTYPE)
+            offset, lines = self._entries.tell(), []
+            for i, draft in enumerate(drafts):
+                country, place = next(found) if draft.place is None else (draft.country or "", draft.place)
+                entry = IndexEntry(
+                    id=draft.id, path=draft.path, lat=draft.lat, lon=draft.lon, country=draft.country or country,
+                    place=place, size=draft.size, mtime_ns=draft.mtime_ns,
+                )  # fmt: skip
+                line = entry.model_dump_json(exclude={"cluster"}).encode() + b"\n"
+                code = self._countries.setdefault(entry.country, len(self._countries))
+                block[i] = (draft.lat, draft.lon, 0, code, id_key(draft.id), offset)
+                offset += len(line)
+                lines.append(line)
+            self._entries.write(b"".join(lines))
+            self._columns.append(block)
+        self._drafts = []
 
     def commit(self) -> tuple[str, IndexManifest]:
         """Cluster the rows, build the faiss index, write the manifest, then move ``CURRENT`` here."""
         if self._vectors is None or self.count == 0:
             raise ValueError("nothing to commit")
+        self._write_entries()
         self._entries.close()
         self._vectors.close()
         rows = np.concatenate(self._columns)

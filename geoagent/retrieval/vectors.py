@@ -48,7 +48,7 @@ HNSW_EF_CONSTRUCTION_LARGE = 40  # from LARGE_INDEX vectors: halves the build ti
 LARGE_INDEX = 1_000_000
 HNSW_EF_SEARCH_STEPS = ((100_000, 64), (LARGE_INDEX, 128))  # (below n, efSearch); 256 beyond
 HNSW_EF_SEARCH_MAX = 256
-HNSW_EF_SEARCH = 128  # the floor applied to indexes built before efSearch was stored
+HNSW_EF_SEARCH = 128  # when the parameters name none
 IVF_LISTS_PER_SQRT = 2  # nlist = 2 * sqrt(n)
 IVF_MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns and clusters poorly
 IVF_TRAIN_POINTS_PER_LIST = 40  # training sample per list: enough, and k-means cost grows with it
