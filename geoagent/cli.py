@@ -438,26 +438,43 @@ def prompts_export(
 @index_app.command("build")
 def index_build(
     source: Annotated[
-        Path, typer.Argument(help="A folder of photos with EXIF GPS (recursive), or a CSV path,lat,lon[,country].", readable=False)
+        Path,
+        typer.Argument(
+            help="A folder of photos with EXIF GPS (recursive), a CSV path,lat,lon[,country], or MP-16-style IMG_ID,LAT,LON with --images.",
+            readable=False,
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to create or update.")],
-    index_type: Annotated[str, typer.Option("--type", help="flat (exact) | hnsw | ivf (approximate, for large sets).")] = "flat",
+    images: Annotated[Path | None, typer.Option("--images", help="Photo folder of an IMG_ID,LAT,LON metadata CSV.")] = None,
+    index_type: Annotated[
+        str | None, typer.Option("--type", help="flat (exact, default) | hnsw | ivf | ivfpq (compressed: millions on a laptop).")
+    ] = None,
+    append: Annotated[bool, typer.Option("--append", help="Add SOURCE's photos to the index as it is, without a rebuild.")] = False,
+    nlist: Annotated[int | None, typer.Option("--nlist", min=1, help="ivf/ivfpq: inverted lists (default 2*sqrt(n)).")] = None,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", min=1, help="ivf/ivfpq: lists searched (default nlist/16, at least 16).")] = None,
+    ef_search: Annotated[int | None, typer.Option("--ef-search", min=1, help="hnsw: search breadth (default 64/128/256 by size).")] = None,
+    pq_bytes: Annotated[int | None, typer.Option("--pq-bytes", min=1, help="ivfpq: bytes per vector (default dim/8).")] = None,
     kmeans: Annotated[int | None, typer.Option("--kmeans", help="Geographic k-means clusters (default: retrieval.kmeans_k).")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Embed geotagged photos with open_clip and index them with faiss. Reruns embed only new or changed files."""
+    """Embed geotagged photos with open_clip and index them with faiss, streaming (memory stays bounded).
+
+    Reruns embed only new or changed files; --append adds photos to the live index without a rebuild."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with user_errors():
         from geoagent.retrieval.vectors import INDEX_TYPES
 
-        if index_type not in INDEX_TYPES:
+        if index_type is not None and index_type not in INDEX_TYPES:
             raise ConfigError(f"--type: '{index_type}' is not one of {', '.join(INDEX_TYPES)}")
+        overrides = {k: v for k, v in {"nlist": nlist, "nprobe": nprobe, "ef_search": ef_search, "pq_m": pq_bytes}.items() if v}
+        if append and (nlist or pq_bytes):
+            raise ConfigError("--nlist/--pq-bytes: --append keeps the trained quantizer; rebuild without --append to change them")
         settings = load_config(config)
         from geoagent.retrieval.embedder import Embedder
         from geoagent.retrieval.index import build_index, read_source
 
-        items = read_source(source)  # a missing or unreadable source fails before the model loads
+        items = read_source(source, images)  # a missing source or a bad CSV header fails before the model loads
         embedder = Embedder.load(settings.retrieval)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"), TimeRemainingColumn())
         with Progress(*columns, console=stderr, transient=True) as bar:
@@ -473,18 +490,29 @@ def index_build(
                 out,
                 embedder,
                 index_type=index_type,  # type: ignore[arg-type]
+                overrides=overrides,
+                append=append,
                 kmeans_k=kmeans or settings.retrieval.kmeans_k,
                 batch_size=settings.retrieval.batch_size,
                 progress=advance,
                 on_total=lambda total: bar.update(task, total=total),
                 items=items,
             )
-        print_line(
-            f"indexed {report.indexed} photos into {display_path(out)} ({report.embedded} embedded, "
-            f"{report.reused} reused), skipped {len(report.skipped)}"
-        )
+        search = report.params.describe() if report.params else "-"
+        if append:
+            print_line(
+                f"appended {report.appended} photos to {display_path(out)} (now {report.indexed}; {search}; "
+                f"{report.already} already in it), skipped {len(report.skipped)}"
+            )
+        else:
+            print_line(
+                f"indexed {report.indexed} photos into {display_path(out)} ({report.embedded} embedded, "
+                f"{report.reused} reused; {search}), skipped {len(report.skipped)}"
+            )
         for name, reason in report.skipped:
             print_line(f"  skipped {name}: {reason}")
+        if report.hint:
+            print_line(f"hint: {report.hint}", stderr)
 
 
 @index_app.command("info")
@@ -493,7 +521,7 @@ def index_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Entry count, embedder, index type and the countries covered."""
+    """Entry count, embedder, index type and its search parameters, size on disk, the countries covered."""
     with user_errors():
         from geoagent.retrieval.index import ReferenceIndex, index_summary
 
@@ -503,6 +531,7 @@ def index_info(
             stdout.print_json(data=summary)
             return
         countries: dict[str, int] = summary.pop("countries")  # type: ignore[assignment]
+        summary.pop("params")  # "search" says it in one line
         for key, value in summary.items():
             print_line(f"{key:>16}: {value}")
         top = ", ".join(f"{code} {count}" for code, count in list(countries.items())[:20])

@@ -400,7 +400,7 @@ source, out, staged, go = map(Path, sys.argv[1:5])
 real_save = np.save
 
 def save(path, array, *args, **kwargs):
-    if Path(path).name == "vectors.npy" and not staged.exists():
+    if Path(path).name == "rows.npy" and not staged.exists():
         staged.touch()  # our staging folder exists now: let the other build commit, then go on
         deadline = time.monotonic() + 120
         while not go.exists() and time.monotonic() < deadline:
