@@ -11,6 +11,7 @@ import ray
 
 from conftest import run_cli, write_world_config
 from test_batch import journal, path_list, prediction
+from test_packaging import run_cli_without
 from standin import StandinConfig, WorldJudge
 
 RAY_CPUS = 2
@@ -63,3 +64,13 @@ def test_two_ray_workers_together_never_exceed_a_profiles_max_concurrency(world,
     assert proc.returncode == 0, proc.stderr
     assert len(journal(tmp_path / "r.jsonl")) == 8
     assert server.max_busy == 2, server.max_busy
+
+
+def test_the_ray_engine_without_the_ray_extra_says_how_to_install_it(world, tmp_path):
+    """No ray installed: one line naming `pip install 'geoagent-vlm[ray]'`, exit 2, no journal started."""
+    proc = run_cli_without("ray", "batch", str(world.root / "queries"), "--out", str(tmp_path / "r.jsonl"), "--engine", "ray", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --engine ray needs the ray extra: pip install 'geoagent-vlm[ray]'"
+    ]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.jsonl").exists()
