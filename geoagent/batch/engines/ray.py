@@ -138,14 +138,13 @@ def connect() -> None:
     """Join the cluster at ``RAY_ADDRESS``, or start a local instance on this machine's CPUs."""
     if ray.is_initialized():
         return
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}  # stderr is the progress bar's
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(**quiet)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **quiet)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the runner draws the only progress bar
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 class Engine(BaseEngine):
@@ -188,7 +187,7 @@ class Engine(BaseEngine):
             fn_constructor_kwargs={"retrieval": self.settings.retrieval},
             batch_size=EMBED_BATCH,
             batch_format="numpy",
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=self.gpus_per_embedder,
         )
         return dataset.take_all()
