@@ -74,3 +74,18 @@ def test_the_ray_engine_without_the_ray_extra_says_how_to_install_it(world, tmp_
         "error: --engine ray needs the ray extra: pip install 'geoagent-vlm[ray]'"
     ]
     assert "Traceback" not in proc.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_worker_count_that_is_not_a_number_is_one_clear_line(monkeypatch):
+    """GEOAGENT_RAY_WORKERS=two names the variable and the value; unset, it is one worker per cluster CPU."""
+    from geoagent.batch.engines.ray import worker_count
+    from geoagent.errors import ConfigError
+
+    monkeypatch.setenv("GEOAGENT_RAY_WORKERS", "two")
+    with pytest.raises(ConfigError, match=r"^GEOAGENT_RAY_WORKERS='two': not a whole number of workers \(1 or more\)$"):
+        worker_count({"CPU": 4.0})
+    monkeypatch.setenv("GEOAGENT_RAY_WORKERS", "0")
+    with pytest.raises(ConfigError, match="not a whole number"):
+        worker_count({"CPU": 4.0})
+    monkeypatch.delenv("GEOAGENT_RAY_WORKERS")
+    assert worker_count({"CPU": 4.0}) == 4

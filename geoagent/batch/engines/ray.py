@@ -147,29 +147,52 @@ def connect() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
+def worker_count(resources: dict[str, float]) -> int:
+    """``GEOAGENT_RAY_WORKERS``, else one worker per CPU of the cluster."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        return max(1, int(resources.get("CPU", 1)))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{WORKERS_ENV}={raw!r}: not a whole number of workers (1 or more)")
+    return int(raw)
+
+
 class Engine(BaseEngine):
     """The batch on Ray: ``ray.data`` embeds INPUT chunk by chunk, :class:`LocateWorker` actors locate, the
     driver keeps at most ``GeoAgent.photos_in_flight()`` photos at the workers and one chunk embedded ahead."""
 
     def __init__(self, settings: Settings, *, explain: bool = False) -> None:
         super().__init__(settings, explain=explain)
-        connect()
-        profiles = settings.routed_profiles()
-        self.gates = {
-            name: ProfileGate.options(max_concurrency=GATE_MAX_WAITERS).remote(settings.backends[name].max_concurrency)
-            for name in profiles
-        }
         self.slots = GeoAgent(settings).photos_in_flight()
-        count = int(os.environ.get(WORKERS_ENV) or ray.cluster_resources().get("CPU", 1))
-        self.workers = [
-            LocateWorker.options(max_concurrency=self.slots).remote(settings, self.gates) for _ in range(max(1, count))
-        ]
-        self.gpus_per_embedder = 1 if ray.cluster_resources().get("GPU", 0) else 0
+        self.gates: dict[str, Any] = {}
+        self.workers: list[Any] = []
+        self.gpus_per_embedder = 0
         self._totals: dict[int, CallStats] = {}
+
+    async def __aenter__(self) -> Engine:
+        await asyncio.to_thread(self._start)  # joining or starting a cluster takes seconds
+        return self
+
+    def _start(self) -> None:
+        """Join the cluster; start the gates and the workers."""
+        connect()
+        resources = ray.cluster_resources()
+        self.gates = {
+            name: ProfileGate.options(max_concurrency=GATE_MAX_WAITERS).remote(self.settings.backends[name].max_concurrency)
+            for name in self.settings.routed_profiles()
+        }
+        self.workers = [
+            LocateWorker.options(max_concurrency=self.slots).remote(self.settings, self.gates)
+            for _ in range(worker_count(resources))
+        ]
+        self.gpus_per_embedder = 1 if resources.get("GPU", 0) else 0
 
     async def preflight(self) -> Readiness:
         """Each worker's (they load their index and check the servers now, not on their first photo)."""
-        found = await asyncio.gather(*(_awaitable(worker.preflight.remote()) for worker in self.workers))
+        try:
+            found = await asyncio.gather(*(_awaitable(worker.preflight.remote()) for worker in self.workers))
+        except ray.exceptions.RayError as exc:
+            return Readiness(problems=[ConfigError(f"the Ray workers could not start: {_first_line(exc)}")])
         return found[0]
 
     def totals(self) -> CallStats:
@@ -228,14 +251,18 @@ class Engine(BaseEngine):
                     break
                 finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for done in finished:
-                    if done is embedding:
-                        chunk = embedding.result()
-                        more = len(chunk) == EMBED_CHUNK
-                        ready.extend(chunk)
-                        embedding = None
+                    try:
+                        if done is embedding:
+                            chunk = embedding.result()
+                            more = len(chunk) == EMBED_CHUNK
+                            ready.extend(chunk)
+                            embedding = None
+                            continue
+                        item, index = running.pop(done)
+                        outcome, self._totals[index] = done.result()
+                    except ray.exceptions.RayError as exc:  # a worker or the CLIP actor died: a rerun resumes
+                        stop = stop or f"stopped: a Ray actor failed: {_first_line(exc)}"
                         continue
-                    item, index = running.pop(done)
-                    outcome, self._totals[index] = done.result()
                     stop = stop or guard.stop_reason(outcome)
                     if guard.keeps(outcome):
                         yield item, outcome
@@ -244,6 +271,10 @@ class Engine(BaseEngine):
         finally:
             for pending in [*running, *([embedding] if embedding is not None else [])]:
                 pending.cancel()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _awaitable(ref: Any) -> asyncio.Future[Any]:
