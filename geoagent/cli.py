@@ -268,7 +268,7 @@ def batch(
     source: Annotated[Path, typer.Argument(metavar="INPUT", help="A folder of photos (recursive), a CSV with a path column, or a text file of paths (one a line); paths relative to the file.", show_default=False, readable=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSON Lines journal (the output), or a .csv / .geojson written from a journal kept beside it.")],
     out_format: Annotated[str | None, typer.Option("--format", help="jsonl | csv | geojson (default: from --out's suffix).", show_default=False)] = None,
-    engine: Annotated[str, typer.Option("--engine", help="Where photos are located: local (asyncio, one process).")] = "local",
+    engine: Annotated[str, typer.Option("--engine", help="Where photos are located: local (asyncio, one process) or ray (a Ray cluster at RAY_ADDRESS, else a local one; the ray extra).")] = "local",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Locate again the photos the journal has as failed.")] = False,
     config: ConfigOption = None,
     backend: BackendOption = None,

@@ -84,6 +84,10 @@ class PhotoError(GeoAgentError):
         super().__init__(message)
         self.cause = cause
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable (a Ray worker sends it back to the driver): rebuilt with its cause."""
+        return type(self), (self.args[0], self.cause), self.__dict__
+
 
 class RunStopped(GeoAgentError):
     """The run stopped early because every remaining photo would fail (the message says why)."""

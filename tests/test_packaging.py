@@ -146,7 +146,7 @@ def test_extras_keep_a_plain_install_lean():
     assert [r.split(">")[0] for r in extras["hosted"]] == ["litellm"]
     assert "!=1.82.7" in extras["hosted"][0] and "!=1.82.8" in extras["hosted"][0] and "<=1.106.2" in extras["hosted"][0]
     assert extras["plot"][0].startswith("matplotlib") and extras["heic"][0].startswith("pillow-heif")
-    assert "geoagent-vlm[hosted,plot,engine]" in extras["test"]
+    assert "geoagent-vlm[hosted,plot,engine,ray]" in extras["test"]
     assert [r.split(">")[0] for r in extras["engine"]] == ["transformers[serving]"]
 
 

@@ -213,8 +213,11 @@ class GeoAgent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def locate(self, photo: str | Path, *, explain: bool = False) -> LocateResult:
-        """Where was ``photo`` taken? Raises InputError for an unusable photo."""
+    async def locate(self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None) -> LocateResult:
+        """Where was ``photo`` taken? Raises InputError for an unusable photo.
+
+        ``vector``: the photo's CLIP embedding when it was computed already (the Ray engine embeds in batches).
+        """
         cfg = self.settings.agent
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -230,7 +233,7 @@ class GeoAgent:
 
         image = await asyncio.to_thread(open_image, photo)
         query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed)
+        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -297,7 +300,7 @@ class GeoAgent:
         )
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any
+        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -314,7 +317,8 @@ class GeoAgent:
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
-            vector = await timed("embed", retriever.embed(image))
+            if vector is None:
+                vector = await timed("embed", retriever.embed(image))
             if cfg.submap != "none" and prior_task is not None:
                 prior = await prior_task
             if cfg.submap == "kmeans" and reasoning_task is not None:

@@ -11,6 +11,7 @@ import copy
 import functools
 import time
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,9 @@ class VLMClient:
         self.totals = CallStats()
         #: Set when the server is known to be unusable: questions the cache cannot answer fail at once with it.
         self.unavailable: BackendError | None = None
-        self._limit = asyncio.Semaphore(profile.max_concurrency)
+        #: Requests of this profile in flight at once: any async context manager (the Ray engine puts a
+        #: cluster-wide one here, so the limit holds across workers).
+        self.limit: AbstractAsyncContextManager[Any] = asyncio.Semaphore(profile.max_concurrency)
         self._inflight: dict[str, _Shared] = {}
         self._identity: str | None = None
         self._identity_lock = asyncio.Lock()
@@ -251,7 +254,7 @@ class VLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    async with self._limit:
+                    async with self.limit:
                         stats.requests += 1
                         completion = await self.backend.complete(request)
                     stats.prompt_tokens += completion.usage.prompt_tokens

@@ -1,0 +1,283 @@
+"""The Ray engine: the local engine's pipeline spread over a Ray cluster (``RAY_ADDRESS``, else a local one).
+
+What runs where:
+
+- the driver (this process) reads INPUT, keeps the journal (the runner's) and hands photos out;
+- ``ray.data`` reads and embeds the photos in batches: ``map_batches`` with :class:`ClipEmbedder`, an actor
+  holding the CLIP model (on a GPU when the cluster has one);
+- :class:`LocateWorker` actors (async) run ``GeoAgent.locate`` on each embedded photo;
+- one :class:`ProfileGate` actor per backend profile holds that profile's ``max_concurrency`` slots: every
+  worker's client takes a slot from it for each request, so no profile ever sees more in flight, however
+  many workers;
+- the response cache is the configured one, opened by every worker: one SQLite file, which must lie on a
+  filesystem every node shares (fine for a handful of nodes; a server-backed store can replace it behind
+  :class:`~geoagent.vlm.cache.ResponseCache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from itertools import cycle
+from typing import Any
+
+import numpy as np
+
+from geoagent.agent.controller import GeoAgent, Readiness, RunGuard
+from geoagent.batch.engines import BaseEngine, Outcome
+from geoagent.batch.inputs import BatchItem
+from geoagent.config import RetrievalConfig, Settings
+from geoagent.errors import ConfigError, GeoAgentError, InputError, RunStopped
+from geoagent.types import LocateResult
+from geoagent.vlm import CallStats
+
+try:
+    import ray
+    import ray.data
+except ImportError:  # pragma: no cover - the floors job runs without the extra
+    raise ConfigError("--engine ray needs the ray extra: pip install 'geoagent-vlm[ray]'") from None
+
+WORKERS_ENV = "GEOAGENT_RAY_WORKERS"  # how many LocateWorker actors (default: one per CPU of the cluster)
+EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
+EMBED_CHUNK = 256  # photos read from INPUT per ray.data pass (each pass loads the CLIP model once)
+GATE_MAX_WAITERS = 100_000  # calls one ProfileGate accepts at once (waiting for a slot is one of them)
+
+
+@ray.remote(num_cpus=0)
+class ProfileGate:
+    """One backend profile's request slots, cluster-wide: ``acquire`` waits for one, ``release`` returns it."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = asyncio.Semaphore(slots)
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+
+    async def release(self) -> None:
+        self._slots.release()
+
+
+class ClusterSlot:
+    """``async with`` a :class:`ProfileGate` slot: what a worker's ``VLMClient.limit`` becomes."""
+
+    def __init__(self, gate: Any) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        acquired = asyncio.wrap_future(self._gate.acquire.remote().future())
+        try:
+            await asyncio.shield(acquired)
+        except asyncio.CancelledError:  # the request was abandoned: hand the slot back once it is granted
+            acquired.add_done_callback(self._release_if_granted)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._gate.release.remote()
+
+    def _release_if_granted(self, acquired: asyncio.Future[None]) -> None:
+        if not acquired.cancelled() and acquired.exception() is None:
+            self._gate.release.remote()
+
+
+class ClipEmbedder:
+    """The ``map_batches`` actor: opens a batch of photos and embeds them with the configured CLIP model.
+
+    A photo that cannot be opened gets ``embedded = False``; its worker opens it again and journals the error.
+    """
+
+    def __init__(self, retrieval: RetrievalConfig) -> None:
+        from geoagent.retrieval.embedder import Embedder
+
+        self.embedder = Embedder.load(retrieval)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from geoagent.images import open_image
+
+        images, embedded = [], []
+        for path in batch["path"]:
+            try:
+                images.append(open_image(str(path)))
+                embedded.append(True)
+            except InputError:
+                embedded.append(False)
+        vectors = self.embedder.embed_images_sync(images) if images else np.zeros((0, self.embedder.dim), np.float32)
+        out = np.zeros((len(embedded), self.embedder.dim), np.float32)
+        out[np.array(embedded, bool)] = vectors
+        return {"path": batch["path"], "vector": out, "embedded": np.array(embedded, bool)}
+
+
+@ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
+class LocateWorker:
+    """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
+
+    def __init__(self, settings: Settings, gates: dict[str, Any]) -> None:
+        self.agent = GeoAgent(settings)
+        for name, gate in gates.items():
+            self.agent.pool.client(name).limit = ClusterSlot(gate)
+
+    async def preflight(self) -> Readiness:
+        return await self.agent.preflight()
+
+    async def locate(self, path: str, vector: np.ndarray | None, explain: bool) -> tuple[LocateResult | GeoAgentError, CallStats]:
+        """The photo's outcome (an error is returned, not raised) and this worker's VLM totals so far."""
+        try:
+            outcome: LocateResult | GeoAgentError = await self.agent.locate(path, explain=explain, vector=vector)
+        except GeoAgentError as exc:
+            outcome = exc
+        return outcome, self.agent.pool.totals()
+
+    async def aclose(self) -> None:
+        await self.agent.aclose()
+
+
+def connect() -> None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local instance on this machine's CPUs."""
+    if ray.is_initialized():
+        return
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}  # stderr is the progress bar's
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def worker_count(resources: dict[str, float]) -> int:
+    """``GEOAGENT_RAY_WORKERS``, else one worker per CPU of the cluster."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        return max(1, int(resources.get("CPU", 1)))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{WORKERS_ENV}={raw!r}: not a whole number of workers (1 or more)")
+    return int(raw)
+
+
+class Engine(BaseEngine):
+    """The batch on Ray: ``ray.data`` embeds INPUT chunk by chunk, :class:`LocateWorker` actors locate, the
+    driver keeps at most ``GeoAgent.photos_in_flight()`` photos at the workers and one chunk embedded ahead."""
+
+    def __init__(self, settings: Settings, *, explain: bool = False) -> None:
+        super().__init__(settings, explain=explain)
+        self.slots = GeoAgent(settings).photos_in_flight()
+        self.gates: dict[str, Any] = {}
+        self.workers: list[Any] = []
+        self.gpus_per_embedder = 0
+        self._totals: dict[int, CallStats] = {}
+
+    async def __aenter__(self) -> Engine:
+        await asyncio.to_thread(self._start)  # joining or starting a cluster takes seconds
+        return self
+
+    def _start(self) -> None:
+        """Join the cluster; start the gates and the workers."""
+        connect()
+        resources = ray.cluster_resources()
+        self.gates = {
+            name: ProfileGate.options(max_concurrency=GATE_MAX_WAITERS).remote(self.settings.backends[name].max_concurrency)
+            for name in self.settings.routed_profiles()
+        }
+        self.workers = [
+            LocateWorker.options(max_concurrency=self.slots).remote(self.settings, self.gates)
+            for _ in range(worker_count(resources))
+        ]
+        self.gpus_per_embedder = 1 if resources.get("GPU", 0) else 0
+
+    async def preflight(self) -> Readiness:
+        """Each worker's (they load their index and check the servers now, not on their first photo)."""
+        try:
+            found = await asyncio.gather(*(_awaitable(worker.preflight.remote()) for worker in self.workers))
+        except ray.exceptions.RayError as exc:
+            return Readiness(problems=[ConfigError(f"the Ray workers could not start: {_first_line(exc)}")])
+        return found[0]
+
+    def totals(self) -> CallStats:
+        return sum(self._totals.values(), CallStats())
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(_awaitable(worker.aclose.remote()) for worker in self.workers), return_exceptions=True)
+        for actor in [*self.workers, *self.gates.values()]:
+            ray.kill(actor)
+
+    def _embed_sync(self, paths: list[str]) -> list[dict[str, Any]]:
+        """One ray.data pass: the photos read and embedded in batches by the CLIP actor."""
+        dataset = ray.data.from_items([{"path": path} for path in paths]).map_batches(
+            ClipEmbedder,
+            fn_constructor_kwargs={"retrieval": self.settings.retrieval},
+            batch_size=EMBED_BATCH,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_gpus=self.gpus_per_embedder,
+        )
+        return dataset.take_all()
+
+    async def _next_chunk(self, items: AsyncIterator[BatchItem]) -> list[tuple[BatchItem, np.ndarray | None]]:
+        """Up to ``EMBED_CHUNK`` items of INPUT with their vectors (None: the photo could not be opened)."""
+        chunk: list[BatchItem] = []
+        async for item in items:
+            assert item.path is not None  # items with a problem never reach an engine
+            chunk.append(item)
+            if len(chunk) == EMBED_CHUNK:
+                break
+        if not chunk:
+            return []
+        rows = await asyncio.to_thread(self._embed_sync, [str(item.path) for item in chunk])
+        vectors = {str(row["path"]): row["vector"] if row["embedded"] else None for row in rows}
+        return [(item, vectors[str(item.path)]) for item in chunk]
+
+    async def run(self, items: AsyncIterator[BatchItem]) -> AsyncIterator[Outcome]:
+        guard = RunGuard()
+        workers = cycle(range(len(self.workers)))
+        ready: deque[tuple[BatchItem, np.ndarray | None]] = deque()
+        running: dict[asyncio.Future[Any], tuple[BatchItem, int]] = {}
+        embedding: asyncio.Task[list[tuple[BatchItem, np.ndarray | None]]] | None = None
+        more = True
+        stop: str | None = None
+        try:
+            while stop is None:
+                if more and embedding is None and len(ready) < self.slots:
+                    embedding = asyncio.create_task(self._next_chunk(items))
+                while ready and len(running) < self.slots:
+                    item, vector = ready.popleft()
+                    index = next(workers)
+                    call = self.workers[index].locate.remote(str(item.path), vector, self.explain)
+                    running[_awaitable(call)] = (item, index)
+                waiting: set[asyncio.Future[Any]] = set(running) | ({embedding} if embedding is not None else set())
+                if not waiting:
+                    break
+                finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for done in finished:
+                    try:
+                        if done is embedding:
+                            chunk = embedding.result()
+                            more = len(chunk) == EMBED_CHUNK
+                            ready.extend(chunk)
+                            embedding = None
+                            continue
+                        item, index = running.pop(done)
+                        outcome, self._totals[index] = done.result()
+                    except ray.exceptions.RayError as exc:  # a worker or the CLIP actor died: a rerun resumes
+                        stop = stop or f"stopped: a Ray actor failed: {_first_line(exc)}"
+                        continue
+                    stop = stop or guard.stop_reason(outcome)
+                    if guard.keeps(outcome):
+                        yield item, outcome
+            if stop is not None:
+                raise RunStopped(stop)
+        finally:
+            for pending in [*running, *([embedding] if embedding is not None else [])]:
+                pending.cancel()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _awaitable(ref: Any) -> asyncio.Future[Any]:
+    """A Ray ObjectRef as an asyncio future of this loop."""
+    future: concurrent.futures.Future[Any] = ref.future()
+    return asyncio.wrap_future(future)

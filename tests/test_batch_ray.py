@@ -1,0 +1,91 @@
+"""geoagent batch --engine ray on a local Ray instance (started once for the module, joined through RAY_ADDRESS):
+the local engine's predictions, and a profile's max_concurrency held across workers at the stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from conftest import run_cli, write_world_config
+from test_batch import journal, path_list, prediction
+from test_packaging import run_cli_without
+from standin import StandinConfig, WorldJudge
+
+RAY_CPUS = 2
+AGENT = {"strategy": "tournament", "country_prior": True, "reasoning": True}
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance for the module's batches to join (starting one per batch would cost seconds each)."""
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def ray_batch(listing: Path, out: Path, config: Path, address: str, workers: int, cwd: Path):
+    env = {"RAY_ADDRESS": address, "GEOAGENT_RAY_WORKERS": str(workers)}
+    return run_cli("batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray", cwd=cwd, env=env)
+
+
+def test_the_ray_engine_gives_the_local_engines_predictions(world, standin, ray_address, tmp_path):
+    """The same photos and config through --engine ray (two workers, embedding by ray.data, a photo that cannot
+    be opened among them) and --engine local, each with its own cache: the same journal, prediction for prediction."""
+    server = standin(judge=WorldJudge(world.truth))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    listing = path_list(tmp_path / "photos.txt", [*(q.path for q in world.queries[::5][:8]), broken])
+    local_config = write_world_config(tmp_path / "local.toml", world, server, tmp_path / "local-cache", **AGENT)
+    local = run_cli("batch", str(listing), "--out", str(tmp_path / "local.jsonl"), "--config", str(local_config), cwd=tmp_path)
+    assert local.returncode == 1, local.stderr  # the broken photo
+    local_requests = len(server.chat_requests())
+
+    config = write_world_config(tmp_path / "ray.toml", world, server, tmp_path / "ray-cache", **AGENT)
+    proc = ray_batch(listing, tmp_path / "ray.jsonl", config, ray_address, 2, tmp_path)
+    assert proc.returncode == 1 and f"{broken}: not an image" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    ray_entries = journal(tmp_path / "ray.jsonl")
+    assert sorted(map(prediction, ray_entries)) == sorted(map(prediction, journal(tmp_path / "local.jsonl")))
+    assert len(server.chat_requests()) - local_requests == local_requests  # the same questions, asked once each
+
+
+def test_two_ray_workers_together_never_exceed_a_profiles_max_concurrency(world, standin, ray_address, tmp_path):
+    """max_concurrency = 2 and two workers with two photos each (each could send two requests on its own):
+    the stand-in never holds more than 2 requests at once, and does reach 2 (the slots are used)."""
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.05))
+    listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[1::5][:8]])
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend={"max_concurrency": 2}, **AGENT)
+    proc = ray_batch(listing, tmp_path / "r.jsonl", config, ray_address, 2, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(journal(tmp_path / "r.jsonl")) == 8
+    assert server.max_busy == 2, server.max_busy
+
+
+def test_the_ray_engine_without_the_ray_extra_says_how_to_install_it(world, tmp_path):
+    """No ray installed: one line naming `pip install 'geoagent-vlm[ray]'`, exit 2, no journal started."""
+    proc = run_cli_without("ray", "batch", str(world.root / "queries"), "--out", str(tmp_path / "r.jsonl"), "--engine", "ray", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --engine ray needs the ray extra: pip install 'geoagent-vlm[ray]'"
+    ]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_worker_count_that_is_not_a_number_is_one_clear_line(monkeypatch):
+    """GEOAGENT_RAY_WORKERS=two names the variable and the value; unset, it is one worker per cluster CPU."""
+    from geoagent.batch.engines.ray import worker_count
+    from geoagent.errors import ConfigError
+
+    monkeypatch.setenv("GEOAGENT_RAY_WORKERS", "two")
+    with pytest.raises(ConfigError, match=r"^GEOAGENT_RAY_WORKERS='two': not a whole number of workers \(1 or more\)$"):
+        worker_count({"CPU": 4.0})
+    monkeypatch.setenv("GEOAGENT_RAY_WORKERS", "0")
+    with pytest.raises(ConfigError, match="not a whole number"):
+        worker_count({"CPU": 4.0})
+    monkeypatch.delenv("GEOAGENT_RAY_WORKERS")
+    assert worker_count({"CPU": 4.0}) == 4
