@@ -393,3 +393,13 @@ def test_index_build_reads_mp16_style_metadata_with_its_image_folder(tmp_path, e
     assert report.indexed == 3 and report.skipped == [("ab/gone.jpg", "file not found")]
     index = ReferenceIndex.open(tmp_path / "idx")
     assert [(e.id, e.lat) for e in index.entries] == [("ab/p000.jpg", 1.5), ("ab/p001.jpg", 2.5), ("ab/p002.jpg", 3.5)]
+
+
+def test_an_index_of_the_previous_format_asks_for_a_rebuild(tmp_path):
+    """Format 1 kept every entry in RAM and had no rows.npy: opening one says so in one line, no traceback."""
+    write(tmp_path / "idx", clustered(50), "flat")
+    version = current_version(tmp_path / "idx")
+    manifest = json.loads((version / "manifest.json").read_text())
+    (version / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(InputError, match="index format 1, this GeoAgent reads 2; rebuild it"):
+        ReferenceIndex.open(tmp_path / "idx")

@@ -292,7 +292,8 @@ def read_ann(folder: Path, params: IndexParams, recorded_lists: str | None) -> f
         # faiss starts 32 threads per search to prefetch lists; on memory-mapped lists that costs 10x the search
         faiss.downcast_InvertedLists(ivf.invlists).prefetch_nthread = 0
         return index
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if params.kind == "hnsw" else 0  # vectors stay on disk
+    # hnsw: its vectors stay on disk, memory-mapped (faiss >= 1.10; older versions load them)
+    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY if params.kind == "hnsw" else 0
     index = faiss.read_index(str(path), flags)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = params.ef_search or max(index.hnsw.efSearch, HNSW_EF_SEARCH)
