@@ -374,3 +374,12 @@ async def test_a_near_duplicate_reference_is_the_answer(world, world_server, wor
     assert result.match == "near_duplicate" and result.candidates[0].id == best.id and result.candidates[0].rank == 1
     assert (result.lat, result.lon) == (best.lat, best.lon)
     assert result.stats.vlm_calls == 0 and "near-duplicate" in result.stats.stages["rerank"]
+
+
+async def test_a_kmeans_submap_without_reasoning_keeps_the_clusters_of_the_priors_countries(world, world_server, world_retriever, tmp_path):
+    result = await locate_one(world, world_server, world_retriever, tmp_path, world.queries[2].path, explain=True,
+                              strategy="tournament", country_prior=True, reasoning=False, submap="kmeans", prior_countries=1)
+    table = world_retriever.table
+    wanted = {result.prior[0].country}
+    expected = {int(c) for c, country in zip(table.cluster, table.country) if country in wanted}  # by brute force
+    assert result.trace is not None and {int(c) for c in result.trace.submap["clusters"]} == expected

@@ -394,7 +394,7 @@ class GeoAgent:
                 clusters = set(retriever.table.nearest_clusters(guess.lat, guess.lon, cfg.submap_clusters))
             elif prior:
                 wanted = {entry.country for entry in prior[: cfg.prior_countries]}
-                clusters = {int(c) for c, country in zip(retriever.table.cluster, retriever.table.country) if country in wanted}
+                clusters = retriever.table.clusters_in(wanted)
         if countries is None and clusters is None:
             return await retriever.search(vector, k)
         trace.submap = {"countries": sorted(countries or []), "clusters": [str(c) for c in sorted(clusters or [])]}
