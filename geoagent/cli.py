@@ -329,7 +329,10 @@ def _batch_progress() -> Iterator[Any]:
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:  # no bar in a log file
+    if not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
+        yield lambda _progress: None
+        return
+    with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task("batch", total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
 
         def update(p: Any) -> None:
