@@ -265,7 +265,8 @@ def _merge_lists(empty: faiss.Index, bases: list[faiss.Index | None], shards: li
     for index in opened:
         pointers.push_back(faiss.extract_index_ivf(index).invlists)
     with c_stdout_silenced():
-        total = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
+        merge = getattr(merged, "merge_from_multiple", None) or merged.merge_from  # named merge_from before faiss 1.9
+        total = merge(pointers.data(), pointers.size(), False)
     merged.filename = str(final_folder.resolve() / IVFDATA_FILE)  # where the list file will be read from
     ivf.ntotal = empty.ntotal = total
     ivf.replace_invlists(merged, True)
