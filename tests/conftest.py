@@ -70,19 +70,24 @@ def settings_for(route: str, server: StandinServer, tmp_path: Path, **profile: A
 TINY_CLIP = str(Path(__file__).parent / "data" / "tiny-clip.json")
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory):
-    """A synthetic world (8 countries x 6 places, each with a look-alike decoy) and its reference index."""
+def indexed_world(root: Path, places_per_country: int):
+    """A synthetic world under ``root`` (8 countries, each place with a look-alike decoy) and its reference
+    index at ``root / "index"``, built with the tiny CLIP config."""
     from geoagent.config import RetrievalConfig
     from geoagent.retrieval.embedder import Embedder
     from geoagent.retrieval.index import build_index
     from standin.world import build_world
 
-    root = tmp_path_factory.mktemp("world")
-    built = build_world(root, places_per_country=6)
+    built = build_world(root, places_per_country=places_per_country)
     config = RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none", index=root / "index")
     build_index(built.references_csv, root / "index", Embedder.load(config))
     return built
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic world (8 countries x 6 places, each with a look-alike decoy) and its reference index."""
+    return indexed_world(tmp_path_factory.mktemp("world"), places_per_country=6)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, world_retrieval_config, world_settings, write_world_config
+from conftest import indexed_world, run_cli, world_retrieval_config, world_settings, write_world_config
 from geoagent.batch.engines import load_engine
 from geoagent.batch.formats import plan_output
 from geoagent.batch.inputs import BatchInput, BatchInputError, BatchItem
@@ -60,9 +60,14 @@ def lines_in(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def start_batch(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    """``geoagent batch ARGS`` started in the background (stderr kept for the test's messages)."""
+    return subprocess.Popen([sys.executable, "-m", "geoagent", "batch", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def run_until_lines(args: list[str], journal_path: Path, lines: int, cwd: Path) -> None:
     """Start ``geoagent batch ARGS`` and SIGKILL it once the journal holds ``lines`` lines."""
-    proc = subprocess.Popen([sys.executable, "-m", "geoagent", "batch", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_batch(args, cwd)
     deadline = time.monotonic() + 300
     while lines_in(journal_path) < lines and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(KILL_POLL_S)
@@ -72,35 +77,50 @@ def run_until_lines(args: list[str], journal_path: Path, lines: int, cwd: Path) 
     proc.communicate()
 
 
-def test_a_batch_killed_twice_with_sigkill_journals_every_photo_once_at_little_extra_cost(world, standin, tmp_path):
-    """The issue's must-show: a batch over the world's photos (queries and references, 144) is killed with
+#: 8 countries x 9 places x (reference, decoy, query): 216 photos, the must-show's "200 photos" and a few more.
+BIG_WORLD_PLACES = 9
+
+
+@pytest.fixture(scope="module")
+def big_world(tmp_path_factory):
+    """A world of 216 photos and its index, for the kill-and-resume must-show (the session world has 144)."""
+    return indexed_world(tmp_path_factory.mktemp("big-world"), places_per_country=BIG_WORLD_PLACES)
+
+
+def test_a_batch_killed_twice_with_sigkill_journals_every_photo_once_at_little_extra_cost(big_world, standin, tmp_path):
+    """The issue's must-show: a batch over 200+ photos (the big world's queries and references) is killed with
     SIGKILL twice, at different points, and rerun: every photo is in the journal exactly once, with the
-    prediction of an uninterrupted run, and the three runs together send at most 1.15x the requests of one."""
-    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.005))
+    prediction of an uninterrupted run, and the three runs together send at most 1.15x the requests of one.
+    The uninterrupted run goes alongside, to a stand-in of its own (its requests counted apart)."""
+    world = big_world
     photos = [s.path for s in world.queries + world.references]
+    assert len(photos) >= 200
     listing = path_list(tmp_path / "photos.txt", photos)
-    agent = {"strategy": "tournament", "country_prior": True, "reasoning": True, "max_concurrent_photos": 4}
+    # every stage on; five candidates (not ten) halve the pairwise questions, the bulk of the run's time
+    agent = {"strategy": "tournament", "country_prior": True, "reasoning": True, "top_k": 5, "max_concurrent_photos": 4}
     backend = {"max_concurrency": 8}
+    clean_server, server = (standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.005)) for _ in range(2))
 
-    clean_config = write_world_config(tmp_path / "clean.toml", world, server, tmp_path / "clean-cache", backend=backend, **agent)
-    clean = batch(str(listing), "--out", str(tmp_path / "clean.jsonl"), "--config", str(clean_config), cwd=tmp_path)
-    assert clean.returncode == 0, clean.stderr
-    clean_requests = len(server.chat_requests())
-    server.reset_log()
-
-    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, **agent)
-    out = tmp_path / "run.jsonl"
-    args = [str(listing), "--out", str(out), "--config", str(config)]
-    for kill_at in (len(photos) // 4, len(photos) * 2 // 3):
-        run_until_lines(args, out, kill_at, tmp_path)
-        assert kill_at <= lines_in(out) < len(photos)  # killed mid-run
-    final = batch(*args, cwd=tmp_path)
-    assert final.returncode == 0, final.stderr
+    clean_config = write_world_config(tmp_path / "clean.toml", world, clean_server, tmp_path / "clean-cache", backend=backend, **agent)
+    clean = start_batch([str(listing), "--out", str(tmp_path / "clean.jsonl"), "--config", str(clean_config)], tmp_path)
+    try:
+        config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, **agent)
+        out = tmp_path / "run.jsonl"
+        args = [str(listing), "--out", str(out), "--config", str(config)]
+        for kill_at in (len(photos) // 4, len(photos) * 2 // 3):
+            run_until_lines(args, out, kill_at, tmp_path)
+            assert kill_at <= lines_in(out) < len(photos)  # killed mid-run
+        final = batch(*args, cwd=tmp_path)
+        assert final.returncode == 0, final.stderr
+        _, clean_stderr = clean.communicate(timeout=300)
+    finally:
+        clean.kill()
+    assert clean.returncode == 0, clean_stderr.decode()
 
     entries = journal(out)
     assert sorted(e["image"] for e in entries) == sorted(str(p) for p in photos)  # each exactly once
     assert sorted(map(prediction, entries)) == sorted(map(prediction, journal(tmp_path / "clean.jsonl")))
-    assert len(server.chat_requests()) <= 1.15 * clean_requests, (len(server.chat_requests()), clean_requests)
+    assert len(server.chat_requests()) <= 1.15 * len(clean_server.chat_requests()), (len(server.chat_requests()), len(clean_server.chat_requests()))
 
 
 def test_a_torn_last_line_is_cut_off_and_that_photo_redone(world, standin, tmp_path):
