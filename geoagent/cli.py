@@ -458,6 +458,7 @@ def index_build(
     ef_search: Annotated[int | None, typer.Option("--ef-search", min=1, help="hnsw: search breadth (default 64/128/256 by size).")] = None,
     pq_bytes: Annotated[int | None, typer.Option("--pq-bytes", min=1, help="ivfpq: bytes per vector (default dim/8).")] = None,
     kmeans: Annotated[int | None, typer.Option("--kmeans", help="Geographic k-means clusters (default: retrieval.kmeans_k).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="Where photos are embedded: local (this process) or ray (ray.data on the cluster at RAY_ADDRESS, else a local one; the ray extra).")] = "local",
     config: ConfigOption = None,
 ) -> None:
     """Embed geotagged photos with open_clip and index them with faiss, streaming (memory stays bounded).
@@ -471,14 +472,21 @@ def index_build(
         if index_type is not None and index_type not in INDEX_TYPES:
             raise ConfigError(f"--type: '{index_type}' is not one of {', '.join(INDEX_TYPES)}")
         overrides = {k: v for k, v in {"nlist": nlist, "nprobe": nprobe, "ef_search": ef_search, "pq_m": pq_bytes}.items() if v}
+        if engine not in ("local", "ray"):
+            raise ConfigError(f"--engine: no engine '{engine}' (available: local, ray)")
         if append and (nlist or pq_bytes):
             raise ConfigError("--nlist/--pq-bytes: --append keeps the trained quantizer; rebuild without --append to change them")
         settings = load_config(config)
         from geoagent.retrieval.embedder import Embedder
-        from geoagent.retrieval.index import build_index, read_source
+        from geoagent.retrieval.index import PhotoEmbedding, build_index, read_source
 
         items = read_source(source, images)  # a missing source or a bad CSV header fails before the model loads
-        embedder = Embedder.load(settings.retrieval)
+        if engine == "ray":
+            from geoagent.retrieval.ray_build import RayEmbedding
+
+            embedder: Embedder | PhotoEmbedding = RayEmbedding(settings.retrieval)
+        else:
+            embedder = Embedder.load(settings.retrieval)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"), TimeRemainingColumn())
         with Progress(*columns, console=stderr, transient=True) as bar:
             task = bar.add_task("embed", total=None, rate="-")

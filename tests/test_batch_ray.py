@@ -89,3 +89,64 @@ def test_a_worker_count_that_is_not_a_number_is_one_clear_line(monkeypatch):
         worker_count({"CPU": 4.0})
     monkeypatch.delenv("GEOAGENT_RAY_WORKERS")
     assert worker_count({"CPU": 4.0}) == 4
+
+
+# --- index build --engine ray ------------------------------------------------------------------------------
+
+
+def test_index_build_on_ray_writes_the_index_the_local_build_writes(world, ray_address, tmp_path):
+    """`index build --engine ray` (ray.data reading the gallery, two CLIP actors, a photo that cannot be opened
+    among the references) against the local build of the same CSV: the same rows (ids, paths, coordinates,
+    countries, places, clusters), vectors allclose, the same neighbours for every query, and the broken photo
+    reported skipped in the same words."""
+    import numpy as np
+
+    from conftest import TINY_CLIP
+    from geoagent.retrieval.index import ReferenceIndex
+
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    gallery = tmp_path / "gallery.csv"
+    rows = [f"{s.path},{s.lat},{s.lon}" for s in world.references]
+    gallery.write_text("path,lat,lon\n" + "\n".join([*rows[:40], "broken.jpg,10.0,20.0", *rows[40:]]) + "\n")
+    config = tmp_path / "g.toml"
+    config.write_text(f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nbatch_size = 16\n')
+
+    def build(engine: str, env: dict[str, str] | None = None):
+        out = tmp_path / engine
+        proc = run_cli("index", "build", str(gallery), "--out", str(out), "--config", str(config), "--engine", engine, cwd=tmp_path, env=env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return ReferenceIndex.open(out), proc.stdout.replace(str(out), "OUT").splitlines()
+
+    local, local_said = build("local")
+    on_ray, ray_said = build("ray", {"RAY_ADDRESS": ray_address, "GEOAGENT_RAY_EMBEDDERS": "2"})
+    assert ray_said == local_said and local_said[-1] == "  skipped broken.jpg: not an image (or a format Pillow cannot read)"
+    assert local_said[0] == f"indexed {len(world.references)} photos into OUT ({len(world.references)} embedded, 0 reused; flat), skipped 1"
+    assert on_ray.manifest.count == local.manifest.count == len(world.references)
+    assert on_ray.manifest.embedder == local.manifest.embedder
+    assert list(on_ray.entries) == list(local.entries)
+    assert np.array_equal(on_ray.rows[["lat", "lon", "cluster", "country", "key"]], local.rows[["lat", "lon", "cluster", "country", "key"]])
+    assert np.allclose(on_ray.table.vectors, local.table.vectors, atol=1e-6)
+    queries = np.asarray(local.table.vectors[::7]) + 0.05
+    for query in queries / np.linalg.norm(queries, axis=1, keepdims=True):
+        assert on_ray.table.search(query, 5)[0].tolist() == local.table.search(query, 5)[0].tolist()
+
+
+def test_the_ray_index_build_holds_the_gpus_or_leaves_a_cpu_for_reading(monkeypatch):
+    """One CLIP actor per GPU when the cluster has GPUs; without, CPUS_PER_EMBEDDER CPUs each, one CPU left to
+    ray.data's readers (a pool holding every CPU starves them and the build hangs); GEOAGENT_RAY_EMBEDDERS
+    sets the count, sharing the same resources out."""
+    from geoagent.retrieval.ray_build import embedder_pool
+
+    monkeypatch.delenv("GEOAGENT_RAY_EMBEDDERS", raising=False)
+    assert embedder_pool({"CPU": 32.0, "GPU": 4.0}) == (4, {"num_gpus": 1})
+    assert embedder_pool({"CPU": 17.0}) == (4, {"num_cpus": 4.0})
+    assert embedder_pool({"CPU": 2.0}) == (1, {"num_cpus": 1.0})
+    monkeypatch.setenv("GEOAGENT_RAY_EMBEDDERS", "8")
+    assert embedder_pool({"CPU": 32.0, "GPU": 4.0}) == (8, {"num_gpus": 0.5})
+    assert embedder_pool({"CPU": 2.0}) == (8, {"num_cpus": 0.125})
+
+
+def test_index_build_with_an_unknown_engine_names_the_ones_there_are(world, tmp_path):
+    proc = run_cli("index", "build", str(world.references_csv), "--out", str(tmp_path / "i"), "--engine", "spark", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --engine: no engine 'spark' (available: local, ray)", proc.stderr
+    assert not (tmp_path / "i").exists()

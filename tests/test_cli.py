@@ -9,11 +9,11 @@ import pytest
 
 from conftest import run_cli
 
-HEAVY = ("torch", "open_clip", "faiss", "litellm")
+HEAVY = ("torch", "open_clip", "faiss", "litellm", "ray")
 
 
 def test_help_imports_no_heavy_module(tmp_path):
-    """`geoagent --help` must stay fast: torch, open_clip, faiss and litellm load only when needed."""
+    """`geoagent --help` must stay fast: torch, open_clip, faiss, litellm and ray load only when needed."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "geoagent", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

@@ -101,9 +101,9 @@ class Embedder:
         import open_clip
         import torch
 
-        model_name, config_hash = _register_model_config(config.clip_model)
+        spec = embedder_spec(config)
+        model_name = spec.model
         device = _pick_device(config.device)
-        spec = EmbedderSpec(model=model_name, pretrained=config.clip_pretrained, seed=config.seed, config_hash=config_hash)
         kwargs: dict[str, Any] = {"device": device}
         requested = config.clip_pretrained
         pretrained: str | None = requested
@@ -112,7 +112,6 @@ class Embedder:
             torch.manual_seed(config.seed)
         elif Path(requested).expanduser().is_file():
             pretrained = str(Path(requested).expanduser())
-            spec.pretrained = "file:" + _file_digest(pretrained)
         else:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if requested not in tags:
@@ -171,6 +170,16 @@ class Embedder:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embed_texts_sync, texts)
+
+
+def embedder_spec(config: RetrievalConfig) -> EmbedderSpec:
+    """The spec :meth:`Embedder.load` gives for ``config``, without loading the model (for a process that only
+    writes or checks vectors others embed: the Ray index build's driver)."""
+    model_name, config_hash = _register_model_config(config.clip_model)
+    pretrained = config.clip_pretrained
+    if pretrained != "none" and Path(pretrained).expanduser().is_file():
+        pretrained = "file:" + _file_digest(Path(pretrained).expanduser())
+    return EmbedderSpec(model=model_name, pretrained=pretrained, seed=config.seed, config_hash=config_hash)
 
 
 class RandomWeightsWarning(UserWarning):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar, overload
+from typing import TYPE_CHECKING, Protocol, TypeVar, overload
 
 import numpy as np
 from filelock import FileLock
@@ -46,7 +47,7 @@ from geoagent.errors import ConfigError, InputError
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
 from geoagent.paths import display_path, file_problem, os_error_reason, resolve
-from geoagent.retrieval.embedder import EmbedderSpec
+from geoagent.retrieval.embedder import Embedder, EmbedderSpec
 from geoagent.retrieval.vectors import (
     EXACT_BELOW,
     INDEX_CHUNK_ROWS,
@@ -64,9 +65,6 @@ from geoagent.retrieval.vectors import (
     write_ann,
 )
 from geoagent.types import Candidate
-
-if TYPE_CHECKING:
-    from geoagent.retrieval.embedder import Embedder
 
 FORMAT_VERSION = 2
 POINTER = "CURRENT"
@@ -661,10 +659,51 @@ class IndexWriter:
 # --- building from photos ------------------------------------------------------------------------------------
 
 
+# --- embedding the photos of a build ---------------------------------------------------------------------
+
+
+class PhotoEmbedding(Protocol):
+    """How a build embeds its new photos: locally (:class:`LocalEmbedding`) or on a Ray cluster
+    (:class:`geoagent.retrieval.ray_build.RayEmbedding`); either gives the same rows, so the same index."""
+
+    spec: EmbedderSpec  # the embedding space, written to the manifest
+
+    def embed_listed(self, listing: Path, batch_size: int) -> Iterator[np.ndarray | str]:
+        """For each photo path in ``listing`` (JSON Lines, one JSON string a line), in order: its L2-normalised
+        embedding, or why it cannot be opened (:func:`unreadable_reason`)."""
+        ...
+
+
+def unreadable_reason(exc: InputError) -> str:
+    """What a build lists for a photo it cannot open: open_image's message without the leading path."""
+    return str(exc).split(": ", 1)[-1]
+
+
+class LocalEmbedding:
+    """Embeds in this process, ``batch_size`` photos at a time (decoded here, embedded by torch's threads)."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder, self.spec = embedder, embedder.spec
+
+    def embed_listed(self, listing: Path, batch_size: int) -> Iterator[np.ndarray | str]:
+        with listing.open(encoding="utf-8") as fh:
+            paths = (json.loads(line) for line in fh)
+            while batch := list(itertools.islice(paths, batch_size)):
+                opened: list[Image.Image | str] = []
+                for path in batch:
+                    try:
+                        opened.append(open_image(path))
+                    except InputError as exc:
+                        opened.append(unreadable_reason(exc))
+                images = [image for image in opened if not isinstance(image, str)]
+                vectors = iter(self.embedder.embed_images_sync(images, batch_size) if images else [])
+                yield from (image if isinstance(image, str) else next(vectors) for image in opened)
+
+
 def build_index(
     source: Path,
     out: Path,
-    embedder: Embedder,
+    embedder: Embedder | PhotoEmbedding,
     *,
     index_type: IndexType | None = None,
     overrides: ParamOverrides | None = None,
@@ -680,35 +719,39 @@ def build_index(
     """Index the photos of ``source`` into ``out``: a new version, reusing the embeddings of unchanged files
     from the live one; or, with ``append``, the live version plus the photos it does not hold yet.
 
-    ``items``: what :func:`read_source` gave for ``source``, when the caller read it already; ``images``: the
-    photo folder of an IMG_ID,LAT,LON metadata CSV.
+    ``embedder``: a loaded model (embeds here), or a :class:`PhotoEmbedding` (the Ray engine's); ``items``:
+    what :func:`read_source` gave for ``source``, when the caller read it already; ``images``: the photo folder
+    of an IMG_ID,LAT,LON metadata CSV.
     """
     out = out.expanduser()
+    photos = LocalEmbedding(embedder) if isinstance(embedder, Embedder) else embedder
     items = read_source(source, images) if items is None else items
     report = BuildReport()
     live = _open_live(out)
     if append:
         if live is None:
             raise InputError(f"{display_path(out)}: no index to append to; build one first (without --append)")
-        live.check_embedder(embedder.spec)
+        live.check_embedder(photos.spec)
         if index_type is not None and index_type != live.manifest.index_type:
             raise ConfigError(f"--type {index_type}: the index is {live.manifest.index_type}, and --append keeps its type; rebuild to change it")
     requested: IndexType = index_type or (live.manifest.index_type if append and live else "flat")  # type: ignore[assignment]
-    lookup = IdLookup(live) if live is not None and live.manifest.embedder == embedder.spec else None
+    lookup = IdLookup(live) if live is not None and live.manifest.embedder == photos.spec else None
     try:
         writer = IndexWriter(
-            out, embedder.spec, index_type=requested, source=str(source.resolve()), kmeans_k=kmeans_k,
+            out, photos.spec, index_type=requested, source=str(source.resolve()), kmeans_k=kmeans_k,
             overrides=overrides, base=live if append else None, chunk_rows=chunk_rows,
         )  # fmt: skip
     except OSError as exc:
         raise InputError(f"{display_path(out)}: cannot write the index ({os_error_reason(exc)})") from None
     with writer:
-        plan = writer.staging / ".plan.jsonl"
-        todo = _plan(items, source, lookup, append, report, plan)
+        plan, listing = writer.staging / ".plan.jsonl", writer.staging / ".embed.jsonl"
+        todo = _plan(items, source, lookup, append, report, plan, listing)
         if on_total:
             on_total(todo)
-        _fill(writer, plan, live.table.vectors if live is not None else None, embedder, batch_size, progress, report)
+        embedded = photos.embed_listed(listing, batch_size)
+        _fill(writer, plan, live.table.vectors if live is not None else None, embedded, batch_size, progress, report)
         plan.unlink()
+        listing.unlink()
         if writer.added == 0:
             if append and live is not None:
                 report.indexed, report.version, report.params = live.manifest.count, live.version.name, live.manifest.params
@@ -732,11 +775,14 @@ def build_index(
 QUANTIZER_OUTGROWN = 4  # an ivf quantizer trained on n vectors serves up to 4n well; past that, retrain
 
 
-def _plan(items: Iterable[SourceItem], source: Path, lookup: IdLookup | None, append: bool, report: BuildReport, plan: Path) -> int:
-    """Write one line per usable photo (in source order) saying whether its embedding is reused; the
-    rest are skipped with their reason. Returns how many photos need embedding."""
+def _plan(
+    items: Iterable[SourceItem], source: Path, lookup: IdLookup | None, append: bool, report: BuildReport, plan: Path, listing: Path
+) -> int:
+    """Write one line per usable photo (in source order) saying whether its embedding is reused, and the
+    paths of those to embed to ``listing``; the rest are skipped with their reason. Returns how many photos
+    need embedding."""
     todo = 0
-    with plan.open("w", encoding="utf-8") as fh:
+    with plan.open("w", encoding="utf-8") as fh, listing.open("w", encoding="utf-8") as paths:
         for item in items:
             if item.problem or item.lat is None or item.lon is None:
                 report.skipped.append((item.id, item.problem or ("no GPS in EXIF" if source.is_dir() else "invalid lat/lon")))
@@ -752,7 +798,9 @@ def _plan(items: Iterable[SourceItem], source: Path, lookup: IdLookup | None, ap
                 continue
             unchanged = known is not None and (known[1].size, known[1].mtime_ns, known[1].path) == (stat.st_size, stat.st_mtime_ns, str(item.path))
             reuse = known[0] if unchanged and known is not None else -1
-            todo += reuse < 0
+            if reuse < 0:
+                todo += 1
+                paths.write(json.dumps(str(item.path)) + "\n")
             fh.write(json.dumps([item.id, str(item.path), item.lat, item.lon, item.country, stat.st_size, stat.st_mtime_ns, reuse]) + "\n")
     return todo
 
@@ -761,45 +809,44 @@ def _fill(
     writer: IndexWriter,
     plan: Path,
     previous: np.ndarray | None,
-    embedder: Embedder,
+    embedded: Iterator[np.ndarray | str],
     batch_size: int,
     progress: Callable[[int, int], None] | None,
     report: BuildReport,
 ) -> None:
-    """Write the planned rows in order: reused vectors copied, the others embedded ``batch_size`` at a time."""
-    pending: list[tuple[RowDraft, np.ndarray | None]] = []
+    """Write the planned rows in order: reused vectors copied, the others taken from ``embedded`` (one result
+    per row to embed, in plan order), handed to the writer ``batch_size`` new photos at a time."""
+    rows: list[tuple[RowDraft, np.ndarray]] = []
+    fresh = opened = 0
 
     def flush() -> None:
-        embed = [i for i, (_, vector) in enumerate(pending) if vector is None]
-        images, kept = [], []
-        for i in embed:
-            try:
-                images.append(open_image(pending[i][0].path))
-                kept.append(i)
-            except InputError as exc:
-                report.skipped.append((pending[i][0].id, str(exc).split(": ", 1)[-1]))
-        vectors = dict(zip(kept, embedder.embed_images_sync(images, batch_size))) if images else {}
-        rows = [(draft, vectors.get(i) if vector is None else vector) for i, (draft, vector) in enumerate(pending)]
-        rows = [(draft, vector) for draft, vector in rows if vector is not None]
+        nonlocal fresh, opened
         if rows:
             writer.add([draft for draft, _ in rows], np.stack([vector for _, vector in rows]))
-        report.embedded += len(images)
-        report.reused += len(pending) - len(embed)
-        pending.clear()
-        if embed and progress:
-            progress(len(embed), len(images))
+            rows.clear()
+        if fresh and progress:
+            progress(fresh, opened)
+        fresh = opened = 0
 
-    waiting = 0
     with plan.open(encoding="utf-8") as fh:
         for line in fh:
             item_id, path, lat, lon, country, size, mtime_ns, reuse = json.loads(line)
             draft = RowDraft(item_id, path, lat, lon, size, mtime_ns, country)
-            vector = np.asarray(previous[reuse]) if reuse >= 0 and previous is not None else None  # type: ignore[index]
-            pending.append((draft, vector))
-            waiting += vector is None
-            if waiting == batch_size or len(pending) >= PASS_THROUGH_ROWS:
+            if reuse >= 0:
+                assert previous is not None  # reuse is planned against a live index only
+                rows.append((draft, np.asarray(previous[reuse])))
+                report.reused += 1
+            else:
+                result = next(embedded)
+                fresh += 1
+                if isinstance(result, str):
+                    report.skipped.append((item_id, result))
+                else:
+                    rows.append((draft, result))
+                    opened += 1
+                    report.embedded += 1
+            if fresh == batch_size or len(rows) >= PASS_THROUGH_ROWS:
                 flush()
-                waiting = 0
     flush()
 
 

@@ -3,8 +3,9 @@
 What runs where:
 
 - the driver (this process) reads INPUT, keeps the journal (the runner's) and hands photos out;
-- ``ray.data`` reads and embeds the photos in batches: ``map_batches`` with :class:`ClipEmbedder`, an actor
-  holding the CLIP model (on a GPU when the cluster has one);
+- ``ray.data`` reads and embeds the photos in batches: ``map_batches`` with
+  :class:`~geoagent.retrieval.ray_build.ClipEmbedder`, an actor holding the CLIP model (on a GPU when the
+  cluster has one);
 - :class:`LocateWorker` actors (async) run ``GeoAgent.locate`` on each embedded photo;
 - one :class:`ProfileGate` actor per backend profile holds that profile's ``max_concurrency`` slots: every
   worker's client takes a slot from it for each request, so no profile ever sees more in flight, however
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
-import os
 from collections import deque
 from collections.abc import AsyncIterator
 from itertools import cycle
@@ -30,16 +29,14 @@ import numpy as np
 from geoagent.agent.controller import GeoAgent, Readiness, RunGuard
 from geoagent.batch.engines import BaseEngine, Outcome
 from geoagent.batch.inputs import BatchItem
-from geoagent.config import RetrievalConfig, Settings
-from geoagent.errors import ConfigError, GeoAgentError, InputError, RunStopped
+from geoagent.config import Settings
+from geoagent.errors import ConfigError, GeoAgentError, RunStopped
+from geoagent.retrieval.ray_build import ClipEmbedder, connect, count_from_env  # a ConfigError without the extra
 from geoagent.types import LocateResult
 from geoagent.vlm import CallStats
 
-try:
-    import ray
-    import ray.data
-except ImportError:  # pragma: no cover - the floors job runs without the extra
-    raise ConfigError("--engine ray needs the ray extra: pip install 'geoagent-vlm[ray]'") from None
+import ray  # after ray_build, which says how to install it when it is missing
+import ray.data
 
 WORKERS_ENV = "GEOAGENT_RAY_WORKERS"  # how many LocateWorker actors (default: one per CPU of the cluster)
 EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
@@ -83,33 +80,6 @@ class ClusterSlot:
             self._gate.release.remote()
 
 
-class ClipEmbedder:
-    """The ``map_batches`` actor: opens a batch of photos and embeds them with the configured CLIP model.
-
-    A photo that cannot be opened gets ``embedded = False``; its worker opens it again and journals the error.
-    """
-
-    def __init__(self, retrieval: RetrievalConfig) -> None:
-        from geoagent.retrieval.embedder import Embedder
-
-        self.embedder = Embedder.load(retrieval)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from geoagent.images import open_image
-
-        images, embedded = [], []
-        for path in batch["path"]:
-            try:
-                images.append(open_image(str(path)))
-                embedded.append(True)
-            except InputError:
-                embedded.append(False)
-        vectors = self.embedder.embed_images_sync(images) if images else np.zeros((0, self.embedder.dim), np.float32)
-        out = np.zeros((len(embedded), self.embedder.dim), np.float32)
-        out[np.array(embedded, bool)] = vectors
-        return {"path": batch["path"], "vector": out, "embedded": np.array(embedded, bool)}
-
-
 @ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
 class LocateWorker:
     """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
@@ -134,27 +104,9 @@ class LocateWorker:
         await self.agent.aclose()
 
 
-def connect() -> None:
-    """Join the cluster at ``RAY_ADDRESS``, or start a local instance on this machine's CPUs."""
-    if ray.is_initialized():
-        return
-    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}  # stderr is the progress bar's
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-
 def worker_count(resources: dict[str, float]) -> int:
     """``GEOAGENT_RAY_WORKERS``, else one worker per CPU of the cluster."""
-    raw = os.environ.get(WORKERS_ENV, "").strip()
-    if not raw:
-        return max(1, int(resources.get("CPU", 1)))
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"{WORKERS_ENV}={raw!r}: not a whole number of workers (1 or more)")
-    return int(raw)
+    return count_from_env(WORKERS_ENV, max(1, int(resources.get("CPU", 1))))
 
 
 class Engine(BaseEngine):
