@@ -91,6 +91,37 @@ def test_a_worker_count_that_is_not_a_number_is_one_clear_line(monkeypatch):
     assert worker_count({"CPU": 4.0}) == 4
 
 
+def test_a_retriever_with_a_deferred_embedder_searches_given_vectors_without_loading_a_model(world, tmp_path):
+    """What the Ray batch workers use (their photos come embedded by ray.data): the index is opened and checked
+    against the configured embedder's spec, no CLIP model is loaded until a photo must be embedded here, and
+    then it is, giving the eager retriever's vector. A mismatched embedder still fails at load."""
+    import asyncio
+
+    import numpy as np
+
+    from conftest import TINY_CLIP, world_retrieval_config
+    from geoagent.config import RetrievalConfig
+    from geoagent.images import open_image
+    from geoagent.retrieval.index import IndexMismatchError
+    from geoagent.retrieval.retriever import Retriever
+
+    config = RetrievalConfig(**world_retrieval_config(world))
+    lazy = Retriever.load_sync(config, defer_embedder=True)
+    eager = Retriever.load_sync(config)
+    assert lazy._embedder is None
+    vector = np.asarray(eager.table.vectors[3])
+    assert [c.id for c in lazy.search_sync(vector, 5)] == [c.id for c in eager.search_sync(vector, 5)]
+    assert lazy._embedder is None  # searching by vector loaded nothing
+
+    image = open_image(world.queries[0].path)
+    assert np.allclose(asyncio.run(lazy.embed(image)), asyncio.run(eager.embed(image)), atol=1e-6)
+    assert lazy._embedder is not None
+
+    other = RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none", seed=1, index=config.index)
+    with pytest.raises(IndexMismatchError, match="built with embedder"):
+        Retriever.load_sync(other, defer_embedder=True)
+
+
 # --- index build --engine ray ------------------------------------------------------------------------------
 
 

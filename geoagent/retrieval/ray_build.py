@@ -136,14 +136,14 @@ class RayEmbedding:
                 for vector, embedded, problem in zip(batch["vector"], batch["embedded"], batch["problem"]):
                     yield vector if embedded else str(problem)
         except ray.exceptions.RayError as exc:
-            raise _user_error(exc) from None
+            raise ray_error(exc) from None
 
 
 #: How a Ray error's text names the exception an actor or task raised: ``geoagent.errors.WeightsError: ...``.
 _RAISED = re.compile(r"^(?:geoagent\.errors\.)?(?P<kind>\w+Error): (?P<message>.+)$", re.MULTILINE)
 
 
-def _user_error(exc: ray.exceptions.RayError) -> GeoAgentError:
+def ray_error(exc: ray.exceptions.RayError) -> GeoAgentError:
     """A failed Ray actor or task as one line: the GeoAgent error it raised (missing weights, ...), found in
     the error's text (an actor that died in its constructor keeps no exception object), else its first line."""
     for match in _RAISED.finditer(str(exc)):
@@ -151,4 +151,4 @@ def _user_error(exc: ray.exceptions.RayError) -> GeoAgentError:
         if isinstance(kind, type) and issubclass(kind, GeoAgentError):
             return kind(match["message"].strip())
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ConfigError(f"the Ray embedders failed: {first}")
+    return ConfigError(f"a Ray actor failed: {first}")

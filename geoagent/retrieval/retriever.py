@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -36,10 +37,25 @@ class CandidateSource(Protocol):
 
 
 class Retriever:
-    """An embedder and the candidate source it searches. Torch and faiss work runs in worker threads."""
+    """An embedder and the candidate source it searches. Torch and faiss work runs in worker threads.
 
-    def __init__(self, embedder: Embedder, source: CandidateSource) -> None:
-        self.embedder, self.source = embedder, source
+    ``embedder`` may be None with ``config`` given: the model is then loaded on the first photo to embed
+    (a Ray worker, whose photos come embedded, never loads it)."""
+
+    def __init__(self, embedder: Embedder | None, source: CandidateSource, config: RetrievalConfig | None = None) -> None:
+        self._embedder, self.source, self._config = embedder, source, config
+        self._loading = threading.Lock()
+
+    @property
+    def embedder(self) -> Embedder:
+        """The CLIP model, loaded now if it was deferred (blocking: seconds)."""
+        from geoagent.retrieval.embedder import Embedder
+
+        with self._loading:
+            if self._embedder is None:
+                assert self._config is not None  # a deferred embedder always comes with its config
+                self._embedder = Embedder.load(self._config)
+            return self._embedder
 
     @property
     def table(self) -> VectorTable:
@@ -47,16 +63,27 @@ class Retriever:
 
     @classmethod
     def load_sync(
-        cls, config: RetrievalConfig, cache_dir: Path | None = None, on_gazetteer_embed: Callable[[int], None] | None = None
+        cls,
+        config: RetrievalConfig,
+        cache_dir: Path | None = None,
+        on_gazetteer_embed: Callable[[int], None] | None = None,
+        *,
+        defer_embedder: bool = False,
     ) -> Retriever:
         """The configured index, or the gazetteer with its vectors cached in ``cache_dir``
-        (default: :func:`vectors_cache_dir`, shared by every project on this machine)."""
-        from geoagent.retrieval.embedder import Embedder
+        (default: :func:`vectors_cache_dir`, shared by every project on this machine).
+
+        ``defer_embedder``: with an index, check it against the configured embedder's spec but load the model
+        only when a photo needs embedding (the gazetteer needs the model at once, to embed its places)."""
+        from geoagent.retrieval.embedder import Embedder, embedder_spec
 
         if config.index is not None:
             from geoagent.retrieval.index import ReferenceIndex
 
             index = ReferenceIndex.open(config.index)  # opened first: a bad path fails before loading a model
+            if defer_embedder:
+                index.check_embedder(embedder_spec(config))
+                return cls(None, index, config)
             embedder = Embedder.load(config)
             index.check_embedder(embedder.spec)
             return cls(embedder, index)
@@ -75,12 +102,18 @@ class Retriever:
 
     @classmethod
     async def load(
-        cls, config: RetrievalConfig, cache_dir: Path | None = None, on_gazetteer_embed: Callable[[int], None] | None = None
+        cls,
+        config: RetrievalConfig,
+        cache_dir: Path | None = None,
+        on_gazetteer_embed: Callable[[int], None] | None = None,
+        *,
+        defer_embedder: bool = False,
     ) -> Retriever:
-        return await asyncio.to_thread(cls.load_sync, config, cache_dir, on_gazetteer_embed)
+        return await asyncio.to_thread(lambda: cls.load_sync(config, cache_dir, on_gazetteer_embed, defer_embedder=defer_embedder))
 
     async def embed(self, image: Image.Image) -> np.ndarray:
-        return (await self.embedder.embed_images([image]))[0]
+        embedder = self._embedder or await asyncio.to_thread(lambda: self.embedder)
+        return (await embedder.embed_images([image]))[0]
 
     def search_sync(
         self, vector: np.ndarray, k: int, countries: set[str] | None = None, clusters: set[int] | None = None

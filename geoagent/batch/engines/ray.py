@@ -31,7 +31,8 @@ from geoagent.batch.engines import BaseEngine, Outcome
 from geoagent.batch.inputs import BatchItem
 from geoagent.config import Settings
 from geoagent.errors import ConfigError, GeoAgentError, RunStopped
-from geoagent.retrieval.ray_build import ClipEmbedder, connect, count_from_env  # a ConfigError without the extra
+from geoagent.retrieval.ray_build import ClipEmbedder, connect, count_from_env, ray_error  # a ConfigError without the extra
+from geoagent.retrieval.retriever import Retriever
 from geoagent.types import LocateResult
 from geoagent.vlm import CallStats
 
@@ -85,11 +86,18 @@ class LocateWorker:
     """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
 
     def __init__(self, settings: Settings, gates: dict[str, Any]) -> None:
+        self.settings = settings
         self.agent = GeoAgent(settings)
         for name, gate in gates.items():
             self.agent.pool.client(name).limit = ClusterSlot(gate)
 
     async def preflight(self) -> Readiness:
+        """The agent's, on a retriever that loads no CLIP model: the photos come embedded by ray.data."""
+        try:
+            retriever = await Retriever.load(self.settings.retrieval, defer_embedder=True)
+        except GeoAgentError as exc:
+            return Readiness(problems=[exc])
+        self.agent = GeoAgent(self.settings, retriever=retriever, pool=self.agent.pool)
         return await self.agent.preflight()
 
     async def locate(self, path: str, vector: np.ndarray | None, explain: bool) -> tuple[LocateResult | GeoAgentError, CallStats]:
@@ -213,7 +221,7 @@ class Engine(BaseEngine):
                         item, index = running.pop(done)
                         outcome, self._totals[index] = done.result()
                     except ray.exceptions.RayError as exc:  # a worker or the CLIP actor died: a rerun resumes
-                        stop = stop or f"stopped: a Ray actor failed: {_first_line(exc)}"
+                        stop = stop or f"stopped: {ray_error(exc)}"
                         continue
                     stop = stop or guard.stop_reason(outcome)
                     if guard.keeps(outcome):
