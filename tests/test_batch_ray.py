@@ -181,3 +181,19 @@ def test_index_build_with_an_unknown_engine_names_the_ones_there_are(world, tmp_
     proc = run_cli("index", "build", str(world.references_csv), "--out", str(tmp_path / "i"), "--engine", "spark", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --engine: no engine 'spark' (available: local, ray)", proc.stderr
     assert not (tmp_path / "i").exists()
+
+
+def test_a_ray_build_embeds_a_few_open_images_as_the_local_model_does(world, ray_address):
+    """What a build measures after embedding (main's near-duplicate calibration: copies of a sample) goes
+    through the PhotoEmbedding too: on Ray, one task with the model gives the local model's vectors."""
+    import numpy as np
+
+    from conftest import world_retrieval_config
+    from geoagent.config import RetrievalConfig
+    from geoagent.images import open_image
+    from geoagent.retrieval.embedder import Embedder
+    from geoagent.retrieval.ray_build import RayEmbedding
+
+    config = RetrievalConfig(**world_retrieval_config(world))
+    images = [open_image(q.path) for q in world.queries[:5]]
+    assert np.allclose(RayEmbedding(config).embed_images_sync(images), Embedder.load(config).embed_images_sync(images), atol=1e-6)

@@ -673,6 +673,10 @@ class PhotoEmbedding(Protocol):
         embedding, or why it cannot be opened (:func:`unreadable_reason`)."""
         ...
 
+    def embed_images_sync(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """A few images already open (what a build measures after embedding: checks on copies of a sample)."""
+        ...
+
 
 def unreadable_reason(exc: InputError) -> str:
     """What a build lists for a photo it cannot open: open_image's message without the leading path."""
@@ -698,6 +702,9 @@ class LocalEmbedding:
                 images = [image for image in opened if not isinstance(image, str)]
                 vectors = iter(self.embedder.embed_images_sync(images, batch_size) if images else [])
                 yield from (image if isinstance(image, str) else next(vectors) for image in opened)
+
+    def embed_images_sync(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return self.embedder.embed_images_sync(images, batch_size)
 
 
 def build_index(

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from geoagent.config import RetrievalConfig
 from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.retrieval.embedder import embedder_spec
 from geoagent.retrieval.index import unreadable_reason
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 try:
     import ray
@@ -107,8 +110,8 @@ def _paths(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 class RayEmbedding:
     """A :class:`~geoagent.retrieval.index.PhotoEmbedding` on Ray: the driver loads no model; ``ray.data``
-    reads the listing (on the driver's node, where it lies: in the index's staging folder) and the CLIP actors embed
-    it in batches, results streamed back in the listing's order (bounded memory, whatever the gallery's size)."""
+    reads the listing (on the driver's node, where it lies: in the index's staging folder) and the CLIP
+    actors embed it in batches, streamed back in the listing's order (bounded memory, whatever the size)."""
 
     def __init__(self, retrieval: RetrievalConfig) -> None:
         self.retrieval = retrieval
@@ -137,6 +140,20 @@ class RayEmbedding:
                     yield vector if embedded else str(problem)
         except ray.exceptions.RayError as exc:
             raise ray_error(exc) from None
+
+    def embed_images_sync(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """A few open images embedded by one Ray task holding the model (the driver loads none)."""
+        try:
+            return np.asarray(ray.get(_embed_images.options(**self.each).remote(self.retrieval, images, batch_size)))
+        except ray.exceptions.RayError as exc:
+            raise ray_error(exc) from None
+
+
+@ray.remote
+def _embed_images(retrieval: RetrievalConfig, images: list[Image.Image], batch_size: int) -> np.ndarray:
+    from geoagent.retrieval.embedder import Embedder
+
+    return Embedder.load(retrieval).embed_images_sync(images, batch_size)
 
 
 #: How a Ray error's text names the exception an actor or task raised: ``geoagent.errors.WeightsError: ...``.
