@@ -22,6 +22,7 @@ from geoagent import __version__
 from geoagent.config import BackendProfile, Settings, inspect_config, load_config, validation_message
 from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.paths import display_path, photo_problem
+from geoagent.ranker import recipe
 
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
@@ -55,7 +56,9 @@ cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
 prompts_app = typer.Typer(help="The prompt templates in use.", no_args_is_help=True)
+ranker_app = typer.Typer(help="GeoRanker reward models: fine-tune one on your own geotagged photos.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+app.add_typer(ranker_app, name="ranker")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
@@ -597,6 +600,68 @@ def cache_clear(config: ConfigOption = None) -> None:
         settings = load_config(config)
         removed = ResponseCache(settings.cache.dir).clear()
         print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
+
+
+@ranker_app.command("train")
+def ranker_train(
+    index: Annotated[Path, typer.Option("--index", help="Reference index to draw candidates from (built with `geoagent index build`).")],
+    queries: Annotated[Path, typer.Option("--queries", help="Training photos: CSV path,lat,lon (or IMG_ID,LAT,LON with --images), or a folder with EXIF GPS.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (checkpoints go in OUT/checkpoints).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Photo folder of an IMG_ID,LAT,LON queries CSV.")] = None,
+    lambda1: Annotated[float, typer.Option("--lambda1", help="Weight of the first-order loss (second order: 1 - lambda1).")] = recipe.LAMBDA1,
+    top: Annotated[int, typer.Option("--top", min=0, help="Nearest candidates whose picks count in the losses (GeoRanker's K); 0: all.")] = recipe.TOP or 0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: from --epochs).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the queries, when --steps is not given.")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (decays linearly to zero).")] = recipe.LR,
+    batch_queries: Annotated[int, typer.Option("--batch-queries", min=1, help="Queries a forward pass.")] = recipe.BATCH_QUERIES,
+    candidates: Annotated[int, typer.Option("--candidates", "-k", min=1, help="Retrieved neighbours a query (itself excluded).")] = recipe.CANDIDATES,
+    negatives: Annotated[int, typer.Option("--negatives", min=0, help="Random index entries added to each query's candidates.")] = recipe.NEGATIVES,
+    accumulate: Annotated[int, typer.Option("--accumulate", min=1, help="Forward passes whose gradients make one step.")] = recipe.ACCUMULATE,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = recipe.CHECKPOINT_EVERY,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the data order, the negatives and the new adapter.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT's newest checkpoint, if any.")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune a GeoRanker adapter (LoRA + value head) with its multi-order distance loss on your own photos.
+
+    OUT then serves as ranker.adapter for strategy georanker. Needs the optional extra 'ranker'."""
+    with user_errors():
+        from pydantic import ValidationError
+
+        from geoagent.ranker import require_extra
+        from geoagent.ranker.training import TrainOptions
+
+        flags = {"index": index, "queries": queries, "out": out, "images": images, "lambda1": lambda1, "top": top or None,
+                 "steps": steps, "epochs": epochs, "lr": lr, "batch_queries": batch_queries, "candidates": candidates,
+                 "negatives": negatives, "accumulate": accumulate, "checkpoint_every": checkpoint_every, "seed": seed, "resume": resume}
+        try:
+            options = TrainOptions(**flags)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {validation_message(first)}") from None
+        settings = load_config(config)
+        require_extra("geoagent ranker train")
+        from geoagent.ranker.trainer import train
+
+        with _train_progress() as on_step:
+            report = train(options, settings, on_step)
+        resumed = f", resumed at step {report.resumed_from}" if report.resumed_from else ""
+        loss = "-" if report.last_loss is None else f"{report.last_loss:.4f}"
+        print_line(f"trained {report.steps} steps{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
+
+
+@contextmanager
+def _train_progress() -> Iterator[Any]:
+    """A progress bar on stderr for ``ranker train`` (steps, loss, ETA); off a terminal, a line a checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if not stderr.is_terminal:
+        yield lambda s: print_line(f"step {s.step}/{s.total} loss {s.loss:.4f}: checkpoint {display_path(s.checkpoint)}", stderr) if s.checkpoint else None
+        return
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+        yield lambda s: bar.update(task, completed=s.step, total=s.total, loss=f"{s.loss:.4f}")
 
 
 @app.command("check")

@@ -18,22 +18,13 @@ small differences that matter; gradients into padding are zero.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-#: GeoRanker's default weight of the first-order loss (``--lambda1 0.7`` in its fine-tuning script).
-DEFAULT_LAMBDA1 = 0.7
-#: GeoRanker's default ``K``: only the nearest candidate's pick counts in the first-order term (and only pairs
-#: holding it in the second). ``None`` counts every pick.
-DEFAULT_TOP = 1
+from geoagent.ranker import recipe
 
 
 def _check(rewards: torch.Tensor, distances: torch.Tensor, mask: torch.Tensor | None, top: int | None) -> torch.Tensor:
     """The mask as bool ``(B, G)`` (all True when none is given), after checking the shapes and ``top``."""
-    import torch
-
     if rewards.dim() != 2 or rewards.shape != distances.shape:
         raise ValueError(f"rewards and distances must both be (queries, candidates); got {tuple(rewards.shape)} and {tuple(distances.shape)}")
     if top is not None and top < 1:
@@ -49,8 +40,6 @@ def _plackett_luce_nll(scores: torch.Tensor, keys: torch.Tensor, counted: torch.
     """Mean over rows of minus the mean log-probability of the counted picks, when items are ranked by ``keys``
     ascending (ties keep their order); ``counted`` is indexed in that ranked order and must be False past the
     row's real items, which must carry ``keys = +inf`` (so they rank last) and are left out of every denominator."""
-    import torch
-
     real = torch.isfinite(keys)
     order = torch.sort(torch.where(real, keys, torch.inf), dim=1, stable=True).indices
     ranked = torch.gather(scores, 1, order)
@@ -70,20 +59,16 @@ def _plackett_luce_nll(scores: torch.Tensor, keys: torch.Tensor, counted: torch.
 
 def _ranked_positions(distances: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's candidate indices sorted by increasing distance (padding last), and the sorted mask."""
-    import torch
-
     keys = torch.where(mask, distances, torch.inf)
     order = torch.sort(keys, dim=1, stable=True).indices
     return order, torch.gather(mask, 1, order)
 
 
 def first_order_loss(
-    rewards: torch.Tensor, distances: torch.Tensor, mask: torch.Tensor | None = None, top: int | None = DEFAULT_TOP
+    rewards: torch.Tensor, distances: torch.Tensor, mask: torch.Tensor | None = None, top: int | None = recipe.TOP
 ) -> torch.Tensor:
     """Plackett-Luce loss of the rewards ranked by increasing distance; only the first ``top`` picks count
     (``None``: all of them)."""
-    import torch
-
     mask = _check(rewards, distances, mask, top)
     rewards, distances = rewards.float(), distances.float()
     positions = torch.arange(rewards.shape[1], device=rewards.device).expand_as(rewards)
@@ -92,12 +77,10 @@ def first_order_loss(
 
 
 def second_order_loss(
-    rewards: torch.Tensor, distances: torch.Tensor, mask: torch.Tensor | None = None, top: int | None = DEFAULT_TOP
+    rewards: torch.Tensor, distances: torch.Tensor, mask: torch.Tensor | None = None, top: int | None = recipe.TOP
 ) -> torch.Tensor:
     """Plackett-Luce loss of the pairwise reward differences ranked by their distance differences; only pairs
     whose nearer candidate is among the ``top`` nearest take part (``None``: every pair)."""
-    import torch
-
     mask = _check(rewards, distances, mask, top)
     rewards, distances = rewards.float(), distances.float()
     order, ranked_mask = _ranked_positions(distances, mask)
@@ -117,8 +100,8 @@ def georanker_loss(
     rewards: torch.Tensor,
     distances: torch.Tensor,
     mask: torch.Tensor | None = None,
-    lambda1: float = DEFAULT_LAMBDA1,
-    top: int | None = DEFAULT_TOP,
+    lambda1: float = recipe.LAMBDA1,
+    top: int | None = recipe.TOP,
 ) -> torch.Tensor:
     """GeoRanker's training loss: ``lambda1 * first_order + (1 - lambda1) * second_order``."""
     if not 0.0 <= lambda1 <= 1.0:
