@@ -4,6 +4,7 @@ training loop on a tiny random Qwen2-VL and `geoagent ranker train` on the test 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from geoagent.ranker.losses import first_order_loss, georanker_loss, second_orde
 from geoagent.ranker.model import RewardModel
 from geoagent.ranker.trainer import StepReport, Trainer, TrainOptions, checkpoints, run_training
 from geoagent.ranker.training import ExampleBuilder, query_stream, read_queries
+from conftest import TINY_CLIP, run_cli
 
 # --- the losses -------------------------------------------------------------------------------------------
 
@@ -224,3 +226,68 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert not torch.equal(expected["base_model.model.value_head.weight"], adapter_tensors(checkpoints(tmp_path / "cut")[0])["base_model.model.value_head.weight"])
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-00000002", "step-00000004"]
     assert not [p for p in (tmp_path / "cut").rglob("*") if p.name.startswith(".")]  # no staging left behind
+
+
+def test_a_bfloat16_base_trains_under_autocast_with_a_float32_adapter(world, builder, tiny_qwen2vl, tmp_path) -> None:
+    """The GPU recipe, run on the CPU: base weights in bfloat16, LoRA and value head kept in float32, forward
+    passes under bfloat16 autocast; a step gives a finite loss and moves the adapter."""
+    queries = read_queries(world.queries_csv)
+    batch = builder.build(list(itertools.islice(query_stream(queries, seed=0), 2)))
+    ranker = RewardModel.load(tiny_qwen2vl, device="cpu", dtype="bfloat16", max_side=MAX_SIDE, trainable=True)
+    trainer = Trainer(ranker, TrainOptions(index=tmp_path, queries=world.queries_csv, out=tmp_path / "out", lr=1e-3), total_steps=2)
+    assert trainer.weights_dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in trainer.parameters)
+    autocast_seen: list[bool] = []
+    ranker.model.get_base_model().model.register_forward_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    before = [p.detach().clone() for p in trainer.parameters]
+    assert math.isfinite(trainer.train_step([batch]))
+    assert autocast_seen == [True]
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.parameters))
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def test_ranker_train_end_to_end_writes_an_adapter_the_ranker_loads(world, tiny_qwen2vl, tmp_path) -> None:
+    """`geoagent ranker train` in a fresh process, on the test world's index and queries: exit 0, a summary line,
+    checkpoints, and a final adapter in GeoRanker's format that the ranker's strict loader accepts, holding the
+    trained weights (those of the last checkpoint, not a fresh adapter's)."""
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'[retrieval]\\nclip_model = "{TINY_CLIP}"\\nclip_pretrained = "none"\\n'
+        f'[ranker]\\nbase_model = "{tiny_qwen2vl}"\\ndevice = "cpu"\\nmax_image_side = {MAX_SIDE}\\n'
+    )
+    out = tmp_path / "adapter"
+    result = run_cli(
+        "ranker", "train", "--index", str(world.root / "index"), "--queries", str(world.queries_csv), "--out", str(out),
+        "--steps", "2", "--checkpoint-every", "1", "--candidates", "2", "--negatives", "1", "--accumulate", "1",
+        "--lr", "1e-3", "--config", str(config), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained 2 steps" in result.stdout and str(out.name) in result.stdout
+    assert [p.name for p in checkpoints(out)] == ["step-00000001", "step-00000002"]
+    stored = json.loads((out / "adapter_config.json").read_text())
+    assert (stored["r"], stored["lora_alpha"], stored["modules_to_save"], stored["base_model_name_or_path"]) == (16, 32, ["value_head"], str(tiny_qwen2vl))
+    RewardModel.load(tiny_qwen2vl, out, device="cpu", dtype="float32", max_side=MAX_SIDE)  # strict: every tensor must land
+    head = "base_model.model.value_head.weight"
+    assert torch.equal(adapter_tensors(out)[head], adapter_tensors(checkpoints(out)[-1])[head])
+    fresh = RewardModel.load(tiny_qwen2vl, None, device="cpu", dtype="float32", max_side=MAX_SIDE)
+    fresh.save_adapter(tmp_path / "fresh")
+    assert not torch.equal(adapter_tensors(tmp_path / "fresh")[head], adapter_tensors(out)[head])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message", "code"),
+    [
+        (["--lambda1", "1.5"], "--lambda1: ", 2),
+        (["--queries", "missing.csv"], "missing.csv: no such dataset", 1),
+    ],
+    ids=["lambda1-out-of-range", "queries-missing"],
+)
+def test_ranker_train_reports_bad_input_in_one_line_before_loading_anything(world, tmp_path, flags, message, code) -> None:
+    """A bad flag or a missing queries file is one line on stderr naming it, no traceback, before any model loads."""
+    base = {"--index": str(world.root / "index"), "--queries": str(world.queries_csv), "--out": str(tmp_path / "out")}
+    args = [item for key, value in base.items() if key not in flags for item in (key, value)]
+    result = run_cli("ranker", "train", *args, *flags, cwd=tmp_path)
+    assert result.returncode == code
+    assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,8 @@
 
 AdamW over the LoRA and value-head parameters (kept in float32), GeoRanker's multi-order loss, gradient
 accumulation, a linear learning-rate decay to zero (the Hugging Face Trainer's default, which GeoRanker ran
-with), gradient norm clipped at 1, bfloat16 autocast on CUDA and float32 on the CPU.
+with), gradient norm clipped at 1. ``[ranker] dtype = "auto"`` loads the base in bfloat16 on a GPU, and the
+forward passes then run under bfloat16 autocast; on the CPU everything is float32.
 
 On disk, under the output folder::
 
@@ -65,9 +66,12 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)  # this run's steps, in order
 
 
-def _autocast(device: str) -> AbstractContextManager[Any]:
-    """bfloat16 autocast on a GPU; nothing on the CPU (float32 throughout)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+def _autocast(device: str, weights: torch.dtype) -> AbstractContextManager[Any]:
+    """bfloat16 autocast over bfloat16 base weights (``[ranker] dtype`` auto: on a GPU), so the float32 adapter
+    meets them in bfloat16; nothing over float32 weights (auto: on the CPU)."""
+    if weights != torch.bfloat16:
+        return nullcontext()
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
 def rank_items(examples: Sequence[TrainExample]) -> list[RankItem]:
@@ -80,6 +84,7 @@ class Trainer:
 
     def __init__(self, ranker: RewardModel, options: TrainOptions, total_steps: int) -> None:
         self.ranker, self.options, self.total_steps, self.step = ranker, options, total_steps, 0
+        self.weights_dtype = ranker.model.get_base_model().get_input_embeddings().weight.dtype
         self.parameters = [p for p in ranker.model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ConfigError("ranker train: the model has no trainable parameters (was it loaded with trainable=True?)")
@@ -91,7 +96,7 @@ class Trainer:
     def loss(self, examples: Sequence[TrainExample]) -> torch.Tensor:
         """GeoRanker's loss over a batch of examples (queries with ragged candidate counts are masked)."""
         counts = [len(ex.candidates) for ex in examples]
-        with _autocast(self.ranker.device):
+        with _autocast(self.ranker.device, self.weights_dtype):
             flat = self.ranker.forward(rank_items(examples))
         rewards = torch.nn.utils.rnn.pad_sequence(list(flat.split(counts)), batch_first=True)
         distances = torch.nn.utils.rnn.pad_sequence(
