@@ -64,6 +64,14 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         for s in trace.pointwise:
             scores.add_row(label[s.id], f"{s.score:g}")
         console.print(scores)
+    if trace.rewards:
+        without = set(trace.rewards_without_photo)
+        rewards = Table("candidate", "reward", "scored from", box=None, pad_edge=False,
+                        title="GeoRanker rewards (highest first; votes by this order)", title_justify="left")
+        for cid, reward in sorted(trace.rewards.items(), key=lambda item: -item[1]):
+            rewards.add_row(label[cid], f"{reward:.4f}",
+                            "query photo + coordinates only (no candidate photo)" if cid in without else "query photo + coordinates + candidate photo")
+        console.print(rewards)
     if result.stats.failed_questions:
         failed = Table("task", "question", "error", box=None, pad_edge=False, title_justify="left",
                        title=f"{len(result.stats.failed_questions)} questions failed (the agent went on without them)")

@@ -90,6 +90,8 @@ class Trace(BaseModel):
     consensus_guess: Guess | None = None
     matches: list[Match] = Field(default_factory=list)
     pointwise: list[PointwiseScore] = Field(default_factory=list)
+    rewards: dict[str, float] = Field(default_factory=dict)  # georanker: candidate id -> reward, before fusion
+    rewards_without_photo: list[str] = Field(default_factory=list)  # scored from the query photo and coordinates alone
     fusion: dict[str, dict[str, float]] = Field(default_factory=dict)  # candidate id -> term -> value
     prompts: dict[str, str] = Field(default_factory=dict)  # template name -> content hash
     timings_s: dict[str, float] = Field(default_factory=dict)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from geoagent.agent.aggregate import confidence, fuse
 from geoagent.agent.prior import country_prior
 from geoagent.agent.questions import QuestionLog
 from geoagent.agent.reasoning import consensus, neighbour_block, reason
-from geoagent.agent.rerank import STRATEGIES, Comparator, Photo
+from geoagent.agent.rerank import MODEL_STRATEGIES, STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
 from geoagent.geo import haversine_km, reverse_geocode
@@ -26,6 +26,9 @@ from geoagent.prompts import PromptSet
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, LocateStats, Trace
 from geoagent.vlm import CallStats, VLMPool
+
+if TYPE_CHECKING:
+    from geoagent.ranker.service import ModelVotes, Ranker
 
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
@@ -78,6 +81,8 @@ class GeoAgent:
         self.pool = pool or VLMPool(settings)
         self._retriever = retriever
         self._retriever_lock = asyncio.Lock()
+        self._ranker: Ranker | None = None
+        self._ranker_lock = asyncio.Lock()
         self._references: OrderedDict[str, asyncio.Task[Photo | None]] = OrderedDict()
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
@@ -125,6 +130,15 @@ class GeoAgent:
                 self._retriever = await Retriever.load(self.settings.retrieval)
             return self._retriever
 
+    async def ranker(self) -> Ranker:
+        """The trained ranker of a model strategy (georanker), loaded once on first use (in a worker thread)."""
+        async with self._ranker_lock:
+            if self._ranker is None:
+                from geoagent.ranker.service import Ranker
+
+                self._ranker = await Ranker.load(self.settings.ranker)
+            return self._ranker
+
     async def preflight(self) -> Readiness:
         """Everything that would stop every photo, found at once: missing weights, unset keys, unusable servers.
 
@@ -142,8 +156,11 @@ class GeoAgent:
         checks = [attempt(self.retriever())]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
-            tasks = ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
+            by_model = agent.strategy in MODEL_STRATEGIES
+            tasks = [] if by_model else ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
             tasks += [task for task, on in (("prior", agent.country_prior), ("reasoning", agent.reasoning)) if on]
+            if by_model:  # the rerank task is the ranker's: its weights, not a VLM backend
+                checks.append(attempt(self.ranker()))
             checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
         return readiness
@@ -251,7 +268,11 @@ class GeoAgent:
             "reasoning": "ran" if cfg.strategy != "none" and cfg.reasoning else "off",
             "rerank": skip if skip == "off" else f"skipped: {skip}" if skip else "ran",
         }
-        if skip is None:
+        scored = None
+        if skip is None and cfg.strategy in MODEL_STRATEGIES:
+            scored = await timed("rerank", self._model_votes(image, pool))
+            votes = scored.votes
+        elif skip is None:
             task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
             comparator = Comparator(
                 pairwise_client=self.pool.for_task("pairwise"),
@@ -282,6 +303,8 @@ class GeoAgent:
             trace.guesses, trace.consensus_guess = guesses, guess
             if comparator is not None:
                 trace.matches, trace.pointwise = comparator.matches, comparator.scores
+            if scored is not None:
+                trace.rewards, trace.rewards_without_photo = scored.rewards, scored.without_photo
             trace.fusion = terms
             trace.prompts = self.prompts.hashes()
             trace.timings_s = timings
@@ -337,6 +360,10 @@ class GeoAgent:
                     task.cancel()
             raise
         return candidates, prior, guesses
+
+    async def _model_votes(self, image: Any, pool: list[Candidate]) -> ModelVotes:
+        """A model strategy's votes for the pool (a ``ModelVotes``): rewards from the trained ranker."""
+        return await (await self.ranker()).votes(image, pool)
 
     def _near_duplicate(self, candidates: list[Candidate]) -> Candidate | None:
         """The reference the photo copies (re-encoded, resized), if ``near_duplicate_similarity`` is set and met."""

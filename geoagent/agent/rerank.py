@@ -186,6 +186,9 @@ class Comparator:
 
 Strategy = Callable[[list[Candidate], Comparator, str], Awaitable[dict[str, float]]]
 STRATEGIES: dict[str, Strategy] = {}
+#: Strategies scored by a trained model run locally, not by VLM questions: the controller hands them to
+#: geoagent.ranker (the optional extra ``ranker``) instead of a Comparator.
+MODEL_STRATEGIES = ("georanker",)
 
 
 def strategy(name: str) -> Callable[[Strategy], Strategy]:

@@ -15,8 +15,15 @@ EXTRA_MODULES = ("transformers", "peft", "safetensors")
 EXTRA_INSTALL = "pip install 'geoagent-vlm[ranker]'"
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules (set to None)
+        return False
+
+
 def require_extra(purpose: str = "strategy 'georanker'") -> None:
     """Raise ConfigError (exit 2) naming the extra when one of its libraries is not installed."""
-    missing = [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    missing = [name for name in EXTRA_MODULES if not _installed(name)]
     if missing:
         raise ConfigError(f"{purpose} needs the optional extra 'ranker' (missing: {', '.join(missing)}); {EXTRA_INSTALL}")

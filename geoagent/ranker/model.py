@@ -184,6 +184,7 @@ def attach_adapter(vlm: Qwen2VLForConditionalGeneration, adapter_dir: Path | Non
     config.inference_mode = not trainable
     with _seeded(seed), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft on transformers 5
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed", category=UserWarning)  # the base is ours to pick
         model = get_peft_model(vlm, config, adapter_name=ADAPTER_NAME)
     if adapter_dir is not None:
         _load_adapter_tensors(model, adapter_dir)
@@ -239,7 +240,7 @@ def save_adapter(model: PeftModel, folder: Path, *, base_model_name: str | None 
     return folder
 
 
-def _fit(image: Image.Image, max_side: int) -> Image.Image:
+def fit_image(image: Image.Image, max_side: int) -> Image.Image:
     """RGB, longest side at most ``max_side`` (the processor then snaps it to 28-pixel blocks)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     if max(image.size) <= max_side:
@@ -260,7 +261,7 @@ def messages_for(item: RankItem) -> list[dict[str, Any]]:
 def build_batch(processor: Any, items: Sequence[RankItem], max_side: int) -> BatchFeature:
     """Token ids, attention mask (left-padded) and pixel values for ``items``, images in message order."""
     texts = [processor.apply_chat_template(messages_for(item), tokenize=False, add_generation_prompt=True) for item in items]
-    images = [_fit(image, max_side) for item in items for image in (item.query, item.candidate) if image is not None]
+    images = [fit_image(image, max_side) for item in items for image in (item.query, item.candidate) if image is not None]
     return processor(text=texts, images=images, padding=True, return_tensors="pt")
 
 
