@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from geoagent.errors import ConfigError
 from geoagent.geo import haversine_km
 from geoagent.ranker.losses import first_order_loss, georanker_loss, second_order_loss
 from geoagent.ranker.model import RewardModel
@@ -204,9 +205,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     checkpoint and its final adapter equals, tensor for tensor, that of a run never interrupted (same seed)."""
     queries = read_queries(world.queries_csv)
 
-    def options(out: Path) -> TrainOptions:
+    def options(out: Path, seed: int = 7) -> TrainOptions:
         return TrainOptions(index=tmp_path, queries=world.queries_csv, out=out, steps=4, checkpoint_every=2, lr=1e-3,
-                            batch_queries=1, accumulate=2, candidates=3, negatives=1, seed=7)
+                            batch_queries=1, accumulate=2, candidates=3, negatives=1, seed=seed)
 
     whole = run_training(options(tmp_path / "whole"), builder, queries, load_tiny(tiny_qwen2vl, 7), "tiny")
 
@@ -226,6 +227,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert not torch.equal(expected["base_model.model.value_head.weight"], adapter_tensors(checkpoints(tmp_path / "cut")[0])["base_model.model.value_head.weight"])
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-00000002", "step-00000004"]
     assert not [p for p in (tmp_path / "cut").rglob("*") if p.name.startswith(".")]  # no staging left behind
+
+    def never(_: Path | None) -> RewardModel:
+        raise AssertionError("the model loaded before the checkpoint was refused")
+
+    with pytest.raises(ConfigError, match="made with --seed 7, this run has 8"):  # another data stream: refused
+        run_training(options(tmp_path / "cut", seed=8), builder, queries, never, "tiny")
 
 
 def test_a_bfloat16_base_trains_under_autocast_with_a_float32_adapter(world, builder, tiny_qwen2vl, tmp_path) -> None:
@@ -253,8 +260,8 @@ def test_ranker_train_end_to_end_writes_an_adapter_the_ranker_loads(world, tiny_
     trained weights (those of the last checkpoint, not a fresh adapter's)."""
     config = tmp_path / "train.toml"
     config.write_text(
-        f'[retrieval]\\nclip_model = "{TINY_CLIP}"\\nclip_pretrained = "none"\\n'
-        f'[ranker]\\nbase_model = "{tiny_qwen2vl}"\\ndevice = "cpu"\\nmax_image_side = {MAX_SIDE}\\n'
+        f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\n'
+        f'[ranker]\nbase_model = "{tiny_qwen2vl}"\ndevice = "cpu"\nmax_image_side = {MAX_SIDE}\n'
     )
     out = tmp_path / "adapter"
     result = run_cli(
@@ -264,6 +271,7 @@ def test_ranker_train_end_to_end_writes_an_adapter_the_ranker_loads(world, tiny_
     )
     assert result.returncode == 0, result.stderr
     assert "trained 2 steps" in result.stdout and str(out.name) in result.stdout
+    assert "step 2/2 loss" in result.stderr  # off a terminal: a line a checkpoint instead of a bar
     assert [p.name for p in checkpoints(out)] == ["step-00000001", "step-00000002"]
     stored = json.loads((out / "adapter_config.json").read_text())
     assert (stored["r"], stored["lora_alpha"], stored["modules_to_save"], stored["base_model_name_or_path"]) == (16, 32, ["value_head"], str(tiny_qwen2vl))

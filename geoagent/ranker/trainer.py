@@ -41,6 +41,7 @@ from geoagent.ranker.training import ExampleBuilder, TrainExample, TrainOptions,
 
 if TYPE_CHECKING:
     from geoagent.config import Settings
+    from geoagent.eval.datasets import EvalItem
     from geoagent.retrieval.index import ReferenceIndex
 
 CHECKPOINTS = "checkpoints"
@@ -153,22 +154,28 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def restore(self, checkpoint: Path) -> None:
-        """Optimizer, schedule, step and RNG states from ``checkpoint`` (its adapter is loaded with the model)."""
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        changed = {k: (v, self.options.data_key()[k]) for k, v in state["data"].items() if self.options.data_key().get(k) != v}
-        if changed:
-            name, (was, now) = next(iter(changed.items()))
-            raise ConfigError(
-                f"{display_path(checkpoint)}: made with --{name.replace('_', '-')} {was}, this run has {now}; "
-                f"rerun with the same value, or --no-resume to start over"
-            )
+    def restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, schedule, step and RNG states from a checkpoint's :func:`read_state` (its adapter is loaded
+        with the model)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def read_state(checkpoint: Path, options: TrainOptions) -> dict[str, Any]:
+    """A checkpoint's trainer state, refused (ConfigError) when it was made with other data options."""
+    state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    now = options.data_key()
+    for name, was in state["data"].items():
+        if now.get(name) != was:
+            raise ConfigError(
+                f"{display_path(checkpoint)}: made with --{name.replace('_', '-')} {was}, this run has {now.get(name)}; "
+                f"rerun with the same value, or --no-resume to start over"
+            )
+    return state
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -180,7 +187,7 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def micro_batches(stream: Iterator[tuple[int, Any]], builder: ExampleBuilder, options: TrainOptions) -> list[list[TrainExample]]:
+def micro_batches(stream: Iterator[tuple[int, EvalItem]], builder: ExampleBuilder, options: TrainOptions) -> list[list[TrainExample]]:
     """The next step's micro-batches: ``accumulate`` of them, ``batch_queries`` queries each."""
     return [builder.build([next(stream) for _ in range(options.batch_queries)]) for _ in range(options.accumulate)]
 
@@ -200,7 +207,7 @@ def save_final(ranker: RewardModel, out: Path, base_model_name: str | None) -> P
 def run_training(
     options: TrainOptions,
     builder: ExampleBuilder,
-    queries: Sequence[Any],
+    queries: Sequence[EvalItem],
     load_ranker: Callable[[Path | None], RewardModel],
     base_model_name: str | None,
     on_step: Callable[[StepReport], None] | None = None,
@@ -213,12 +220,13 @@ def run_training(
         shutil.rmtree(out / CHECKPOINTS)
         existing = []
     resume_from = existing[-1] if existing else None
+    state = read_state(resume_from, options) if resume_from is not None else None  # refused before the model loads
     total = options.total_steps(len(queries))
     torch.manual_seed(options.seed)
     ranker = load_ranker(resume_from)
     trainer = Trainer(ranker, options, total)
-    if resume_from is not None:
-        trainer.restore(resume_from)
+    if state is not None:
+        trainer.restore(state)
     report = TrainReport(adapter=out, steps=total, resumed_from=trainer.step)
     per_step = options.batch_queries * options.accumulate
     stream = query_stream(queries, options.seed, start=trainer.step * per_step)
