@@ -131,12 +131,6 @@ class ExampleBuilder:
 
     def __init__(self, index: ReferenceIndex, embedder: Embedder, k: int, negatives: int, seed: int) -> None:
         self.index, self.embedder, self.k, self.negatives, self.seed = index, embedder, k, negatives, seed
-        self._paths: dict[int, str] = {}  # row -> real path of its photo, for the rows met so far
-
-    @property
-    def size(self) -> int:
-        """How many candidates a query gets at most."""
-        return min(self.k + self.negatives, len(self.index.table))
 
     def build(self, batch: Sequence[tuple[int, EvalItem]]) -> list[TrainExample]:
         """Examples for a batch of ``(ordinal, query)``; a query whose photo cannot be opened is logged and left out."""
@@ -154,23 +148,23 @@ class ExampleBuilder:
 
     def _example(self, ordinal: int, query: EvalItem, image: Image.Image, found: np.ndarray) -> TrainExample:
         own = os.path.realpath(query.path)
-        near = [int(row) for row in found if row >= 0 and self._real_path(int(row)) != own][: self.k]
-        excluded = set(near) | {int(row) for row in found if row >= 0 and self._real_path(int(row)) == own}
+        hits = [int(row) for row in found if row >= 0]
+        itself = {row for row in hits if self._real_path(row) == own}
+        near = [row for row in hits if row not in itself][: self.k]
+        excluded = set(near) | itself
         far = self._negatives(ordinal, excluded)
-        lat, lon = np.asarray(self.index.table.lat), np.asarray(self.index.table.lon)
-        rows = np.array(near + far, dtype=np.int64)
-        distances = haversine_km(query.lat, query.lon, lat[rows], lon[rows]) if len(rows) else np.zeros(0)
-        candidates = []
-        for position, (row, distance) in enumerate(zip(rows, distances)):
-            entry = self.index.entries[int(row)]
-            photo = _open_or_none(Path(entry.path))
-            candidates.append(TrainCandidate(entry.id, entry.lat, entry.lon, Path(entry.path), photo, float(distance), position >= len(near)))
-        return TrainExample(ordinal, query, image, tuple(candidates))
+        entries = [self.index.entries[row] for row in near + far]
+        lat, lon = np.array([e.lat for e in entries]), np.array([e.lon for e in entries])
+        distances = haversine_km(query.lat, query.lon, lat, lon)
+        candidates = tuple(
+            TrainCandidate(e.id, e.lat, e.lon, Path(e.path), _open_or_none(Path(e.path)), float(d), negative=i >= len(near))
+            for i, (e, d) in enumerate(zip(entries, distances))
+        )
+        return TrainExample(ordinal, query, image, candidates)
 
     def _real_path(self, row: int) -> str:
-        if row not in self._paths:
-            self._paths[row] = os.path.realpath(self.index.entries[row].path)
-        return self._paths[row]
+        """The entry's photo with links followed (as the query's is), to recognise the query's own entry."""
+        return os.path.realpath(self.index.entries[row].path)
 
     def _negatives(self, ordinal: int, excluded: set[int]) -> list[int]:
         """``negatives`` distinct rows outside ``excluded``, drawn uniformly with a generator seeded by the query's
