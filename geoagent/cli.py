@@ -629,7 +629,7 @@ def ranker_train(
         from pydantic import ValidationError
 
         from geoagent.ranker import require_extra
-        from geoagent.ranker.training import TrainOptions
+        from geoagent.ranker.training import TrainOptions, train
 
         flags = {"index": index, "queries": queries, "out": out, "images": images, "lambda1": lambda1, "top": top or None,
                  "steps": steps, "epochs": epochs, "lr": lr, "batch_queries": batch_queries, "candidates": candidates,
@@ -641,8 +641,6 @@ def ranker_train(
             raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {validation_message(first)}") from None
         settings = load_config(config)
         require_extra("geoagent ranker train")
-        from geoagent.ranker.trainer import train
-
         with _train_progress() as on_step:
             report = train(options, settings, on_step)
         resumed = f", resumed at step {report.resumed_from}" if report.resumed_from else ""

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,12 +37,10 @@ from geoagent.paths import display_path
 from geoagent.ranker import recipe
 from geoagent.ranker.losses import georanker_loss
 from geoagent.ranker.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RankItem, RewardModel
-from geoagent.ranker.training import ExampleBuilder, TrainExample, TrainOptions, query_stream, read_queries
+from geoagent.ranker.training import ExampleBuilder, TrainExample, TrainOptions, query_stream
 
 if TYPE_CHECKING:
-    from geoagent.config import Settings
     from geoagent.eval.datasets import EvalItem
-    from geoagent.retrieval.index import ReferenceIndex
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step-"
@@ -242,28 +240,3 @@ def run_training(
     save_final(ranker, out, base_model_name)
     return report
 
-
-def train(options: TrainOptions, settings: Settings, on_step: Callable[[StepReport], None] | None = None) -> TrainReport:
-    """``geoagent ranker train``: the queries, the base model's folder and the index are checked (cheap) before
-    CLIP and the base model load; then :func:`run_training`. ``[ranker]`` gives the base model, device, dtype and
-    image size; ``[retrieval]`` the CLIP model the index was built with."""
-    from geoagent.ranker.weights import resolve_base_model
-    from geoagent.retrieval.retriever import Retriever
-
-    if options.out.exists() and not options.out.is_dir():
-        raise ConfigError(f"--out: {display_path(options.out)} is a file; give the adapter folder to write")
-    queries = read_queries(options.queries, options.images)
-    config = settings.ranker
-    base = resolve_base_model(config.base_model)
-    retrieval = settings.retrieval.model_copy()
-    retrieval.index = options.index  # validated on assignment (~ expanded)
-    retriever = Retriever.load_sync(retrieval)  # opens the index before loading CLIP, then checks they match
-    index = cast("ReferenceIndex", retriever.source)
-    builder = ExampleBuilder(index, retriever.embedder, options.candidates, options.negatives, options.seed)
-
-    def load(adapter: Path | None) -> RewardModel:
-        return RewardModel.load(
-            base, adapter, device=config.device, dtype=config.dtype, max_side=config.max_image_side, trainable=True, seed=options.seed
-        )
-
-    return run_training(options, builder, queries, load, config.base_model, on_step)

@@ -7,6 +7,9 @@ drawn at random from the whole index, each with its great-circle distance to the
 Only the query list (paths and coordinates) is held in memory; photos are opened a batch at a time as the
 examples are built. Every draw is seeded by ``(seed, epoch)`` or ``(seed, query ordinal)``, so the n-th example
 of a run is the same whether the run was interrupted before it or not.
+
+:func:`train` is the command's entry point: cheap checks here, torch and the models only after them (the loop
+itself is :mod:`geoagent.ranker.trainer`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from geoagent.errors import InputError
+from geoagent.errors import ConfigError, InputError
 from geoagent.eval.datasets import EvalItem, load_dataset
 from geoagent.geo import haversine_km
 from geoagent.images import open_image
@@ -32,6 +35,8 @@ from geoagent.ranker import recipe
 if TYPE_CHECKING:
     from PIL import Image
 
+    from geoagent.config import Settings
+    from geoagent.ranker.trainer import StepReport, TrainReport
     from geoagent.retrieval.embedder import Embedder
     from geoagent.retrieval.index import ReferenceIndex
 
@@ -191,3 +196,36 @@ def _open_or_none(path: Path) -> Image.Image | None:
     except InputError as exc:
         log.warning("candidate without its photo: %s", exc)
         return None
+
+
+def train(options: TrainOptions, settings: Settings, on_step: Callable[[StepReport], None] | None = None) -> TrainReport:
+    """``geoagent ranker train``: what is cheap to check (the output folder, the queries, the base model's folder,
+    the index) is checked before torch, CLIP or the base model load; then the loop of :mod:`.trainer`.
+    ``[ranker]`` gives the base model, device, dtype and image size; ``[retrieval]`` the CLIP model the index was
+    built with."""
+    from geoagent.ranker.weights import resolve_base_model
+    from geoagent.retrieval.index import ReferenceIndex
+
+    if options.out.exists() and not options.out.is_dir():
+        raise ConfigError(f"--out: {display_path(options.out)} is a file; give the adapter folder to write")
+    queries = read_queries(options.queries, options.images)
+    config = settings.ranker
+    base = resolve_base_model(config.base_model)
+    index = ReferenceIndex.open(options.index)
+
+    from geoagent.ranker.model import RewardModel
+    from geoagent.ranker.trainer import run_training
+    from geoagent.retrieval.embedder import Embedder
+
+    retrieval = settings.retrieval.model_copy()
+    retrieval.index = options.index  # validated on assignment (~ expanded)
+    embedder = Embedder.load(retrieval)
+    index.check_embedder(embedder.spec)
+    builder = ExampleBuilder(index, embedder, options.candidates, options.negatives, options.seed)
+
+    def load(adapter: Path | None) -> RewardModel:
+        return RewardModel.load(
+            base, adapter, device=config.device, dtype=config.dtype, max_side=config.max_image_side, trainable=True, seed=options.seed
+        )
+
+    return run_training(options, builder, queries, load, config.base_model, on_step)
