@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,22 @@ async def test_without_the_extra_the_strategy_names_it(trained, tiny_qwen2vl, mo
     with pytest.raises(ConfigError, match=r"needs the optional extra 'ranker' \(missing: peft\); pip install 'geoagent-vlm\[ranker\]'") as caught:
         await Ranker.load(config)
     assert caught.value.exit_code == 2
+
+
+def test_the_weights_are_checked_before_torch_or_transformers_is_imported(tmp_path):
+    """A missing adapter is reported by a process that never imported the heavy libraries: fast, whatever the model."""
+    code = (
+        "import sys\n"
+        "from geoagent.config import RankerConfig\n"
+        "from geoagent.ranker.service import shared_model\n"
+        "try:\n"
+        f"    shared_model(RankerConfig(adapter={str(tmp_path / 'none')!r}))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout.splitlines() == [f"ConfigError ranker.adapter: no adapter folder at {tmp_path / 'none'}", "[]"], done.stderr
 
 
 def test_the_ranker_section_is_validated_when_read(tmp_path):

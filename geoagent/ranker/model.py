@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -59,9 +59,6 @@ GEORANKER_CONFIG_KEYS = frozenset({
     "peft_type", "r", "rank_pattern", "revision", "target_modules", "task_type", "trainable_token_indices", "use_dora",
     "use_rslora",
 })
-
-Device = Literal["auto", "cuda", "cpu"]
-DType = Literal["auto", "bfloat16", "float32"]
 
 #: Tensor-name prefixes of a peft adapter around Qwen2VLForConditionalGeneration: (GeoRanker's, transformers 5's).
 _PEFT_ROOT = "base_model.model."

@@ -37,10 +37,10 @@ _models_lock = threading.Lock()
 def shared_model(config: RankerConfig) -> RewardModel:
     """The reward model ``config`` describes, loaded on first use and shared by the whole process (blocking).
 
-    Weights are located first (fast, clear errors; no torch import), then the extra checked, then loaded.
+    The extra is checked and the weights located first (fast, clear errors, no torch import), then loaded.
     """
-    base, adapter = resolve_weights(config)
     require_extra()
+    base, adapter = resolve_weights(config)
     key = (str(base.resolve()), str(adapter.resolve()), config.device, config.dtype, str(config.max_image_side))
     with _models_lock:
         if key not in _models:
