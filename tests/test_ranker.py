@@ -8,6 +8,7 @@ and writing it by hand in GeoRanker's format: its published adapter_config.json 
 from __future__ import annotations
 
 import asyncio
+import threading
 import json
 import re
 import shutil
@@ -158,13 +159,18 @@ def test_a_hugging_face_base_model_neither_local_nor_cached_fails_fast_offline(t
 
 
 async def test_photos_in_flight_are_scored_in_one_pass_and_a_candidate_without_photo_is_said_so(trained, tiny_qwen2vl, world):
-    """Two photos' candidates go through the model together; rewards are as if scored alone; votes follow them."""
+    """Photos that ask while the model is busy go through it together in the next pass; rewards are as if scored
+    alone; votes follow them."""
     model = load(tiny_qwen2vl, trained.adapter)
     calls: list[int] = []
+    busy, release = threading.Event(), threading.Event()
     scored_alone = model.rewards_sync
 
     def counting(items: list[RankItem], batch_size: int) -> list[float]:
         calls.append(len(items))
+        if len(calls) == 1:  # the first pass holds the model until both photos have queued behind it
+            busy.set()
+            release.wait(timeout=60)
         return scored_alone(items, batch_size)
 
     model.rewards_sync = counting  # type: ignore[method-assign]
@@ -172,8 +178,16 @@ async def test_photos_in_flight_are_scored_in_one_pass_and_a_candidate_without_p
     refs = world.references[:3]
     pool = [Candidate(id=f"r{i}", lat=s.lat, lon=s.lon, source="index", image_path=str(s.path)) for i, s in enumerate(refs)]
     pool.append(Candidate(id="tokyo", lat=35.68, lon=139.65, source="gazetteer"))
-    first, second = await asyncio.gather(ranker.votes(picture(10), pool), ranker.votes(picture(11), pool[:2]))
-    assert calls == [len(pool) + 2]
+    blocker = asyncio.create_task(ranker.votes(picture(9), pool[:1]))
+    await asyncio.to_thread(busy.wait, 60)
+    first_task = asyncio.create_task(ranker.votes(picture(10), pool))
+    second_task = asyncio.create_task(ranker.votes(picture(11), pool[:2]))
+    while len(ranker._queue) < 2:  # both photos' candidates are waiting for the model
+        await asyncio.sleep(0.01)
+    release.set()
+    await blocker
+    first, second = await first_task, await second_task
+    assert calls == [1, len(pool) + 2]
     assert first.without_photo == ["tokyo"] and second.without_photo == []
     fitted = Image.open(refs[0].path).convert("RGB")
     fitted.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
