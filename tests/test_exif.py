@@ -3,7 +3,7 @@ with --use-exif (no VLM request), and never used by eval (it would leak the trut
 
 from __future__ import annotations
 
-import csv
+import asyncio
 import json
 import shutil
 from datetime import datetime, timedelta, timezone
@@ -16,6 +16,8 @@ from PIL.TiffImagePlugin import IFDRational
 from rich.console import Console
 
 from conftest import run_cli, write_world_config
+from geoagent.eval.datasets import load_dataset
+from geoagent.eval.runner import EvalRun, build_columns
 from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.output import EXIF_AGREEMENT_KM, print_result
@@ -230,9 +232,9 @@ def test_use_exif_needs_no_server_or_weights_and_shows_the_exif_answer(tmp_path)
 
 
 def test_eval_never_answers_from_exif_a_geotagged_folder_scores_as_its_stripped_copy(standin, world, tmp_path):
-    """eval turns use_exif off: over a folder whose photos carry their true GPS (config use_exif = true) the
-    visual pipeline runs, and the same photos with EXIF stripped score the same, their every VLM request a
-    cache hit (so no EXIF reached any prompt)."""
+    """eval turns use_exif off: over a folder whose photos carry their true GPS (config use_exif = true) every
+    photo is located visually, and the same photos with EXIF stripped score the same, their every VLM request a
+    cache hit (so no EXIF reached any prompt). In-process, as `geoagent eval` runs it (saves two CLI starts)."""
     server = standin(judge=WorldJudge(world.truth))
     config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False, top_k=4, use_exif=True)
     tagged, bare = tmp_path / "tagged", tmp_path / "bare"
@@ -245,17 +247,16 @@ def test_eval_never_answers_from_exif_a_geotagged_folder_scores_as_its_stripped_
         rows.append(f"bare/{spot.path.name},{gps.lat!r},{gps.lon!r}")
     (tmp_path / "bare.csv").write_text("\n".join(rows) + "\n")
 
-    def evaluate(dataset: Path, out: str) -> dict:
-        proc = run_cli("eval", str(dataset), "--config", str(config), "--out", str(tmp_path / out), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads((tmp_path / out / "report.json").read_text())["columns"]["c"]
+    def evaluate(dataset: Path) -> tuple[dict, list]:
+        run = EvalRun(load_dataset(dataset), build_columns([f"c={config}"], []))
+        asyncio.run(run.execute())
+        return run.report()["columns"]["c"], run.predictions["c"]
 
-    with_gps = evaluate(tagged, "tagged")
+    with_gps, predictions = evaluate(tagged)
     assert with_gps["settings"]["agent"]["use_exif"] is False and with_gps["metrics"]["n"] == 4
-    with (tmp_path / "tagged" / "predictions.csv").open() as fh:
-        assert all(int(row["vlm_calls"]) > 0 for row in csv.DictReader(fh))  # each photo located visually, not from its GPS
+    assert all(p.vlm_calls > 0 for p in predictions)  # each photo located visually, not from its GPS
     server.reset_log()
-    stripped = evaluate(tmp_path / "bare.csv", "bare")
+    stripped, _ = evaluate(tmp_path / "bare.csv")
     assert server.chat_requests() == [] and stripped["metrics"]["cache_hits"] == with_gps["metrics"]["vlm_calls"]
     for metric in ("acc@1km", "acc@25km", "acc@200km", "median_km", "geoscore"):
         assert with_gps["metrics"][metric] == pytest.approx(stripped["metrics"][metric]), metric
