@@ -159,6 +159,8 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
             settings.agent.prompts_dir = flags["prompts"]
     if flags.get("no_cache"):
         settings.cache.enabled = False
+    if flags.get("use_exif"):
+        settings.agent.use_exif = True
     return settings
 
 
@@ -200,13 +202,16 @@ def locate(
     explain: Annotated[bool, typer.Option("--explain", help="Show the prior, clues, guesses and matches.")] = False,
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
+    use_exif: Annotated[
+        bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
+    ] = False,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
         readable = []
         for photo in photos:  # before any heavy import: a typo in a path is reported at once
@@ -219,13 +224,13 @@ def locate(
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
-        from geoagent.output import print_result
+        from geoagent.output import print_result, result_json
 
         async def run() -> int:
             failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
             async with GeoAgent(settings) as agent:
-                readiness = await agent.preflight()
+                readiness = await agent.preflight(readable)
                 for warning in readiness.warnings:
                     print_warning(warning)
                 for problem in readiness.problems:
@@ -241,7 +246,7 @@ def locate(
                             continue
                         located += 1
                         if as_json:
-                            print(outcome.model_dump_json(exclude_none=not explain), flush=True)
+                            print(result_json(outcome, explain=explain), flush=True)
                         else:
                             print_result(stdout, outcome, explain=explain)
                 except RunStopped as exc:

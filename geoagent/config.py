@@ -208,6 +208,11 @@ class AgentConfig(_Section):
     early_exit: bool = Field(
         default=True, description="Skip reranking when it cannot move the answer (every candidate within consensus_bandwidth_km)."
     )
+    use_exif: bool = Field(
+        default=False,
+        description="Answer from the photo's EXIF GPS when it has one (no model runs); off: EXIF is shown beside the "
+        "visual answer, which it may contradict (metadata can be stripped, wrong or planted). eval always turns it off.",
+    )
     near_duplicate_similarity: float | None = Field(
         default=None, gt=0, le=1,
         description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; unset: off.",

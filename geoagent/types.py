@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-CandidateSource = Literal["index", "gazetteer", "reasoning"]
+from geoagent.exif import ExifInfo
+
+CandidateSource = Literal["index", "gazetteer", "reasoning", "exif"]
 
 
 class Candidate(BaseModel):
@@ -109,5 +111,7 @@ class LocateResult(BaseModel):
     candidates: list[Candidate]
     prior: list[CountryScore] = Field(default_factory=list)
     match: Literal["near_duplicate"] | None = None  # the answer is a reference photo the query copies
+    exif: ExifInfo | None = None  # the photo's own metadata, read before any model ran; None: it carries none
+    source: Literal["visual", "exif"] = "visual"  # "exif": answered from EXIF GPS (agent.use_exif), no model ran
     stats: LocateStats = Field(default_factory=LocateStats)
     trace: Trace | None = None

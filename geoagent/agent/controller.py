@@ -19,6 +19,7 @@ from geoagent.agent.reasoning import consensus, neighbour_block, reason
 from geoagent.agent.rerank import MODEL_STRATEGIES, STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
+from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import open_image
 from geoagent.paths import display_path
@@ -35,6 +36,8 @@ SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k be
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
+EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
+ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
 
 
 @dataclass
@@ -139,13 +142,16 @@ class GeoAgent:
                 self._ranker = await Ranker.load(self.settings.ranker)
             return self._ranker
 
-    async def preflight(self) -> Readiness:
+    async def preflight(self, photos: Sequence[str | Path] = ()) -> Readiness:
         """Everything that would stop every photo, found at once: missing weights, unset keys, unusable servers.
 
         A server that is down (or refuses us) is only a warning while the cache holds answers of its model: a
-        rerun is answered from the cache, and only the questions it cannot answer fail.
+        rerun is answered from the cache, and only the questions it cannot answer fail. With ``use_exif``, when
+        every one of ``photos`` carries EXIF GPS nothing is needed (no model will run), so nothing is checked.
         """
         readiness = Readiness()
+        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(asyncio.to_thread(_has_gps, p) for p in photos))):
+            return readiness
 
         async def attempt(coroutine: Any) -> None:
             try:
@@ -248,6 +254,10 @@ class GeoAgent:
             finally:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
+        exif = await asyncio.to_thread(read_exif, photo)  # metadata first, before any model runs
+        if cfg.use_exif and exif is not None and exif.gps is not None:
+            trace_or_none = trace if explain else None
+            return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
         image = await asyncio.to_thread(open_image, photo)
         query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
         candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector)
@@ -318,6 +328,7 @@ class GeoAgent:
             candidates=ranked,
             prior=prior,
             match="near_duplicate" if duplicate is not None else None,
+            exif=exif,
             stats=_photo_stats(log, time.perf_counter() - started, stages),
             trace=trace if explain else None,
         )
@@ -473,6 +484,25 @@ def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> Loc
         cost_usd=None if total.unpriced_requests else total.cost_usd,
         failed_questions=log.failed,
         stages=stages,
+    )
+
+
+def _has_gps(photo: str | Path) -> bool:
+    exif = read_exif(photo)
+    return exif is not None and exif.gps is not None
+
+
+def _exif_answer(photo: str | Path, exif: ExifInfo, gps: ExifGPS, wall_s: float, trace: Trace | None) -> LocateResult:
+    """The photo's EXIF GPS as the answer: one candidate, no retrieval, no VLM request."""
+    lat, lon = gps.lat, gps.lon
+    country, place = reverse_geocode(lat, lon)[0]
+    point = Candidate(id="exif", lat=lat, lon=lon, country=country, place=place, source="exif", score=EXIF_CONFIDENCE, rank=1)
+    skipped = f"skipped: {ANSWERED_FROM_EXIF}"
+    stages = {"retrieval": skipped, "prior": skipped, "reasoning": skipped, "rerank": skipped}
+    return LocateResult(
+        image=display_path(photo), lat=lat, lon=lon, country=country, place=place, confidence=EXIF_CONFIDENCE,
+        candidates=[point], exif=exif, source="exif",
+        stats=LocateStats(wall_s=round(wall_s, 4), stages=stages), trace=trace,
     )
 
 

@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from geoagent.errors import ConfigError, InputError
+from geoagent.exif import GPS_LAT, GPS_LON, gps_from_ifd
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
 from geoagent.paths import display_path, file_problem, os_error_reason, resolve
@@ -137,12 +138,6 @@ class BuildReport:
 # --- reading sources -----------------------------------------------------------------------------------
 
 
-def _rational(value: object) -> float:
-    if isinstance(value, tuple):
-        return float(value[0]) / float(value[1]) if value[1] else 0.0
-    return float(value)  # type: ignore[arg-type]
-
-
 def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
     """(lat, lon) from a photo's EXIF GPS block (header only), or None and what is wrong with the file
     (no problem given: a readable photo without GPS)."""
@@ -157,20 +152,12 @@ def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
         return None, os_error_reason(exc)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"unreadable image ({exc})"
-    if not gps or 2 not in gps or 4 not in gps:
+    if not gps or GPS_LAT not in gps or GPS_LON not in gps:
         return None, None
-    try:
-        lat = sum(_rational(v) / 60**i for i, v in enumerate(gps[2]))
-        lon = sum(_rational(v) / 60**i for i, v in enumerate(gps[4]))
-    except (TypeError, ValueError, ZeroDivisionError, IndexError):
-        return None, "malformed EXIF GPS"
-    if str(gps.get(1, "N")).upper().startswith("S"):
-        lat = -lat
-    if str(gps.get(3, "E")).upper().startswith("W"):
-        lon = -lon
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        return None, "EXIF GPS out of range"
-    return (lat, lon), None
+    point = gps_from_ifd(gps)
+    if point is None:
+        return None, "unusable EXIF GPS (a hemisphere missing, a zero denominator, out of range, or no fix)"
+    return (point.lat, point.lon), None
 
 
 def walk_sorted(root: Path) -> Iterator[Path]:
