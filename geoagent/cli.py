@@ -280,6 +280,8 @@ def locate(
 
             write_map(map_file, locate_map(mapped))
             print_line(f"wrote {display_path(map_file)}", stderr)
+        elif map_file is not None:
+            print_line(f"no photo located: {display_path(map_file)} not written", stderr)
         if code:
             raise typer.Exit(code)
 

@@ -90,6 +90,7 @@ def test_locate_map_shows_every_candidate_and_the_answer_in_chromium_offline(wor
     assert len(drawn["candidates"]) == len(answer["candidates"]) >= 2
     assert drawn["guesses"] and drawn["prior"] and all(c["lat"] is not None for c in drawn["prior"])
 
+    browser.blocked.clear()
     page = browser.new_page()
     page.goto(target.as_uri())
     wait_until(page, "window.geoagentMap !== undefined")
@@ -106,7 +107,8 @@ def test_locate_map_shows_every_candidate_and_the_answer_in_chromium_offline(wor
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
     assert not [e for e in page.geoagent_errors if e.startswith("uncaught")], page.geoagent_errors
-    assert all(url.startswith(TILE_HOST) for url in browser.blocked), browser.blocked  # only tiles wanted the network
+    # The network was cut (the tiles were asked for and refused) and nothing but tiles wanted it.
+    assert browser.blocked and all(url.startswith(TILE_HOST) for url in browser.blocked), browser.blocked
     page.close()
 
 
@@ -223,6 +225,27 @@ def test_a_map_path_in_a_missing_folder_is_one_line_before_any_work(tmp_path):
     proc = run_cli("locate", str(photo), "--map", str(tmp_path / "nowhere" / "m.html"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: --map {tmp_path / 'nowhere' / 'm.html'}: folder {tmp_path / 'nowhere'} does not exist"]
+
+
+def test_the_wheel_ships_every_static_file_of_the_map():
+    """A wheel has no repo around it: Leaflet, its licence and the drawing script must be covered by package-data."""
+    from fnmatch import fnmatch
+
+    from test_packaging import PYPROJECT
+
+    static = Path(map_data.__file__).parent / "static"
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["geoagent.maps"]
+    files = [str(p.relative_to(static.parent)) for p in static.rglob("*") if p.is_file()]
+    assert len(files) == 5 and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
+
+
+def test_without_chromium_the_browser_tests_fail_rather_than_skip(monkeypatch):
+    """CI installs chromium; where it is missing, the browser tests must fail, naming the package to install."""
+    import browser as launcher
+
+    monkeypatch.setattr(launcher, "CHROMIUM", Path("/nonexistent/chromium"))
+    with pytest.raises(AssertionError, match="apt-get install -y chromium"), launcher.offline_browser():
+        pass
 
 
 def test_the_page_needs_nothing_but_itself():
