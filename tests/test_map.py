@@ -128,6 +128,15 @@ def test_hostile_text_is_shown_as_text_and_never_runs(tmp_path, browser):
     assert page.title() == HOSTILE
     assert HOSTILE.split(" \u2028")[0] in open_popup(page, page.locator("path.geoagent-guess"))
     assert count(page, "img[src=x]") == 0 and not dialogs
+    # Several photos and eval columns are named in the layer switcher, which Leaflet fills with HTML.
+    write_map(target, locate_map([hostile, result()], title=HOSTILE))
+    page.goto(target.as_uri())
+    assert HOSTILE.split(" \u2028")[0] in page.locator(".leaflet-control-layers-overlays").inner_text()
+    write_map(target, eval_map({HOSTILE: [Prediction(path=HOSTILE, true_lat=0, true_lon=0, pred_lat=1, pred_lon=1, error_km=157.2)]}))
+    page.goto(target.as_uri())
+    assert HOSTILE.split(" \u2028")[0] in page.locator(".leaflet-control-layers-overlays").inner_text()
+    assert HOSTILE.split(" \u2028")[0] in open_popup(page, page.locator("path.geoagent-error"))
+    assert count(page, "img[src=x]") == 0 and not dialogs
     assert not [e for e in page.geoagent_errors if e.startswith("uncaught")], page.geoagent_errors
     page.close()
 

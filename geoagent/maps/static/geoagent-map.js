@@ -24,6 +24,13 @@ var GeoAgentMap = (function () {
     return node;
   }
 
+  /* Leaflet's layer switcher sets each name as HTML: a name from the data goes in as escaped text. */
+  function asHtml(text) {
+    var box = document.createElement("span");
+    box.textContent = String(text);
+    return box.innerHTML;
+  }
+
   function coords(lat, lon) {
     return lat.toFixed(4) + ", " + lon.toFixed(4);
   }
@@ -239,7 +246,7 @@ var GeoAgentMap = (function () {
       if (!photo.detailed) return;
       var details = L.featureGroup([layers.prior, layers.guesses, layers.candidates, layers.exif]);
       if (data.details_shown) details.addTo(map);
-      control.addOverlay(details, photo.image);
+      control.addOverlay(details, asHtml(photo.image));
     });
     if (several) {
       overview.addTo(map);
@@ -263,7 +270,7 @@ var GeoAgentMap = (function () {
         points.push([e.true_lat, e.true_lon], [e.pred_lat, e.pred_lon]);
       });
       group.addTo(map);
-      control.addOverlay(group, layer.label + " (" + layer.errors.length + ")");
+      control.addOverlay(group, asHtml(layer.label + " (" + layer.errors.length + ")"));
       all.push(group);
     });
     addPanel(map, function (box) { errorPanel(data, box); });
