@@ -15,7 +15,7 @@ var GeoAgentMap = (function () {
   };
   var PRIOR_RADIUS = {min: 4, per_p: 16};  // a prior country's marker grows with its probability
   var SINGLE_POINT_ZOOM = 11;
-  var FIT = {padding: [30, 30], maxZoom: 14};
+  var FIT = {padding: 30, maxZoom: 14};
 
   function el(tag, text, parent) {
     var node = document.createElement(tag);
@@ -287,7 +287,11 @@ var GeoAgentMap = (function () {
     var bounds = L.latLngBounds(points);
     if (!points.length) map.setView([20, 0], 2);
     else if (bounds.getNorthEast().equals(bounds.getSouthWest())) map.setView(bounds.getCenter(), SINGLE_POINT_ZOOM);
-    else map.fitBounds(bounds, FIT);
+    else {
+      var panel = element.querySelector(".geoagent-panel");  // bottom left: keep the points clear of it
+      map.fitBounds(bounds, {paddingTopLeft: [FIT.padding + (panel ? panel.offsetWidth : 0), FIT.padding],
+                             paddingBottomRight: [FIT.padding, FIT.padding], maxZoom: FIT.maxZoom});
+    }
     return {map: map, layers: layers};
   }
 
