@@ -187,6 +187,15 @@ IndexOption = Annotated[Path | None, typer.Option("--index", help="Reference ind
 TopKOption = Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")]
 StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting | georanker.")]
 PromptsOption = Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")]
+MapOption = Annotated[Path | None, typer.Option("--map", help="Also write a map of the answers: one self-contained HTML file (opens offline).", show_default=False)]
+
+
+def _check_map(path: Path | None) -> None:
+    """``--map``: fail before any work when the file cannot be written."""
+    if path is not None:
+        from geoagent.maps.html import check_map_path
+
+        check_map_path(path)
 
 
 @app.command("locate")
@@ -205,6 +214,7 @@ def locate(
     use_exif: Annotated[
         bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
     ] = False,
+    map_file: MapOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
@@ -213,6 +223,7 @@ def locate(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
             strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
+        _check_map(map_file)
         readable = []
         for photo in photos:  # before any heavy import: a typo in a path is reported at once
             problem = photo_problem(photo)
@@ -226,6 +237,8 @@ def locate(
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
         from geoagent.output import print_result, result_json
 
+        mapped: list[Any] = []  # the answers, for --map
+
         async def run() -> int:
             failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
@@ -238,13 +251,16 @@ def locate(
                 if readiness.problems:
                     return max(p.exit_code for p in readiness.problems)
                 try:
-                    async for _photo, outcome in agent.locate_many(readable, explain=explain):
+                    # --map draws the reasoning guesses, which only the trace keeps; printing still follows --explain
+                    async for _photo, outcome in agent.locate_many(readable, explain=explain or map_file is not None):
                         if isinstance(outcome, GeoAgentError):
                             failed += 1
                             server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
                             print_error(str(outcome))
                             continue
                         located += 1
+                        if map_file is not None:
+                            mapped.append(outcome)
                         if as_json:
                             print(result_json(outcome, explain=explain), flush=True)
                         else:
@@ -267,6 +283,13 @@ def locate(
             return 1 if failed else 0
 
         code = asyncio.run(run())
+        if map_file is not None and mapped:
+            from geoagent.maps.html import locate_map, write_map
+
+            write_map(map_file, locate_map(mapped))
+            print_line(f"wrote {display_path(map_file)}", stderr)
+        elif map_file is not None:
+            print_line(f"no photo located: {display_path(map_file)} not written", stderr)
         if code:
             raise typer.Exit(code)
 
@@ -287,6 +310,7 @@ def batch(
     explain: Annotated[bool, typer.Option("--explain", help="Journal each photo's trace too (prior, clues, guesses, matches).")] = False,
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
+    map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -299,6 +323,7 @@ def batch(
             strategy=strategy, prompts=prompts, no_cache=no_cache,
         )
         plan = plan_output(out, out_format)
+        _check_map(map_file)
         with _batch_progress() as on_progress:
             try:
                 report = asyncio.run(run_batch(
@@ -319,6 +344,11 @@ def batch(
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
             )
+        if map_file is not None and not report.problems:
+            from geoagent.maps.html import journal_results, locate_map, write_map
+
+            write_map(map_file, locate_map(journal_results(report.journal), thumbnails=False))
+            print_line(f"wrote {display_path(map_file)}", stderr)
         if report.stopped:
             print_error(report.stopped)
         if report.stopped or report.unfinished:
@@ -365,6 +395,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N photos.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
     no_cache: NoCacheOption = False,
+    map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -373,6 +404,7 @@ def evaluate(
     from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
 
     with user_errors():
+        _check_map(map_file)
         data = load_dataset(dataset, images)
         for name, reason in data.skipped:
             print_line(f"skipped {name}: {reason}", stderr)
@@ -394,10 +426,16 @@ def evaluate(
         finally:  # whatever stopped the run, what finished is reported
             partial = interrupted or bool(run.stopped) or sys.exc_info()[0] is not None
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
+            if map_file is not None:
+                from geoagent.maps.html import eval_map, write_map
+
+                write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
         _print_report(report, markdown_table)
         if out:
             plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
+        if map_file is not None:
+            print_line(f"wrote {display_path(map_file)}")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
