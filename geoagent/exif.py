@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -73,10 +72,8 @@ def read_exif(path: str | Path) -> ExifInfo | None:
     import geoagent.images  # noqa: F401  (registers the HEIC/HEIF opener where pillow-heif is installed)
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns about corrupt EXIF; the metadata is optional
-            with Image.open(path) as image:
-                return exif_info(image.getexif())
+        with Image.open(path) as image:
+            return exif_info(image.getexif())
     except Exception:  # noqa: BLE001 - Pillow raises many kinds on corrupt files; the visual pipeline reports them
         return None
 
