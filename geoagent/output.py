@@ -19,8 +19,9 @@ UPRIGHT = 1  # EXIF orientation of a photo stored the right way up (not worth a 
 
 def result_json(result: LocateResult, *, explain: bool = False) -> str:
     """One result as ``locate --json`` prints it: unset fields left out unless ``explain``, but ``exif`` always
-    there, whole (null when the photo carries none), so a reader can tell "no metadata" from "not read"."""
-    data = result.model_dump(mode="json", exclude_none=not explain)
+    there, whole (null when the photo carries none), so a reader can tell "no metadata" from "not read". The
+    trace only with ``explain`` (``--map`` collects it for the guesses without printing it)."""
+    data = result.model_dump(mode="json", exclude_none=not explain, exclude=None if explain else {"trace"})
     data["exif"] = result.exif.model_dump(mode="json") if result.exif is not None else None
     return to_json(data).decode()
 

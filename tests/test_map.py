@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from browser import artifacts_dir, offline_browser, wait_until
 from conftest import run_cli, write_world_config
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction
+from geoagent.exif import ExifGPS, ExifInfo
 from geoagent.maps import data as map_data
 from geoagent.maps.html import eval_map, locate_map, write_map
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, Trace
@@ -198,22 +198,12 @@ def test_error_bands_follow_acc_at_d_strictly_below():
 
 
 def test_the_exif_position_is_drawn_when_the_result_carries_one():
-    """EXIF support adds ``exif.gps`` to LocateResult; the map draws it, with its distance from the answer."""
-
-    class Gps(BaseModel):
-        lat: float
-        lon: float
-
-    class Exif(BaseModel):
-        gps: Gps | None = None
-
-    class WithExif(LocateResult):
-        exif: Exif | None = None
-
-    base = result().model_dump()
-    drawn = map_data.map_photo(WithExif(**base, exif=Exif(gps=Gps(lat=43.0, lon=12.0))))
+    """A result's EXIF GPS is drawn, with its distance from the answer; EXIF without GPS, or none, draws nothing."""
+    base = result()
+    drawn = map_data.map_photo(base.model_copy(update={"exif": ExifInfo(gps=ExifGPS(lat=43.0, lon=12.0))}))
     assert drawn.exif is not None and drawn.exif.distance_km == pytest.approx(81.3, abs=0.5)
-    assert map_data.map_photo(WithExif(**base, exif=Exif())).exif is None and map_data.map_photo(result()).exif is None
+    assert map_data.map_photo(base.model_copy(update={"exif": ExifInfo(make="Canon")})).exif is None
+    assert map_data.map_photo(base).exif is None
 
 
 def test_many_photos_keep_details_for_the_first_only(monkeypatch):

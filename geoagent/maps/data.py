@@ -167,10 +167,9 @@ def map_country(code: str, p: float) -> MapCountry:
 
 
 def _exif_position(result: LocateResult) -> tuple[float, float] | None:
-    """The EXIF GPS position, where the result carries one (``result.exif.gps``; absent before EXIF support)."""
-    gps = getattr(getattr(result, "exif", None), "gps", None)
-    lat, lon = getattr(gps, "lat", None), getattr(gps, "lon", None)
-    return (float(lat), float(lon)) if lat is not None and lon is not None else None
+    """The EXIF GPS position, where the result carries one."""
+    gps = result.exif.gps if result.exif is not None else None
+    return (gps.lat, gps.lon) if gps is not None else None
 
 
 def map_photo(result: LocateResult, *, detailed: bool = True, thumbnails: dict[str, str | None] | None = None) -> MapPhoto:
