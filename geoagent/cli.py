@@ -514,6 +514,8 @@ def index_build(
             )
         for name, reason in report.skipped:
             print_line(f"  skipped {name}: {reason}")
+        if report.near_duplicates is not None:
+            print_line(f"near-duplicates: {report.near_duplicates.describe()}")
         if report.hint:
             print_line(f"hint: {report.hint}", stderr)
 

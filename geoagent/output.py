@@ -20,6 +20,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         f"confidence {result.confidence:.2f}",
         highlight=False,
     )
+    if result.match == "near_duplicate" and result.candidates:
+        top = result.candidates[0]
+        console.print(f"near-duplicate of reference {escape(top.id)} (similarity {top.retrieval_score or 0:.4f}): its coordinate is the answer", highlight=False)
     table = Table("rank", "place", "country", "lat", "lon", "source", "retrieval", "score", box=None, pad_edge=False)
     for c in result.candidates[:SHOWN_CANDIDATES]:
         table.add_row(
