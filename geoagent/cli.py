@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -215,6 +216,7 @@ def locate(
         if not readable:
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
+        from geoagent.batch.runner import BatchProgress
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
         from geoagent.output import print_result
 
@@ -229,21 +231,26 @@ def locate(
                     print_error(str(problem))
                 if readiness.problems:
                     return max(p.exit_code for p in readiness.problems)
-                try:
-                    async for _photo, outcome in agent.locate_many(readable, explain=explain):
-                        if isinstance(outcome, GeoAgentError):
-                            failed += 1
-                            server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
-                            print_error(str(outcome))
-                            continue
-                        located += 1
-                        if as_json:
-                            print(outcome.model_dump_json(exclude_none=not explain), flush=True)
-                        else:
-                            print_result(stdout, outcome, explain=explain)
-                except RunStopped as exc:
-                    stopped = True
-                    print_error(str(exc))
+                started, done, failed_here = time.perf_counter(), 0, 0
+                with _progress_bar("locate", shown=len(readable) > 1) as on_progress:
+                    on_progress(BatchProgress(0, len(readable), 0, 0, 0.0))
+                    try:
+                        async for _photo, outcome in agent.locate_many(readable, explain=explain):
+                            done, failed_here = done + 1, failed_here + isinstance(outcome, GeoAgentError)
+                            on_progress(BatchProgress(done, len(readable), 0, failed_here, time.perf_counter() - started, agent.pool.totals()))
+                            if isinstance(outcome, GeoAgentError):
+                                failed += 1
+                                server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
+                                print_error(str(outcome))
+                                continue
+                            located += 1
+                            if as_json:
+                                print(outcome.model_dump_json(exclude_none=not explain), flush=True)
+                            else:
+                                print_result(stdout, outcome, explain=explain)
+                    except RunStopped as exc:
+                        stopped = True
+                        print_error(str(exc))
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
                     print_line(
@@ -291,7 +298,7 @@ def batch(
             strategy=strategy, prompts=prompts, no_cache=no_cache,
         )
         plan = plan_output(out, out_format)
-        with _batch_progress() as on_progress:
+        with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
                     settings, source, plan, engine=engine, retry_failed=retry_failed, explain=explain,
@@ -320,20 +327,22 @@ def batch(
 
 
 @contextmanager
-def _batch_progress() -> Iterator[Any]:
-    """A progress bar on stderr for ``batch``: done/total, photos/s, ETA, VLM calls/s, cache hits, failures."""
+def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
+    """A progress bar on stderr for ``batch`` and ``locate`` on several photos (``label``): done/total,
+    photos/s, ETA, VLM calls/s, cache hits, failures. Only on a terminal, and while ``shown``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
-    if not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
+    if not shown or not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
         yield lambda _progress: None
         return
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task("batch", total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+    # Results printed to a terminal go above the bar; piped (locate --json > file) they stay out of it.
+    with Progress(*columns, console=stderr, transient=True, redirect_stdout=stdout.is_terminal) as bar:
+        task = bar.add_task(label, total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
 
         def update(p: Any) -> None:
             if not bar.tasks[0].started:
