@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from conftest import TINY_CLIP, run_cli
 from geoagent.agent.controller import GeoAgent
 from geoagent.config import AgentConfig, Settings
 from geoagent.eval.synthetic import perturb, save_with_gps, scene
 from geoagent.geo import haversine_km
+from geoagent.output import print_result
 from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, NearDuplicateCalibration, choose_threshold, resolve_threshold
 from geoagent.retrieval.index import ReferenceIndex, build_index, current_version, index_summary
 from geoagent.retrieval.retriever import Retriever
@@ -92,6 +94,9 @@ async def test_the_lone_photo_among_look_alikes_answers_with_its_own_coordinate(
     assert result.match == "near_duplicate" and km_from(result, gallery.photos[gallery.lone]) < 1e-3
     assert json.loads(result.model_dump_json())["match"] == "near_duplicate"
     assert result.candidates[0].retrieval_score == pytest.approx(1.0, abs=1e-5)
+    shown = Console(file=io.StringIO(), width=200, color_system=None)
+    print_result(shown, result)
+    assert "near-duplicate of reference lone.jpg (similarity 1.0000)" in shown.file.getvalue()  # type: ignore[attr-defined]
 
     consensus = await locate(gallery, gallery.lone, near_duplicate_similarity="off")
     assert consensus.match is None and km_from(consensus, gallery.photos[gallery.lone]) > LONE_KM - 5
