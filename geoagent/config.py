@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -208,7 +208,7 @@ class AgentConfig(_Section):
     early_exit: bool = Field(
         default=True, description="Skip reranking when it cannot move the answer (every candidate within consensus_bandwidth_km)."
     )
-    near_duplicate_similarity: Annotated[float, Field(gt=0, le=1)] | Literal["off"] | None = Field(
+    near_duplicate_similarity: float | Literal["off"] | None = Field(
         default=None,
         description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; "
         'unset: the threshold `index build` measured for the index (exact copies only for older indexes); "off": never.',
@@ -216,10 +216,18 @@ class AgentConfig(_Section):
 
     @field_validator("near_duplicate_similarity", mode="before")
     @classmethod
-    def _false_means_off(cls, value: object) -> object:
-        if value is True:
-            raise ValueError('true is no similarity: give a number, "off", or leave it unset for the index\'s own threshold')
-        return "off" if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")) else value
+    def _similarity_or_off(cls, value: object) -> object:
+        if value is None:
+            return None
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
+            return "off"
+        try:
+            number = float(value) if not isinstance(value, bool) else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not 0 < number <= 1:
+            raise ValueError('a cosine similarity in (0, 1], "off", or unset for the threshold measured by `index build`')
+        return number
 
     @field_validator("strategy")
     @classmethod

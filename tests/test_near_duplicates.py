@@ -159,8 +159,9 @@ def test_the_setting_overrides_the_index_or_turns_the_override_off():
     assert resolve_threshold(None, None, indexed=False) is None
     assert AgentConfig(near_duplicate_similarity=False).near_duplicate_similarity == "off"
     assert AgentConfig(near_duplicate_similarity="0.95").near_duplicate_similarity == 0.95
-    with pytest.raises(ValueError, match="true is no similarity"):
-        AgentConfig(near_duplicate_similarity=True)
+    for wrong in (True, 0, 1.5, "maybe"):
+        with pytest.raises(ValueError, match=r'a cosine similarity in \(0, 1\], "off", or unset'):
+            AgentConfig(near_duplicate_similarity=wrong)
 
 
 async def test_an_index_built_before_calibration_counts_exact_copies_and_says_so(gallery, tmp_path):
@@ -182,7 +183,8 @@ async def test_an_index_built_before_calibration_counts_exact_copies_and_says_so
 
 def test_locate_json_marks_the_copy_and_not_the_look_alike(gallery, tmp_path):
     """End to end: `geoagent locate ... --strategy none --json` gives the lone photo its own coordinate and
-    "match": "near_duplicate", the same for a re-encoded half-size copy, and null for another view of a scene."""
+    "match": "near_duplicate", the same for a re-encoded half-size copy, and null for another view of a scene;
+    stderr, a pipe, gets no progress bar."""
     copy = reencoded_half_size(gallery.lone, tmp_path / "copy.jpg")
     perturb(scene(3, palette_seed=PALETTE), 7).save(tmp_path / "similar.jpg", quality=92)
     (tmp_path / "geoagent.toml").write_text(
@@ -194,3 +196,4 @@ def test_locate_json_marks_the_copy_and_not_the_look_alike(gallery, tmp_path):
     for answer in (lone, copied):
         assert answer["match"] == "near_duplicate" and haversine_km(answer["lat"], answer["lon"], *gallery.photos[gallery.lone]) < 1e-3
     assert similar.get("match") is None and similar["candidates"]  # absent: JSON leaves out empty fields
+    assert "━" not in proc.stderr and "0/3" not in proc.stderr  # stderr is no terminal here: no progress bar

@@ -146,10 +146,11 @@ def calibrate(
         except InputError:
             continue  # moved or unreadable since it was embedded: sampled no more
     originals = np.ascontiguousarray(np.asarray(vectors[kept], dtype=np.float32)).reshape(len(kept), -1)
-    copies: dict[str, list[float]] = {}
-    for kind, make in COPIES.items():
-        embedded = embedder.embed_images_sync([make(image) for image in images]) if images else originals
-        copies[kind] = [round(float(s), SIMILARITY_DIGITS) for s in (embedded * originals).sum(axis=1)]
+    copies: dict[str, list[float]] = {kind: [] for kind in COPIES}
+    if images:  # one pass through the model for every kind
+        embedded = embedder.embed_images_sync([make(image) for make in COPIES.values() for image in images])
+        for kind, block in zip(COPIES, np.split(embedded, len(COPIES))):
+            copies[kind] = [round(float(s), SIMILARITY_DIGITS) for s in (block * originals).sum(axis=1)]
     distinct: list[float] = []
     if kept:
         scores, ids = faiss.knn(originals, np.ascontiguousarray(vectors, dtype=np.float32), min(NEIGHBOURS_SEARCHED, len(vectors)), faiss.METRIC_INNER_PRODUCT)
