@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -234,6 +235,7 @@ def locate(
         if not readable:
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
+        from geoagent.batch.runner import BatchProgress
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
         from geoagent.output import print_result, result_json
 
@@ -250,24 +252,29 @@ def locate(
                     print_error(str(problem))
                 if readiness.problems:
                     return max(p.exit_code for p in readiness.problems)
-                try:
-                    # --map draws the reasoning guesses, which only the trace keeps; printing still follows --explain
-                    async for _photo, outcome in agent.locate_many(readable, explain=explain or map_file is not None):
-                        if isinstance(outcome, GeoAgentError):
-                            failed += 1
-                            server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
-                            print_error(str(outcome))
-                            continue
-                        located += 1
-                        if map_file is not None:
-                            mapped.append(outcome)
-                        if as_json:
-                            print(result_json(outcome, explain=explain), flush=True)
-                        else:
-                            print_result(stdout, outcome, explain=explain)
-                except RunStopped as exc:
-                    stopped = True
-                    print_error(str(exc))
+                started, done, failed_here = time.perf_counter(), 0, 0
+                with _progress_bar("locate", shown=len(readable) > 1) as on_progress:
+                    on_progress(BatchProgress(0, len(readable), 0, 0, 0.0))
+                    try:
+                        # --map draws the reasoning guesses, which only the trace keeps; printing still follows --explain
+                        async for _photo, outcome in agent.locate_many(readable, explain=explain or map_file is not None):
+                            done, failed_here = done + 1, failed_here + isinstance(outcome, GeoAgentError)
+                            on_progress(BatchProgress(done, len(readable), 0, failed_here, time.perf_counter() - started, agent.pool.totals()))
+                            if isinstance(outcome, GeoAgentError):
+                                failed += 1
+                                server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
+                                print_error(str(outcome))
+                                continue
+                            located += 1
+                            if map_file is not None:
+                                mapped.append(outcome)
+                            if as_json:
+                                print(result_json(outcome, explain=explain), flush=True)
+                            else:
+                                print_result(stdout, outcome, explain=explain)
+                    except RunStopped as exc:
+                        stopped = True
+                        print_error(str(exc))
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
                     print_line(
@@ -324,7 +331,7 @@ def batch(
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
-        with _batch_progress() as on_progress:
+        with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
                     settings, source, plan, engine=engine, retry_failed=retry_failed, explain=explain,
@@ -358,20 +365,22 @@ def batch(
 
 
 @contextmanager
-def _batch_progress() -> Iterator[Any]:
-    """A progress bar on stderr for ``batch``: done/total, photos/s, ETA, VLM calls/s, cache hits, failures."""
+def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
+    """A progress bar on stderr for ``batch`` and ``locate`` on several photos (``label``): done/total,
+    photos/s, ETA, VLM calls/s, cache hits, failures. Only on a terminal, and while ``shown``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
-    if not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
+    if not shown or not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
         yield lambda _progress: None
         return
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task("batch", total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+    # Results printed to a terminal go above the bar; piped (locate --json > file) they stay out of it.
+    with Progress(*columns, console=stderr, transient=True, redirect_stdout=stdout.is_terminal) as bar:
+        task = bar.add_task(label, total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
 
         def update(p: Any) -> None:
             if not bar.tasks[0].started:
@@ -560,6 +569,8 @@ def index_build(
             )
         for name, reason in report.skipped:
             print_line(f"  skipped {name}: {reason}")
+        if report.near_duplicates is not None:
+            print_line(f"near-duplicates: {report.near_duplicates.describe()}")
         if report.hint:
             print_line(f"hint: {report.hint}", stderr)
 

@@ -213,10 +213,26 @@ class AgentConfig(_Section):
         description="Answer from the photo's EXIF GPS when it has one (no model runs); off: EXIF is shown beside the "
         "visual answer, which it may contradict (metadata can be stripped, wrong or planted). eval always turns it off.",
     )
-    near_duplicate_similarity: float | None = Field(
-        default=None, gt=0, le=1,
-        description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; unset: off.",
+    near_duplicate_similarity: float | Literal["off"] | None = Field(
+        default=None,
+        description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; "
+        'unset: the threshold `index build` measured for the index (exact copies only for older indexes); "off": never.',
     )
+
+    @field_validator("near_duplicate_similarity", mode="before")
+    @classmethod
+    def _similarity_or_off(cls, value: object) -> object:
+        if value is None:
+            return None
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
+            return "off"
+        try:
+            number = float(value) if not isinstance(value, bool) else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not 0 < number <= 1:
+            raise ValueError('a cosine similarity in (0, 1], "off", or unset for the threshold measured by `index build`')
+        return number
 
     @field_validator("strategy")
     @classmethod

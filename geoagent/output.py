@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from geoagent.bracket import has_rounds, tournament_bracket
 from geoagent.exif import ExifInfo
 from geoagent.geo import country_name, haversine_km, reverse_geocode
 from geoagent.types import LocateResult
@@ -73,6 +74,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     agreement = exif_agreement(result)
     if agreement is not None:
         console.print(agreement, highlight=False, markup=False, soft_wrap=True)
+    if result.match == "near_duplicate" and result.candidates:
+        top = result.candidates[0]
+        console.print(f"near-duplicate of reference {escape(top.id)} (similarity {top.retrieval_score or 0:.4f}): its coordinate is the answer", highlight=False)
     table = Table("rank", "place", "country", "lat", "lon", "source", "retrieval", "score", box=None, pad_edge=False)
     for c in result.candidates[:SHOWN_CANDIDATES]:
         table.add_row(
@@ -104,7 +108,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
                       f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True, markup=False)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
-    if trace.matches:
+    if trace.strategy == "tournament" and has_rounds(trace.matches):
+        console.print(tournament_bracket(trace.matches, label, trace.pool), highlight=False)
+    elif trace.matches:
         ties = sum(m.winner is None for m in trace.matches)
         matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
                         title=f"{len(trace.matches)} matches, {ties} ties", title_justify="left")

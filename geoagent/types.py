@@ -52,6 +52,7 @@ class Match(BaseModel):
     winner: str | None  # None: a tie (the answers disagreed, or none came)
     votes: list[str | None]  # the candidate id each ask chose, in the order asked; None: that ask failed
     shown_first: list[str] = Field(default_factory=list)  # the candidate in slot A of each ask, in the order asked
+    round: int | None = None  # tournament: the round it was played in (1 = first); other strategies: None
 
 
 class PointwiseScore(BaseModel):

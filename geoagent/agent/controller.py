@@ -24,12 +24,14 @@ from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import open_image
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
+from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, resolve_threshold
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, LocateStats, Trace
 from geoagent.vlm import CallStats, VLMPool
 
 if TYPE_CHECKING:
     from geoagent.ranker.service import ModelVotes, Ranker
+    from geoagent.retrieval.index import ReferenceIndex
 
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
@@ -159,7 +161,7 @@ class GeoAgent:
             except GeoAgentError as exc:
                 readiness.problems.append(exc)
 
-        checks = [attempt(self.retriever())]
+        checks = [attempt(self._check_retriever(readiness))]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
             by_model = agent.strategy in MODEL_STRATEGIES
@@ -170,6 +172,28 @@ class GeoAgent:
             checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
         return readiness
+
+    async def _check_retriever(self, readiness: Readiness) -> None:
+        await self.retriever()
+        index = self._reference_index()
+        if index is not None and index.manifest.near_duplicates is None and self.settings.agent.near_duplicate_similarity is None:
+            readiness.warnings.append(
+                f"{display_path(index.directory)}: built before near-duplicate calibration, so only exact copies of a reference "
+                f"(similarity from {EXACT_COPY_SIMILARITY}) win outright; rebuild it (embeddings are reused) to calibrate"
+            )
+
+    def _reference_index(self) -> ReferenceIndex | None:
+        """The loaded reference index (None: not loaded yet, or the gazetteer stands in)."""
+        from geoagent.retrieval.index import ReferenceIndex
+
+        source = self._retriever.source if self._retriever is not None else None
+        return source if isinstance(source, ReferenceIndex) else None
+
+    def near_duplicate_threshold(self) -> float | None:
+        """The similarity from which the top reference is the answer (None: never), once the retriever is loaded."""
+        index = self._reference_index()
+        calibration = index.manifest.near_duplicates if index is not None else None
+        return resolve_threshold(self.settings.agent.near_duplicate_similarity, calibration, indexed=index is not None)
 
     async def _check_backend(self, name: str, readiness: Readiness) -> None:
         client = self.pool.client(name)
@@ -377,8 +401,8 @@ class GeoAgent:
         return await (await self.ranker()).votes(image, pool)
 
     def _near_duplicate(self, candidates: list[Candidate]) -> Candidate | None:
-        """The reference the photo copies (re-encoded, resized), if ``near_duplicate_similarity`` is set and met."""
-        threshold = self.settings.agent.near_duplicate_similarity
+        """The reference the photo copies (re-encoded, resized, cropped), when its similarity reaches the threshold."""
+        threshold = self.near_duplicate_threshold()
         scored = [c for c in candidates if c.source == "index" and c.retrieval_score is not None]
         best = max(scored, key=lambda c: c.retrieval_score or 0.0, default=None)
         return best if threshold is not None and best is not None and (best.retrieval_score or 0.0) >= threshold else None

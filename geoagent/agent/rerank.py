@@ -118,8 +118,8 @@ class Comparator:
         self.stats.add(answer.stats)
         return first.id if answer.value.choice == "A" else second.id
 
-    async def compare(self, a: Candidate, b: Candidate) -> Match:
-        """Which of ``a`` and ``b`` matches the query better.
+    async def compare(self, a: Candidate, b: Candidate, round_number: int | None = None) -> Match:
+        """Which of ``a`` and ``b`` matches the query better (``round_number``: a tournament's round, for the trace).
 
         ``debias = true`` asks both orders; ``false`` one, ``a`` first; ``"adaptive"`` one in a random direction
         (seeded by the pair, so reruns hit the cache) — a random slot turns the model's first-position bias into
@@ -142,7 +142,7 @@ class Comparator:
             votes = [await self._choose(a, b)]
         answered = {vote for vote in votes if vote is not None}
         winner = answered.pop() if len(answered) == 1 else None
-        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders])
+        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders], round=round_number)
         self.matches.append(match)
         return match
 
@@ -166,8 +166,8 @@ class Comparator:
         lead_against = self.base.get(other.id, 0.0) - self.base.get(chosen.id, 0.0)
         return lead_against < self.adaptive_margin
 
-    async def winner(self, a: Candidate, b: Candidate) -> Candidate:
-        match = await self.compare(a, b)
+    async def winner(self, a: Candidate, b: Candidate, round_number: int | None = None) -> Candidate:
+        match = await self.compare(a, b, round_number)
         if match.winner is None:
             return self.prefer(a, b)
         return a if match.winner == a.id else b
@@ -240,7 +240,7 @@ async def tournament(pool: list[Candidate], comparator: Comparator, method: str)
         contenders = alive[len(bye) :]
         half = len(contenders) // 2
         pairs = list(zip(contenders[:half], reversed(contenders[half:])))
-        winners = await asyncio.gather(*(comparator.winner(a, b) for a, b in pairs))
+        winners = await asyncio.gather(*(comparator.winner(a, b, round_number) for a, b in pairs))
         for a, b in pairs:
             for loser in {a.id, b.id} - {w.id for w in winners}:
                 reached[loser] = round_number
