@@ -216,19 +216,15 @@ def locate(
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
-        from geoagent.output import print_result
+        from geoagent.output import print_result, result_json
 
         async def run() -> int:
             failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
             async with GeoAgent(settings) as agent:
-                readiness = await agent.preflight()
-                for warning in readiness.warnings:
-                    print_warning(warning)
-                for problem in readiness.problems:
-                    print_error(str(problem))
-                if readiness.problems:
-                    return max(p.exit_code for p in readiness.problems)
+                code = (await agent.preflight()).tell(print_warning, print_error)
+                if code:
+                    return code
                 try:
                     async for _photo, outcome in agent.locate_many(readable, explain=explain):
                         if isinstance(outcome, GeoAgentError):
@@ -238,7 +234,7 @@ def locate(
                             continue
                         located += 1
                         if as_json:
-                            print(outcome.model_dump_json(exclude_none=not explain), flush=True)
+                            print(result_json(outcome, explain=explain), flush=True)
                         else:
                             print_result(stdout, outcome, explain=explain)
                 except RunStopped as exc:
@@ -259,6 +255,31 @@ def locate(
             return 1 if failed else 0
 
         code = asyncio.run(run())
+        if code:
+            raise typer.Exit(code)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page to this computer.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    config: ConfigOption = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
+    tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+) -> None:
+    """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
+    with user_errors():
+        settings = load_config(config)
+        from geoagent.web import require_web
+
+        require_web()
+        from geoagent.web.app import DEFAULT_TILES, WebOptions
+        from geoagent.web.server import serve as serve_page
+
+        options = WebOptions(
+            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES
+        )
+        code = asyncio.run(serve_page(settings, options, port, say=print_line, warn=print_warning, error=print_error))
         if code:
             raise typer.Exit(code)
 

@@ -13,6 +13,11 @@ from geoagent.types import LocateResult
 SHOWN_CANDIDATES = 10
 
 
+def result_json(result: LocateResult, *, explain: bool = False) -> str:
+    """The ``locate --json`` line: unset fields left out, unless ``explain`` asks for everything."""
+    return result.model_dump_json(exclude_none=not explain)
+
+
 def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
     place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
     console.print(
