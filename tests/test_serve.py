@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from browser_serve import artifacts_dir, chromium_page
-from conftest import run_cli, world_retrieval_config, write_world_config
+from conftest import run_cli, world_retrieval_config, world_settings, write_world_config
 from standin import StandinConfig, StandinServer, WorldJudge
 from test_packaging import run_cli_without
 
@@ -211,6 +211,46 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
     assert f"{expected['lat']:.4f}, {expected['lon']:.4f}" in summary
     assert all(kind == "image" and "tile.openstreetmap.org" in url for kind, url in offline.blocked), offline.blocked
     assert served.leftovers() == []
+
+
+async def test_a_listener_hears_each_step_as_it_happens_and_changes_nothing(world, world_retriever, vlm, tmp_path):
+    """locate(on_event=...) tells retrieval's candidates, the prior, the guesses, the pool and every match, in the
+    order they happen, and ends with the very result it returns; without a listener (and its own cache, so every
+    question is really asked) the same photo gets the same answer."""
+    from geoagent.agent.controller import GeoAgent
+    from geoagent.agent.events import Done
+
+    photo = world.queries[5].path
+    knobs = {"strategy": "tournament", "country_prior": True, "reasoning": True}
+    heard: list[Any] = []
+    async with GeoAgent(world_settings(world, vlm, tmp_path / "heard", **knobs), retriever=world_retriever) as agent:
+        told = await agent.locate(photo, explain=True, on_event=heard.append)
+    async with GeoAgent(world_settings(world, vlm, tmp_path / "alone", **knobs), retriever=world_retriever) as agent:
+        alone = await agent.locate(photo, explain=True)
+    kinds = [event.kind for event in heard]
+    assert kinds[0] == "candidates" and kinds[-1] == "done" and {"prior", "guesses"} <= set(kinds[: kinds.index("rerank")])
+    assert kinds[kinds.index("rerank") + 1 : -1] == ["match"] * len(told.trace.matches) and told.trace.matches
+    assert [e.match for e in heard if e.kind == "match"] == told.trace.matches
+    assert isinstance(heard[-1], Done) and heard[-1].result is told
+    same = {"stats", "trace"}
+    assert told.model_dump(exclude=same) == alone.model_dump(exclude=same)
+    assert sorted(told.trace.matches, key=repr) == sorted(alone.trace.matches, key=repr)
+    assert told.stats.vlm_calls == alone.stats.vlm_calls > 0
+
+
+def test_the_wheel_ships_the_page_and_leaflet():
+    """A wheel has no repository around it: the page's files and the vendored Leaflet are package data."""
+    from fnmatch import fnmatch
+
+    from geoagent.web.app import LEAFLET_DIR, STATIC_DIR
+    from test_packaging import PYPROJECT
+
+    package_data = PYPROJECT["tool"]["setuptools"]["package-data"]
+    for package, folder in (("geoagent.web", STATIC_DIR.parent), ("geoagent.maps", LEAFLET_DIR.parent.parent)):
+        files = [p for p in folder.rglob("*") if p.is_file() and "static" in p.parts]
+        assert files and all(any(fnmatch(p.relative_to(folder).as_posix(), g) for g in package_data[package]) for p in files), package
+    assert {p.name for p in LEAFLET_DIR.iterdir()} == {"leaflet.js", "leaflet.css", "LICENSE"}
+    assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html", "app.js", "style.css"}
 
 
 def test_without_the_web_extra_serve_names_what_to_install(tmp_path):
