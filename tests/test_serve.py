@@ -202,6 +202,7 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
         summary = page.locator("#summary").inner_text()
         page.screenshot(path=str(artifacts_dir() / "serve-page.png"), full_page=True)
         assert page.locator("#error").is_hidden()
+        exif_shown = page.locator("#exif").is_visible()
         assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth > 0")  # the photo is shown
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
     expected = served.post("/api/locate?explain=true", served.photo(photo)).json()  # answered from the cache now
@@ -209,6 +210,7 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
     assert any(s.startswith("Country prior:") for s in steps) and any(s.startswith("Guess 1:") for s in steps)
     assert sum(" vs " in s for s in steps) == len(expected["trace"]["matches"]) > 0 and steps[-1] == "Done."
     assert f"{expected['lat']:.4f}, {expected['lon']:.4f}" in summary
+    assert exif_shown == bool(expected.get("exif"))  # the EXIF panel shows exactly when the answer has EXIF
     assert all(kind == "image" and "tile.openstreetmap.org" in url for kind, url in offline.blocked), offline.blocked
     assert served.leftovers() == []
 
@@ -251,6 +253,28 @@ def test_the_wheel_ships_the_page_and_leaflet():
         assert files and all(any(fnmatch(p.relative_to(folder).as_posix(), g) for g in package_data[package]) for p in files), package
     assert {p.name for p in LEAFLET_DIR.iterdir()} == {"leaflet.js", "leaflet.css", "LICENSE"}
     assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html", "app.js", "style.css"}
+
+
+def test_the_page_shows_the_exif_panel_and_position_when_the_answer_has_them(served, world, tmp_path):
+    """An answer carrying EXIF (GPS south and west, capture time, camera) gets the EXIF panel, a marker at the GPS
+    position and the distance to the visual answer. The server's real answer is replayed with an EXIF block added
+    (the shape `locate --json` gives it), so the page is tested whatever the photo carries."""
+    photo = world.queries[0].path
+    answer = served.post("/api/locate", served.photo(photo)).json()
+    answer["exif"] = {"gps": {"lat": -33.856784, "lon": -151.215297, "altitude_m": 12.5}, "taken_at": "2024-05-01T10:02:03+10:00",
+                      "make": "Apple", "model": "iPhone 12"}
+    stream = f"event: result\r\ndata: {json.dumps(answer)}\r\n\r\n"
+    with chromium_page(tmp_path / "profile") as (page, _):
+        page.route("**/api/locate/stream*", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
+        page.goto(served.url)
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        page.set_input_files("#photo", str(photo))
+        page.wait_for_selector("path.geoagent-exif", timeout=30_000)
+        rows = dict(row.split("\t") for row in page.locator("#exif-table tr").all_inner_texts())
+        why = page.locator("#why li").all_inner_texts()
+    assert rows["GPS latitude"] == "-33.856784" and rows["GPS longitude"] == "-151.215297" and rows["Camera model"] == "iPhone 12"
+    assert rows["Taken at"] == "2024-05-01T10:02:03+10:00"
+    assert any(line.startswith("The photo's EXIF GPS (-33.8568, -151.2153) is ") and line.endswith(" km from this answer") for line in why), why
 
 
 def test_without_the_web_extra_serve_names_what_to_install(tmp_path):

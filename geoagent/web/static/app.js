@@ -150,6 +150,11 @@ function showExplanation(result, where) {
     const parts = Object.entries(terms).map(([name, value]) => `${name} ${fmt(value, 3)}`);
     why.appendChild(element("li", `Top candidate's score: ${parts.join(", ")}`));
   }
+  const gps = exifPosition(result.exif);
+  if (gps) {
+    const km = distanceKm(gps, [result.lat, result.lon]);
+    why.appendChild(element("li", `The photo's EXIF GPS (${fmt(gps[0], 4)}, ${fmt(gps[1], 4)}) is ${fmt(km, 1)} km from this answer`));
+  }
   const cost = stats.cost_usd !== undefined && stats.cost_usd !== null ? `, $${fmt(stats.cost_usd, 4)}` : "";
   why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
   const failed = stats.failed_questions || [];
@@ -166,12 +171,26 @@ function exifPosition(exif) {
   return typeof lat === "number" && typeof lon === "number" ? [lat, lon] : null;
 }
 
+const EXIF_LABELS = {
+  "gps lat": "GPS latitude", "gps lon": "GPS longitude", "gps altitude m": "GPS altitude (m)",
+  "taken at": "Taken at", make: "Camera make", model: "Camera model", orientation: "Orientation",
+};
+const EARTH_RADIUS_KM = 6371.0088;
+
+function distanceKm([lat1, lon1], [lat2, lon2]) {
+  const rad = Math.PI / 180;
+  const a = Math.sin(((lat2 - lat1) * rad) / 2) ** 2 +
+    Math.cos(lat1 * rad) * Math.cos(lat2 * rad) * Math.sin(((lon2 - lon1) * rad) / 2) ** 2;
+  return 2 * EARTH_RADIUS_KM * Math.asin(Math.min(1, Math.sqrt(a)));
+}
+
 function flatten(value, prefix, rows) {
   if (value === null || value === undefined) return rows;
   if (typeof value === "object" && !Array.isArray(value)) {
     for (const [key, inner] of Object.entries(value)) flatten(inner, prefix ? `${prefix} ${key}` : key, rows);
   } else {
-    rows.push([prefix.replaceAll("_", " "), Array.isArray(value) ? value.join(", ") : String(value)]);
+    const key = prefix.replaceAll("_", " ");
+    rows.push([EXIF_LABELS[key] || key, Array.isArray(value) ? value.join(", ") : String(value)]);
   }
   return rows;
 }
