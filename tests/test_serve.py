@@ -24,8 +24,11 @@ from standin import StandinConfig, StandinServer, WorldJudge
 from test_packaging import run_cli_without
 
 UPLOAD_LIMIT_MB = 1  # small, so an oversized upload is cheap to send
+SLOTS = 2  # the backend profile's max_concurrency: what every tab together may have in flight
+LATENCY_S = 0.05  # the stand-in's answer time, so that questions from several tabs overlap
 STARTUP_TIMEOUT_S = 120
 READY_LINE = "GeoAgent page at "
+STREAM_CLEANUP_S = 5  # a stream's upload is removed just after its last event is sent: allow for that
 
 
 @dataclass
@@ -43,14 +46,21 @@ class Served:
     def photo(self, path: Path, name: str | None = None) -> dict[str, Any]:
         return {"photo": (name or path.name, path.read_bytes(), "image/jpeg")}
 
-    def leftovers(self) -> list[str]:
-        return sorted(str(p.relative_to(self.uploads)) for p in self.uploads.rglob("*"))
+    def leftovers(self, wait_s: float = 0.0) -> list[str]:
+        """What the server left in its temporary folder, waiting up to ``wait_s`` for it to go (a stream's
+        folder is removed just after its last byte is sent)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = sorted(str(p.relative_to(self.uploads)) for p in self.uploads.rglob("*"))
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
 def vlm(world) -> Iterator[StandinServer]:
     """One stand-in VLM server for the module, knowing where every world photo was taken."""
-    with StandinServer(WorldJudge(world.truth), StandinConfig(capacity=64)) as server:
+    with StandinServer(WorldJudge(world.truth), StandinConfig(capacity=64, latency_s=LATENCY_S)) as server:
         yield server
 
 
@@ -58,7 +68,8 @@ def vlm(world) -> Iterator[StandinServer]:
 def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
     """`geoagent serve --port 0` in its own process: tournament reranking with the prior and reasoning on."""
     root = tmp_path_factory.mktemp("serve")
-    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", strategy="tournament", country_prior=True, reasoning=True)
+    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": SLOTS},
+                                strategy="tournament", country_prior=True, reasoning=True)
     uploads = root / "tmp"
     uploads.mkdir()
     out, err = root / "stdout.txt", root / "stderr.txt"
@@ -166,7 +177,23 @@ def test_the_stream_tells_each_step_then_the_same_result(served, world):
     assert {k: v for k, v in _comparable(result).items() if k != "trace"} == {k: v for k, v in _comparable(plain).items() if k != "trace"}
     in_order = lambda matches: sorted(matches, key=json.dumps)  # noqa: E731 - a round's matches finish in any order
     assert in_order(result["trace"]["matches"]) == in_order(plain["trace"]["matches"])
-    assert served.leftovers() == []
+    assert served.leftovers(wait_s=STREAM_CLEANUP_S) == []
+
+
+def test_tabs_at_once_share_one_agent_and_its_concurrency_limit(served, world, vlm):
+    """Three pages locating at once are all answered, and together never have more questions at the VLM server than
+    the profile's max_concurrency: one agent serves them all (an agent per request would allow three times as many)."""
+    photos = [q.path for q in world.queries[6:9]]  # not located before: every question is really asked
+
+    async def tabs() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("api/locate/stream", files=served.photo(p)) for p in photos))
+
+    vlm.max_busy = 0
+    responses = asyncio.run(tabs())
+    assert [_events(r)[-1][0] for r in responses] == ["result"] * len(photos)
+    assert vlm.max_busy == SLOTS, vlm.max_busy
+    assert served.leftovers(wait_s=STREAM_CLEANUP_S) == []
 
 
 def test_a_stream_the_client_abandons_leaves_no_files(served, world):
@@ -177,10 +204,7 @@ def test_a_stream_the_client_abandons_leaves_no_files(served, world):
         for line in response.iter_lines():
             if line.startswith("event:"):
                 break  # the run has started: go away
-    deadline = time.monotonic() + 10
-    while served.leftovers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert served.leftovers() == []
+    assert served.leftovers(wait_s=10) == []
     assert httpx.get(served.url + "api/config", timeout=10).status_code == 200
 
 
@@ -212,7 +236,7 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
     assert f"{expected['lat']:.4f}, {expected['lon']:.4f}" in summary
     assert exif_shown == bool(expected.get("exif"))  # the EXIF panel shows exactly when the answer has EXIF
     assert all(kind == "image" and "tile.openstreetmap.org" in url for kind, url in offline.blocked), offline.blocked
-    assert served.leftovers() == []
+    assert served.leftovers(wait_s=STREAM_CLEANUP_S) == []
 
 
 async def test_a_listener_hears_each_step_as_it_happens_and_changes_nothing(world, world_retriever, vlm, tmp_path):
