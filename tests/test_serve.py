@@ -97,9 +97,10 @@ def _comparable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("image", "stats")}
 
 
-def _events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, its JSON data) of every server-sent event in ``text``."""
     events = []
-    for block in response.text.replace("\r\n", "\n").split("\n\n"):
+    for block in text.replace("\r\n", "\n").split("\n\n"):
         lines = block.splitlines()
         name = next((line[6:].strip() for line in lines if line.startswith("event:")), None)
         data = "\n".join(line[5:].lstrip() for line in lines if line.startswith("data:"))
@@ -158,12 +159,19 @@ def test_requests_that_are_not_uploads_from_the_page_are_refused(served, world):
 
 
 def test_the_stream_tells_each_step_then_the_same_result(served, world):
-    """The event stream shows retrieval, the prior, the guesses and every match as decided, then the result, which
-    equals the JSON API's answer (listening changes nothing)."""
-    photo = world.queries[2].path
-    response = served.post("/api/locate/stream?explain=true", served.photo(photo))
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-    events = _events(response)
+    """The event stream shows retrieval, the prior, the guesses and every match as decided (each sent when it
+    happens, not all at the end), then the result, which equals the JSON API's answer (listening changes nothing)."""
+    photo = world.queries[2].path  # not located before: the questions take the stand-in's time
+    arrived: dict[str, float] = {}
+    lines = []
+    with httpx.stream("POST", served.url + "api/locate/stream?explain=true", files=served.photo(photo), timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith("event:"):
+                arrived.setdefault(line[6:].strip(), time.monotonic())
+    assert arrived["result"] - arrived["candidates"] > LATENCY_S  # streamed: the matches were still being asked
+    events = _events("\n".join(lines))
     names = [name for name, _ in events]
     assert names[-1] == "result" and "error" not in names
     assert {"candidates", "prior", "guesses", "rerank", "match"} <= set(names)
@@ -191,7 +199,7 @@ def test_tabs_at_once_share_one_agent_and_its_concurrency_limit(served, world, v
 
     vlm.max_busy = 0
     responses = asyncio.run(tabs())
-    assert [_events(r)[-1][0] for r in responses] == ["result"] * len(photos)
+    assert [_events(r.text)[-1][0] for r in responses] == ["result"] * len(photos)
     assert vlm.max_busy == SLOTS, vlm.max_busy
     assert served.leftovers(wait_s=STREAM_CLEANUP_S) == []
 
