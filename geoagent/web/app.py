@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from sse_starlette import EventSourceResponse
@@ -28,11 +28,11 @@ from starlette.types import Receive, Scope, Send
 
 from geoagent import __version__
 from geoagent.agent.controller import GeoAgent
-from geoagent.agent.events import AgentEvent, Done
+from geoagent.agent.events import AgentEvent, Done, OnEvent
 from geoagent.errors import BackendError, GeoAgentError, InputError, PhotoError
 from geoagent.output import result_json
 from geoagent.types import LocateResult
-from geoagent.web.upload import UploadError, Upload, receive_photo, upload_folder
+from geoagent.web.upload import Upload, UploadError, receive_photo, upload_folder
 
 STATIC_DIR = Path(__file__).parent / "static"
 LEAFLET_DIR = Path(__file__).parent.parent / "maps" / "static" / "leaflet"
@@ -80,10 +80,11 @@ def _failure_status(exc: GeoAgentError) -> int:
     return 503
 
 
-class _CleanupResponse:
-    """An ASGI response that runs ``cleanup`` once it is sent, or the client went away, or it failed."""
+class _CleanupResponse(Response):
+    """A response that runs ``cleanup`` once it is sent, or the client went away, or sending it failed."""
 
-    def __init__(self, response: Response, cleanup: Any) -> None:
+    def __init__(self, response: Response, cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(status_code=response.status_code)
         self.response = response
         self.cleanup = cleanup
 
@@ -116,13 +117,13 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers=security_headers)
 
-    async def settings(request: Request) -> Response:
+    async def page_config(request: Request) -> Response:
         return JSONResponse({
             "version": __version__, "strategy": agent.settings.agent.strategy, "field": "photo",
             "max_upload_bytes": options.max_upload_bytes, "tiles": options.tiles, "attribution": TILES_ATTRIBUTION,
         })  # fmt: skip
 
-    async def locate(upload: Upload, explain: bool, on_event: Any = None) -> LocateResult:
+    async def locate(upload: Upload, explain: bool, on_event: OnEvent | None = None) -> LocateResult:
         async with photos:
             result = await agent.locate(upload.path, explain=explain, on_event=on_event)
         return result.model_copy(update={"image": upload.name})
@@ -143,20 +144,15 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
         """``POST /api/locate/stream``: the agent's steps as server-sent events, then ``result`` (or ``error``)."""
         same_origin(request)
         explain = _flag(request, "explain")
-        folder_context = upload_folder()
-        folder = await folder_context.__aenter__()
-
-        async def cleanup() -> None:
-            await folder_context.__aexit__(None, None, None)
-
+        folder_kept = AsyncExitStack()  # the folder outlives this handler: the stream removes it when it ends
+        folder = await folder_kept.enter_async_context(upload_folder())
         try:
             upload = await receive_photo(request, folder, options.max_upload_bytes)
         except BaseException:
-            await cleanup()
+            await folder_kept.aclose()
             raise
-        return _CleanupResponse(  # type: ignore[return-value]
-            EventSourceResponse(_events(upload, explain), ping=SSE_PING_S, headers={"Cache-Control": "no-store"}), cleanup
-        )
+        stream = EventSourceResponse(_events(upload, explain), ping=SSE_PING_S, headers={"Cache-Control": "no-store"})
+        return _CleanupResponse(stream, folder_kept.aclose)
 
     async def _events(upload: Upload, explain: bool) -> AsyncIterator[dict[str, str]]:
         queue: asyncio.Queue[AgentEvent] = asyncio.Queue()
@@ -199,7 +195,7 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
     return Starlette(
         routes=[
             Route("/", page),
-            Route("/api/config", settings),
+            Route("/api/config", page_config),
             Route("/api/locate", locate_json, methods=["POST"]),
             Route("/api/locate/stream", locate_stream, methods=["POST"]),
             Mount("/static/leaflet", StaticFiles(directory=LEAFLET_DIR)),
