@@ -245,13 +245,9 @@ def locate(
             failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
             async with GeoAgent(settings) as agent:
-                readiness = await agent.preflight(readable)
-                for warning in readiness.warnings:
-                    print_warning(warning)
-                for problem in readiness.problems:
-                    print_error(str(problem))
-                if readiness.problems:
-                    return max(p.exit_code for p in readiness.problems)
+                code = (await agent.preflight(readable)).tell(print_warning, print_error)
+                if code:
+                    return code
                 started, done, failed_here = time.perf_counter(), 0, 0
                 with _progress_bar("locate", shown=len(readable) > 1) as on_progress:
                     on_progress(BatchProgress(0, len(readable), 0, 0, 0.0))
@@ -297,6 +293,31 @@ def locate(
             print_line(f"wrote {display_path(map_file)}", stderr)
         elif map_file is not None:
             print_line(f"no photo located: {display_path(map_file)} not written", stderr)
+        if code:
+            raise typer.Exit(code)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page to this computer.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    config: ConfigOption = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
+    tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+) -> None:
+    """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
+    with user_errors():
+        settings = load_config(config)
+        from geoagent.web import require_web
+
+        require_web()
+        from geoagent.web.app import DEFAULT_TILES, WebOptions
+        from geoagent.web.server import serve as serve_page
+
+        options = WebOptions(
+            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES
+        )
+        code = asyncio.run(serve_page(settings, options, port, say=print_line, warn=print_warning, error=print_error))
         if code:
             raise typer.Exit(code)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from geoagent.agent.aggregate import confidence, fuse
+from geoagent.agent.events import AgentEvent, CandidatesRetrieved, Done, GuessesReady, OnEvent, PriorReady, RerankStarted
 from geoagent.agent.prior import country_prior
 from geoagent.agent.questions import QuestionLog
 from geoagent.agent.reasoning import consensus, neighbour_block, reason
@@ -41,6 +42,8 @@ UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable ser
 EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
 ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
 
+T = TypeVar("T")
+
 
 @dataclass
 class Readiness:
@@ -48,6 +51,14 @@ class Readiness:
 
     problems: list[GeoAgentError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def tell(self, warn: Callable[[str], None], error: Callable[[str], None]) -> int:
+        """Pass every warning and problem on, in that order; the exit code the problems call for (0: none)."""
+        for warning in self.warnings:
+            warn(warning)
+        for problem in self.problems:
+            error(str(problem))
+        return max((p.exit_code for p in self.problems), default=0)
 
 
 @dataclass
@@ -260,10 +271,13 @@ class GeoAgent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def locate(self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None) -> LocateResult:
+    async def locate(
+        self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None, on_event: OnEvent | None = None
+    ) -> LocateResult:
         """Where was ``photo`` taken? Raises InputError for an unusable photo.
 
         ``vector``: the photo's CLIP embedding when it was computed already (the Ray engine embeds in batches).
+        ``on_event``: told each step as it happens (see :mod:`geoagent.agent.events`); the result is the same.
         """
         cfg = self.settings.agent
         started = time.perf_counter()
@@ -284,7 +298,7 @@ class GeoAgent:
             return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
         image = await asyncio.to_thread(open_image, photo)
         query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector)
+        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector, on_event)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -302,6 +316,8 @@ class GeoAgent:
             "reasoning": "ran" if cfg.strategy != "none" and cfg.reasoning else "off",
             "rerank": skip if skip == "off" else f"skipped: {skip}" if skip else "ran",
         }
+        if on_event is not None:
+            on_event(RerankStarted(strategy=cfg.strategy, pool=pool, skipped=skip))
         scored = None
         if skip is None and cfg.strategy in MODEL_STRATEGIES:
             scored = await timed("rerank", self._model_votes(image, pool))
@@ -322,6 +338,7 @@ class GeoAgent:
                 debias=cfg.position_debias,
                 adaptive_margin=cfg.adaptive_margin,
                 max_side=cfg.max_image_side,
+                on_event=on_event,
             )
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
         failure = log.nothing_answered(display_path(photo))
@@ -342,7 +359,7 @@ class GeoAgent:
             trace.fusion = terms
             trace.prompts = self.prompts.hashes()
             trace.timings_s = timings
-        return LocateResult(
+        result = LocateResult(
             image=display_path(photo),
             lat=top.lat,
             lon=top.lon,
@@ -356,9 +373,13 @@ class GeoAgent:
             stats=_photo_stats(log, time.perf_counter() - started, stages),
             trace=trace if explain else None,
         )
+        if on_event is not None:
+            on_event(Done(result=result))
+        return result
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None
+        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None,
+        on_event: OnEvent | None = None,
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -368,10 +389,11 @@ class GeoAgent:
         if use_vlm and cfg.country_prior:
             client = self.pool.for_task("prior")
             prior_task = asyncio.create_task(
-                timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, log.spent["prior"], log))
+                _told(timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, log.spent["prior"], log)),
+                      on_event, lambda prior: PriorReady(prior=prior))
             )
         if use_vlm and cfg.reasoning and cfg.reasoning_neighbours == 0:
-            reasoning_task = asyncio.create_task(self._reason(query, log, "", timed))
+            reasoning_task = asyncio.create_task(self._reason(query, log, "", timed, on_event))
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
@@ -382,9 +404,11 @@ class GeoAgent:
             if cfg.submap == "kmeans" and reasoning_task is not None:
                 guesses = await reasoning_task
             candidates = await timed("retrieve", self._retrieve(retriever, vector, prior, guesses, trace))
+            if on_event is not None:
+                on_event(CandidatesRetrieved(candidates=candidates))
             if use_vlm and cfg.reasoning and reasoning_task is None:  # the neighbour-augmented variant
                 block = neighbour_block(self.prompts, candidates, cfg.reasoning_neighbours)
-                reasoning_task = asyncio.create_task(self._reason(query, log, block, timed))
+                reasoning_task = asyncio.create_task(self._reason(query, log, block, timed, on_event))
             if prior_task is not None:
                 prior = await prior_task
             if reasoning_task is not None:
@@ -434,11 +458,12 @@ class GeoAgent:
             "proximity_km": cfg.proximity_km,
         }
 
-    async def _reason(self, query: Photo, log: QuestionLog, neighbours: str, timed: Any) -> list[Guess]:
+    async def _reason(self, query: Photo, log: QuestionLog, neighbours: str, timed: Any, on_event: OnEvent | None = None) -> list[Guess]:
         cfg = self.settings.agent
         client = self.pool.for_task("reasoning")
         guesses = reason(client, query.encoded, self.prompts, cfg.reasoning_samples, log.spent["reasoning"], log, neighbours=neighbours)
-        return await timed("reasoning", guesses)
+        told = _told(guesses, on_event, lambda found: GuessesReady(guesses=found, consensus=consensus(found, cfg.reasoning_cluster_km)))
+        return await timed("reasoning", told)
 
     async def _retrieve(
         self, retriever: Retriever, vector: Any, prior: list[CountryScore], guesses: list[Guess], trace: Trace
@@ -493,6 +518,21 @@ class GeoAgent:
             self._references.popitem(last=False)
         photos = dict(zip(loads, await asyncio.gather(*(asyncio.shield(task) for task in loads.values()))))
         return {c.id: photos[c.image_path] if c.image_path else None for c in pool}
+
+
+def _told(coroutine: Awaitable[T], on_event: OnEvent | None, event: Callable[[T], AgentEvent]) -> Awaitable[T]:
+    """``coroutine``, telling ``on_event`` its outcome (as ``event(outcome)``) the moment it lands; as it is when
+    no one listens."""
+    if on_event is None:
+        return coroutine
+    listener = on_event
+
+    async def telling() -> T:
+        outcome = await coroutine
+        listener(event(outcome))
+        return outcome
+
+    return telling()
 
 
 def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> LocateStats:

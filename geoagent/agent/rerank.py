@@ -17,6 +17,7 @@ from PIL import Image
 
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
 from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
+from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
@@ -61,6 +62,7 @@ class Comparator:
     stats: CallStats = field(default_factory=CallStats)
     matches: list[Match] = field(default_factory=list)
     scores: list[PointwiseScore] = field(default_factory=list)
+    on_event: OnEvent | None = None  # told each match and score as it is decided
     _questions: dict[tuple[str, ...], asyncio.Task[tuple[str, list[EncodedImage]]]] = field(default_factory=dict)
 
     def prefer(self, a: Candidate, b: Candidate) -> Candidate:
@@ -144,6 +146,8 @@ class Comparator:
         winner = answered.pop() if len(answered) == 1 else None
         match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders], round=round_number)
         self.matches.append(match)
+        if self.on_event is not None:
+            self.on_event(MatchAnswered(match=match))
         return match
 
     def _a_first(self, a: Candidate, b: Candidate) -> bool:
@@ -180,7 +184,10 @@ class Comparator:
         if answer is None:
             return None
         self.stats.add(answer.stats)
-        self.scores.append(PointwiseScore(id=candidate.id, score=answer.value.score))
+        scored = PointwiseScore(id=candidate.id, score=answer.value.score)
+        self.scores.append(scored)
+        if self.on_event is not None:
+            self.on_event(ScoreAnswered(score=scored))
         return answer.value.score
 
 
