@@ -62,11 +62,6 @@ def exif_agreement(result: LocateResult) -> str | None:
     return f"visual answer {verdict} EXIF GPS: {km:.1f} km apart"
 
 
-def result_json(result: LocateResult, *, explain: bool = False) -> str:
-    """The ``locate --json`` line: unset fields left out, unless ``explain`` asks for everything."""
-    return result.model_dump_json(exclude_none=not explain)
-
-
 def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
     for line in exif_lines(result.exif):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
