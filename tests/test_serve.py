@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from browser_serve import artifacts_dir, chromium_page
+from browser import artifacts_dir, offline_browser
 from conftest import run_cli, world_retrieval_config, world_settings, write_world_config
 from standin import StandinConfig, StandinServer, WorldJudge
 from test_packaging import run_cli_without
@@ -221,9 +222,8 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
     map (one marker per candidate plus the prediction and each reasoning guess), with the explanation; Leaflet and
     everything else come from this server: only basemap tiles were asked of the outside, and they were refused."""
     photo = world.queries[4].path
-    with chromium_page(tmp_path / "profile") as (page, offline):
-        console_errors: list[str] = []
-        page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    with offline_browser(allow=(served.url,)) as browser:
+        page = browser.new_page()
         page.goto(served.url)
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
         page.set_input_files("#photo", str(photo))
@@ -236,14 +236,14 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
         assert page.locator("#error").is_hidden()
         exif_shown = page.locator("#exif").is_visible()
         assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth > 0")  # the photo is shown
-    assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
+    assert not [e for e in page.geoagent_errors if "Content Security Policy" in e], page.geoagent_errors
     expected = served.post("/api/locate?explain=true", served.photo(photo)).json()  # answered from the cache now
     assert candidates == len(expected["candidates"]) and guesses == len(expected["trace"]["guesses"]) > 0
     assert any(s.startswith("Country prior:") for s in steps) and any(s.startswith("Guess 1:") for s in steps)
     assert sum(" vs " in s for s in steps) == len(expected["trace"]["matches"]) > 0 and steps[-1] == "Done."
     assert f"{expected['lat']:.4f}, {expected['lon']:.4f}" in summary
     assert exif_shown == bool(expected.get("exif"))  # the EXIF panel shows exactly when the answer has EXIF
-    assert all(kind == "image" and "tile.openstreetmap.org" in url for kind, url in offline.blocked), offline.blocked
+    assert all(re.search(r"tile\.openstreetmap\.org/\d+/\d+/\d+\.png$", url) for url in browser.blocked), browser.blocked
     assert served.leftovers(wait_s=STREAM_CLEANUP_S) == []
 
 
@@ -296,7 +296,8 @@ def test_the_page_shows_the_exif_panel_and_position_when_the_answer_has_them(ser
     answer["exif"] = {"gps": {"lat": -33.856784, "lon": -151.215297, "altitude_m": 12.5}, "taken_at": "2024-05-01T10:02:03+10:00",
                       "make": "Apple", "model": "iPhone 12"}
     stream = f"event: result\r\ndata: {json.dumps(answer)}\r\n\r\n"
-    with chromium_page(tmp_path / "profile") as (page, _):
+    with offline_browser(allow=(served.url,)) as browser:
+        page = browser.new_page()
         page.route("**/api/locate/stream*", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
         page.goto(served.url)
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
