@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from geoagent import __version__
 from geoagent.config import BackendProfile, Settings, inspect_config, load_config, validation_message
 from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.paths import display_path, photo_problem
+from geoagent.ranker import recipe
 
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
@@ -55,7 +59,9 @@ cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
 prompts_app = typer.Typer(help="The prompt templates in use.", no_args_is_help=True)
+ranker_app = typer.Typer(help="GeoRanker reward models: fine-tune one on your own geotagged photos.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+app.add_typer(ranker_app, name="ranker")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
@@ -156,6 +162,8 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
             settings.agent.prompts_dir = flags["prompts"]
     if flags.get("no_cache"):
         settings.cache.enabled = False
+    if flags.get("use_exif"):
+        settings.agent.use_exif = True
     return settings
 
 
@@ -172,6 +180,9 @@ def _options(
     ] = False,
 ) -> None:
     """Options of the geoagent command itself."""
+    # Registered first, so it runs last: the interpreter's teardown then skips collecting the millions of objects
+    # torch and open_clip leave behind, which otherwise kept the process alive 1.5-2 s after its work was done.
+    atexit.register(gc.freeze)
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
@@ -180,8 +191,17 @@ BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every
 ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
 IndexOption = Annotated[Path | None, typer.Option("--index", help="Reference index folder (default: the gazetteer).")]
 TopKOption = Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")]
-StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting.")]
+StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting | georanker.")]
 PromptsOption = Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")]
+MapOption = Annotated[Path | None, typer.Option("--map", help="Also write a map of the answers: one self-contained HTML file (opens offline).", show_default=False)]
+
+
+def _check_map(path: Path | None) -> None:
+    """``--map``: fail before any work when the file cannot be written."""
+    if path is not None:
+        from geoagent.maps.html import check_map_path
+
+        check_map_path(path)
 
 
 @app.command("locate")
@@ -197,14 +217,19 @@ def locate(
     explain: Annotated[bool, typer.Option("--explain", help="Show the prior, clues, guesses and matches.")] = False,
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
+    use_exif: Annotated[
+        bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
+    ] = False,
+    map_file: MapOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
+        _check_map(map_file)
         readable = []
         for photo in photos:  # before any heavy import: a typo in a path is reported at once
             problem = photo_problem(photo)
@@ -215,35 +240,42 @@ def locate(
         if not readable:
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
+        from geoagent.batch.runner import BatchProgress
         from geoagent.errors import PhotoError, RunStopped, UnreachableError
-        from geoagent.output import print_result
+        from geoagent.output import print_result, result_json
+
+        mapped: list[Any] = []  # the answers, for --map
 
         async def run() -> int:
             failed, located = len(photos) - len(readable), 0
             server_down = stopped = False
             async with GeoAgent(settings) as agent:
-                readiness = await agent.preflight()
-                for warning in readiness.warnings:
-                    print_warning(warning)
-                for problem in readiness.problems:
-                    print_error(str(problem))
-                if readiness.problems:
-                    return max(p.exit_code for p in readiness.problems)
-                try:
-                    async for _photo, outcome in agent.locate_many(readable, explain=explain):
-                        if isinstance(outcome, GeoAgentError):
-                            failed += 1
-                            server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
-                            print_error(str(outcome))
-                            continue
-                        located += 1
-                        if as_json:
-                            print(outcome.model_dump_json(exclude_none=not explain), flush=True)
-                        else:
-                            print_result(stdout, outcome, explain=explain)
-                except RunStopped as exc:
-                    stopped = True
-                    print_error(str(exc))
+                code = (await agent.preflight(readable)).tell(print_warning, print_error)
+                if code:
+                    return code
+                started, done, failed_here = time.perf_counter(), 0, 0
+                with _progress_bar("locate", shown=len(readable) > 1) as on_progress:
+                    on_progress(BatchProgress(0, len(readable), 0, 0, 0.0))
+                    try:
+                        # --map draws the reasoning guesses, which only the trace keeps; printing still follows --explain
+                        async for _photo, outcome in agent.locate_many(readable, explain=explain or map_file is not None):
+                            done, failed_here = done + 1, failed_here + isinstance(outcome, GeoAgentError)
+                            on_progress(BatchProgress(done, len(readable), 0, failed_here, time.perf_counter() - started, agent.pool.totals()))
+                            if isinstance(outcome, GeoAgentError):
+                                failed += 1
+                                server_down |= isinstance(outcome, PhotoError) and isinstance(outcome.cause, UnreachableError)
+                                print_error(str(outcome))
+                                continue
+                            located += 1
+                            if map_file is not None:
+                                mapped.append(outcome)
+                            if as_json:
+                                print(result_json(outcome, explain=explain), flush=True)
+                            else:
+                                print_result(stdout, outcome, explain=explain)
+                    except RunStopped as exc:
+                        stopped = True
+                        print_error(str(exc))
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
                     print_line(
@@ -259,6 +291,38 @@ def locate(
             return 1 if failed else 0
 
         code = asyncio.run(run())
+        if map_file is not None and mapped:
+            from geoagent.maps.html import locate_map, write_map
+
+            write_map(map_file, locate_map(mapped))
+            print_line(f"wrote {display_path(map_file)}", stderr)
+        elif map_file is not None:
+            print_line(f"no photo located: {display_path(map_file)} not written", stderr)
+        if code:
+            raise typer.Exit(code)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page to this computer.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    config: ConfigOption = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
+    tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+) -> None:
+    """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
+    with user_errors():
+        settings = load_config(config)
+        from geoagent.web import require_web
+
+        require_web()
+        from geoagent.web.app import DEFAULT_TILES, WebOptions
+        from geoagent.web.server import serve as serve_page
+
+        options = WebOptions(
+            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES
+        )
+        code = asyncio.run(serve_page(settings, options, port, say=print_line, warn=print_warning, error=print_error))
         if code:
             raise typer.Exit(code)
 
@@ -279,6 +343,7 @@ def batch(
     explain: Annotated[bool, typer.Option("--explain", help="Journal each photo's trace too (prior, clues, guesses, matches).")] = False,
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
+    map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -291,7 +356,8 @@ def batch(
             strategy=strategy, prompts=prompts, no_cache=no_cache,
         )
         plan = plan_output(out, out_format)
-        with _batch_progress() as on_progress:
+        _check_map(map_file)
+        with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
                     settings, source, plan, engine=engine, retry_failed=retry_failed, explain=explain,
@@ -311,6 +377,11 @@ def batch(
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
             )
+        if map_file is not None and not report.problems:
+            from geoagent.maps.html import journal_results, locate_map, write_map
+
+            write_map(map_file, locate_map(journal_results(report.journal), thumbnails=False))
+            print_line(f"wrote {display_path(map_file)}", stderr)
         if report.stopped:
             print_error(report.stopped)
         if report.stopped or report.unfinished:
@@ -320,20 +391,22 @@ def batch(
 
 
 @contextmanager
-def _batch_progress() -> Iterator[Any]:
-    """A progress bar on stderr for ``batch``: done/total, photos/s, ETA, VLM calls/s, cache hits, failures."""
+def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
+    """A progress bar on stderr for ``batch`` and ``locate`` on several photos (``label``): done/total,
+    photos/s, ETA, VLM calls/s, cache hits, failures. Only on a terminal, and while ``shown``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
-    if not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
+    if not shown or not stderr.is_terminal:  # no bar in a log file (a disabled Progress still prints a blank line on rich 13)
         yield lambda _progress: None
         return
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task("batch", total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+    # Results printed to a terminal go above the bar; piped (locate --json > file) they stay out of it.
+    with Progress(*columns, console=stderr, transient=True, redirect_stdout=stdout.is_terminal) as bar:
+        task = bar.add_task(label, total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
 
         def update(p: Any) -> None:
             if not bar.tasks[0].started:
@@ -357,6 +430,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N photos.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
     no_cache: NoCacheOption = False,
+    map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -365,6 +439,7 @@ def evaluate(
     from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
 
     with user_errors():
+        _check_map(map_file)
         data = load_dataset(dataset, images)
         for name, reason in data.skipped:
             print_line(f"skipped {name}: {reason}", stderr)
@@ -386,10 +461,16 @@ def evaluate(
         finally:  # whatever stopped the run, what finished is reported
             partial = interrupted or bool(run.stopped) or sys.exc_info()[0] is not None
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
+            if map_file is not None:
+                from geoagent.maps.html import eval_map, write_map
+
+                write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
         _print_report(report, markdown_table)
         if out:
             plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
+        if map_file is not None:
+            print_line(f"wrote {display_path(map_file)}")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
@@ -522,6 +603,8 @@ def index_build(
             )
         for name, reason in report.skipped:
             print_line(f"  skipped {name}: {reason}")
+        if report.near_duplicates is not None:
+            print_line(f"near-duplicates: {report.near_duplicates.describe()}")
         if report.hint:
             print_line(f"hint: {report.hint}", stderr)
 
@@ -605,6 +688,66 @@ def cache_clear(config: ConfigOption = None) -> None:
         settings = load_config(config)
         removed = ResponseCache(settings.cache.dir).clear()
         print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
+
+
+@ranker_app.command("train")
+def ranker_train(
+    index: Annotated[Path, typer.Option("--index", help="Reference index to draw candidates from (built with `geoagent index build`).")],
+    queries: Annotated[Path, typer.Option("--queries", help="Training photos: CSV path,lat,lon (or IMG_ID,LAT,LON with --images), or a folder with EXIF GPS.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (checkpoints go in OUT/checkpoints).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Photo folder of an IMG_ID,LAT,LON queries CSV.")] = None,
+    lambda1: Annotated[float, typer.Option("--lambda1", help="Weight of the first-order loss (second order: 1 - lambda1).")] = recipe.LAMBDA1,
+    top: Annotated[int, typer.Option("--top", min=0, help="Nearest candidates whose picks count in the losses (GeoRanker's K); 0: all.")] = recipe.TOP or 0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps (default: from --epochs).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the queries, when --steps is not given.")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (decays linearly to zero).")] = recipe.LR,
+    batch_queries: Annotated[int, typer.Option("--batch-queries", min=1, help="Queries a forward pass.")] = recipe.BATCH_QUERIES,
+    candidates: Annotated[int, typer.Option("--candidates", "-k", min=1, help="Retrieved neighbours a query (itself excluded).")] = recipe.CANDIDATES,
+    negatives: Annotated[int, typer.Option("--negatives", min=0, help="Random index entries added to each query's candidates.")] = recipe.NEGATIVES,
+    accumulate: Annotated[int, typer.Option("--accumulate", min=1, help="Forward passes whose gradients make one step.")] = recipe.ACCUMULATE,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = recipe.CHECKPOINT_EVERY,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the data order, the negatives and the new adapter.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT's newest checkpoint, if any.")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune a GeoRanker adapter (LoRA + value head) with its multi-order distance loss on your own photos.
+
+    OUT then serves as ranker.adapter for strategy georanker. Needs the optional extra 'ranker'."""
+    with user_errors():
+        from pydantic import ValidationError
+
+        from geoagent.ranker import require_extra
+        from geoagent.ranker.training import TrainOptions, train
+
+        flags = {"index": index, "queries": queries, "out": out, "images": images, "lambda1": lambda1, "top": top or None,
+                 "steps": steps, "epochs": epochs, "lr": lr, "batch_queries": batch_queries, "candidates": candidates,
+                 "negatives": negatives, "accumulate": accumulate, "checkpoint_every": checkpoint_every, "seed": seed, "resume": resume}
+        try:
+            options = TrainOptions(**flags)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {validation_message(first)}") from None
+        settings = load_config(config)
+        require_extra("geoagent ranker train")
+        with _train_progress() as on_step:
+            report = train(options, settings, on_step)
+        resumed = f", resumed at step {report.resumed_from}" if report.resumed_from else ""
+        loss = "-" if report.last_loss is None else f"{report.last_loss:.4f}"
+        print_line(f"trained {report.steps} steps{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
+
+
+@contextmanager
+def _train_progress() -> Iterator[Any]:
+    """A progress bar on stderr for ``ranker train`` (steps, loss, ETA); off a terminal, a line a checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if not stderr.is_terminal:
+        yield lambda s: print_line(f"step {s.step}/{s.total} loss {s.loss:.4f}: checkpoint {display_path(s.checkpoint)}", stderr) if s.checkpoint else None
+        return
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+        yield lambda s: bar.update(task, completed=s.step, total=s.total, loss=f"{s.loss:.4f}")
 
 
 @app.command("check")

@@ -170,7 +170,7 @@ class RetrievalConfig(_Section):
 class AgentConfig(_Section):
     """How the agent asks and decides. Setting country_prior and reasoning to false leaves retrieval + reranking."""
 
-    strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting")
+    strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting | georanker")
     top_k: int | None = Field(default=None, ge=1, le=200, description="Candidates reranked; unset: retrieval.top_k.")
     position_debias: bool | Literal["adaptive"] = Field(
         default="adaptive",
@@ -208,19 +208,71 @@ class AgentConfig(_Section):
     early_exit: bool = Field(
         default=True, description="Skip reranking when it cannot move the answer (every candidate within consensus_bandwidth_km)."
     )
-    near_duplicate_similarity: float | None = Field(
-        default=None, gt=0, le=1,
-        description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; unset: off.",
+    use_exif: bool = Field(
+        default=False,
+        description="Answer from the photo's EXIF GPS when it has one (no model runs); off: EXIF is shown beside the "
+        "visual answer, which it may contradict (metadata can be stripped, wrong or planted). eval always turns it off.",
     )
+    near_duplicate_similarity: float | Literal["off"] | None = Field(
+        default=None,
+        description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; "
+        'unset: the threshold `index build` measured for the index (exact copies only for older indexes); "off": never.',
+    )
+
+    @field_validator("near_duplicate_similarity", mode="before")
+    @classmethod
+    def _similarity_or_off(cls, value: object) -> object:
+        if value is None:
+            return None
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
+            return "off"
+        try:
+            number = float(value) if not isinstance(value, bool) else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not 0 < number <= 1:
+            raise ValueError('a cosine similarity in (0, 1], "off", or unset for the threshold measured by `index build`')
+        return number
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        from geoagent.agent.rerank import STRATEGIES
+        from geoagent.agent.rerank import MODEL_STRATEGIES, STRATEGIES
 
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy '{value}' (known: {', '.join(STRATEGIES)})")
+        if value not in STRATEGIES and value not in MODEL_STRATEGIES:
+            raise ValueError(f"unknown strategy '{value}' (known: {', '.join((*STRATEGIES, *MODEL_STRATEGIES))})")
         return value
+
+
+class RankerConfig(_Section):
+    """GeoRanker (strategy = "georanker"): a Qwen2-VL reward model with a LoRA adapter, run on this machine."""
+
+    base_model: str = Field(
+        default="Qwen/Qwen2-VL-7B-Instruct",
+        description="A local model folder, or a Hugging Face name found in the local cache first (downloaded only if reachable).",
+    )
+    adapter: Path | None = Field(default=None, description="A peft adapter folder, e.g. GeoRanker's checkpoints/; required.")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Candidates per forward pass, from every photo in flight.")
+    max_image_side: int = Field(default=640, ge=28, le=8192, description="Images are shrunk to this side first (28-pixel blocks).")
+
+    @field_validator("base_model")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: give a model folder or a Hugging Face name such as Qwen/Qwen2-VL-7B-Instruct")
+        return value.strip()
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("adapter")
+    @classmethod
+    def _expand_adapter(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
 
 class Settings(BaseSettings):
@@ -242,6 +294,7 @@ class Settings(BaseSettings):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
 
     @model_validator(mode="after")
     def _routes_exist(self) -> Settings:

@@ -15,6 +15,13 @@ from geoagent.errors import InputError
 from geoagent.paths import display_path, os_error_reason
 from geoagent.vlm.types import EncodedImage
 
+# Pillow's warnings about a file are ours to report (a bomb is refused with an InputError below) or to ignore
+# (complaints about optional EXIF). Filters are process-wide and warnings.catch_warnings is not thread-safe
+# (photos are opened in worker threads; overlapping ones can leave "ignore everything" installed), so the
+# filters are installed once, here.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
 try:  # HEIC/HEIF photos, where the optional pillow-heif is installed.
     from pillow_heif import register_heif_opener
 
@@ -54,12 +61,12 @@ def open_image(path: str | Path) -> Image.Image:
             raise InputError(f"{shown}: not a regular file")
         if info.st_size == 0:
             raise InputError(f"{shown}: empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as raw:
-                raw.load()
-                upright = ImageOps.exif_transpose(raw)
-                return to_rgb(upright)
+        with Image.open(path) as raw:
+            if Image.MAX_IMAGE_PIXELS is not None and raw.width * raw.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{raw.width}x{raw.height}")
+            raw.load()
+            upright = ImageOps.exif_transpose(raw)
+            return to_rgb(upright)
     except InputError:
         raise
     except FileNotFoundError:

@@ -1,25 +1,82 @@
-"""Human-readable rendering of results for the terminal."""
+"""Human-readable rendering of results for the terminal, and the JSON object of ``locate --json``."""
 
 from __future__ import annotations
 
+from pydantic_core import to_json
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from geoagent.geo import country_name
+from geoagent.bracket import has_rounds, tournament_bracket
+from geoagent.exif import ExifInfo
+from geoagent.geo import country_name, haversine_km, reverse_geocode
 from geoagent.types import LocateResult
 
 SHOWN_CANDIDATES = 10
+EXIF_AGREEMENT_KM = 25.0  # the visual answer "agrees" with the EXIF position within city scale (acc@25km)
+UPRIGHT = 1  # EXIF orientation of a photo stored the right way up (not worth a mention)
+
+
+def result_json(result: LocateResult, *, explain: bool = False) -> str:
+    """One result as ``locate --json`` prints it: unset fields left out unless ``explain``, but ``exif`` always
+    there, whole (null when the photo carries none), so a reader can tell "no metadata" from "not read". The
+    trace only with ``explain`` (``--map`` collects it for the guesses without printing it)."""
+    data = result.model_dump(mode="json", exclude_none=not explain, exclude=None if explain else {"trace"})
+    data["exif"] = result.exif.model_dump(mode="json") if result.exif is not None else None
+    return to_json(data).decode()
+
+
+def exif_lines(exif: ExifInfo | None) -> list[str]:
+    """What the photo's metadata says, for the top of the human output (plain text, no markup)."""
+    if exif is None:
+        return ["EXIF: none"]
+    lines = []
+    if exif.gps is not None:
+        country, place = reverse_geocode(exif.gps.lat, exif.gps.lon)[0]
+        altitude = f", altitude {exif.gps.altitude_m:.0f} m" if exif.gps.altitude_m is not None else ""
+        lines.append(f"EXIF GPS: {exif.gps.lat:.4f}, {exif.gps.lon:.4f} ({place}, {country}){altitude}")
+    else:
+        lines.append("EXIF GPS: none")
+    details = []
+    if exif.camera:
+        details.append(f"camera {exif.camera}")
+    if exif.taken_at is not None:
+        zone = "" if exif.taken_at.tzinfo is not None else " (no UTC offset recorded)"
+        details.append(f"taken {exif.taken_at.isoformat(sep=' ')}{zone}")
+    if exif.orientation not in (None, UPRIGHT):
+        details.append(f"orientation {exif.orientation} (turned upright before the models see it)")
+    if details:
+        lines.append("EXIF: " + ", ".join(details))
+    return lines
+
+
+def exif_agreement(result: LocateResult) -> str | None:
+    """Whether the visual answer agrees with the photo's EXIF position, and how far apart they are."""
+    if result.exif is None or result.exif.gps is None:
+        return None
+    if result.source == "exif":
+        return "answered from EXIF GPS (--use-exif): no model ran"
+    km = float(haversine_km(result.lat, result.lon, result.exif.gps.lat, result.exif.gps.lon))
+    verdict = "agrees with" if km < EXIF_AGREEMENT_KM else "disagrees with"
+    return f"visual answer {verdict} EXIF GPS: {km:.1f} km apart"
 
 
 def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
+    for line in exif_lines(result.exif):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
     console.print(
         f"[bold]{escape(result.image)}[/]: {escape(place or 'unknown place')} ({result.lat:.4f}, {result.lon:.4f}), "
         f"confidence {result.confidence:.2f}",
         highlight=False,
     )
+    agreement = exif_agreement(result)
+    if agreement is not None:
+        console.print(agreement, highlight=False, markup=False, soft_wrap=True)
+    if result.match == "near_duplicate" and result.candidates:
+        top = result.candidates[0]
+        console.print(f"near-duplicate of reference {escape(top.id)} (similarity {top.retrieval_score or 0:.4f}): its coordinate is the answer", highlight=False)
     table = Table("rank", "place", "country", "lat", "lon", "source", "retrieval", "score", box=None, pad_edge=False)
     for c in result.candidates[:SHOWN_CANDIDATES]:
         table.add_row(
@@ -51,7 +108,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
                       f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True, markup=False)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
-    if trace.matches:
+    if trace.strategy == "tournament" and has_rounds(trace.matches):
+        console.print(tournament_bracket(trace.matches, label, trace.pool), highlight=False)
+    elif trace.matches:
         ties = sum(m.winner is None for m in trace.matches)
         matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
                         title=f"{len(trace.matches)} matches, {ties} ties", title_justify="left")
@@ -64,6 +123,14 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         for s in trace.pointwise:
             scores.add_row(label[s.id], f"{s.score:g}")
         console.print(scores)
+    if trace.rewards:
+        without = set(trace.rewards_without_photo)
+        rewards = Table("candidate", "reward", "scored from", box=None, pad_edge=False,
+                        title="GeoRanker rewards (highest first; votes by this order)", title_justify="left")
+        for cid, reward in sorted(trace.rewards.items(), key=lambda item: -item[1]):
+            rewards.add_row(label[cid], f"{reward:.4f}",
+                            "query photo + coordinates only (no candidate photo)" if cid in without else "query photo + coordinates + candidate photo")
+        console.print(rewards)
     if result.stats.failed_questions:
         failed = Table("task", "question", "error", box=None, pad_edge=False, title_justify="left",
                        title=f"{len(result.stats.failed_questions)} questions failed (the agent went on without them)")

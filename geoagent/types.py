@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-CandidateSource = Literal["index", "gazetteer", "reasoning"]
+from geoagent.exif import ExifInfo
+
+CandidateSource = Literal["index", "gazetteer", "reasoning", "exif"]
 
 
 class Candidate(BaseModel):
@@ -50,6 +52,7 @@ class Match(BaseModel):
     winner: str | None  # None: a tie (the answers disagreed, or none came)
     votes: list[str | None]  # the candidate id each ask chose, in the order asked; None: that ask failed
     shown_first: list[str] = Field(default_factory=list)  # the candidate in slot A of each ask, in the order asked
+    round: int | None = None  # tournament: the round it was played in (1 = first); other strategies: None
 
 
 class PointwiseScore(BaseModel):
@@ -90,6 +93,8 @@ class Trace(BaseModel):
     consensus_guess: Guess | None = None
     matches: list[Match] = Field(default_factory=list)
     pointwise: list[PointwiseScore] = Field(default_factory=list)
+    rewards: dict[str, float] = Field(default_factory=dict)  # georanker: candidate id -> reward, before fusion
+    rewards_without_photo: list[str] = Field(default_factory=list)  # scored from the query photo and coordinates alone
     fusion: dict[str, dict[str, float]] = Field(default_factory=dict)  # candidate id -> term -> value
     prompts: dict[str, str] = Field(default_factory=dict)  # template name -> content hash
     timings_s: dict[str, float] = Field(default_factory=dict)
@@ -107,5 +112,7 @@ class LocateResult(BaseModel):
     candidates: list[Candidate]
     prior: list[CountryScore] = Field(default_factory=list)
     match: Literal["near_duplicate"] | None = None  # the answer is a reference photo the query copies
+    exif: ExifInfo | None = None  # the photo's own metadata, read before any model ran; None: it carries none
+    source: Literal["visual", "exif"] = "visual"  # "exif": answered from EXIF GPS (agent.use_exif), no model ran
     stats: LocateStats = Field(default_factory=LocateStats)
     trace: Trace | None = None

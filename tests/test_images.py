@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from geoagent.errors import InputError
+from geoagent.exif import read_exif
 from geoagent.images import downscale, load_image, open_image
 
 
@@ -59,9 +60,10 @@ def test_junk_is_refused_naming_the_file(tmp_path, content, message):
     assert message in str(info.value) or "unreadable" in str(info.value)
 
 
-def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("side", [120, 400])  # past Pillow's warning limit only, and past its error limit
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch, side):
     path = tmp_path / "bomb.png"
-    Image.new("L", (400, 400)).save(path)
+    Image.new("L", (side, side)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(InputError, match="decompression bomb"):
         open_image(path)
@@ -82,3 +84,30 @@ def test_a_fifo_or_folder_is_refused_at_once_not_read(tmp_path):
     (tmp_path / "dir.jpg").mkdir()
     with pytest.raises(InputError, match="dir.jpg: is a directory"):
         open_image(tmp_path / "dir.jpg")
+
+
+def test_opening_photos_in_many_threads_leaves_the_process_warning_filters_alone(tmp_path):
+    """Photos and their EXIF are read in worker threads at once; warnings.catch_warnings there is not
+    thread-safe, and overlapping ones once left "ignore every warning" installed, which silenced the CLI's own
+    warnings (the missing [plot] extra) for the rest of the run."""
+    import threading
+    import warnings
+
+    path = tmp_path / "photo.jpg"
+    image = Image.new("RGB", (32, 32), "green")
+    exif = image.getexif()
+    exif[0x0112] = 3
+    image.save(path, exif=exif)
+    before = list(warnings.filters)
+
+    def work() -> None:
+        for _ in range(30):
+            open_image(path)
+            read_exif(path)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before

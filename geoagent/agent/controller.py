@@ -5,33 +5,44 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from geoagent.agent.aggregate import confidence, fuse
+from geoagent.agent.events import AgentEvent, CandidatesRetrieved, Done, GuessesReady, OnEvent, PriorReady, RerankStarted
 from geoagent.agent.prior import country_prior
 from geoagent.agent.questions import QuestionLog
 from geoagent.agent.reasoning import consensus, neighbour_block, reason
-from geoagent.agent.rerank import STRATEGIES, Comparator, Photo
+from geoagent.agent.rerank import MODEL_STRATEGIES, STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
+from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import open_image
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
+from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, resolve_threshold
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, LocateStats, Trace
 from geoagent.vlm import CallStats, VLMPool
+
+if TYPE_CHECKING:
+    from geoagent.ranker.service import ModelVotes, Ranker
+    from geoagent.retrieval.index import ReferenceIndex
 
 REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (references recur in batches)
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
+EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
+ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +51,14 @@ class Readiness:
 
     problems: list[GeoAgentError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def tell(self, warn: Callable[[str], None], error: Callable[[str], None]) -> int:
+        """Pass every warning and problem on, in that order; the exit code the problems call for (0: none)."""
+        for warning in self.warnings:
+            warn(warning)
+        for problem in self.problems:
+            error(str(problem))
+        return max((p.exit_code for p in self.problems), default=0)
 
 
 @dataclass
@@ -78,6 +97,8 @@ class GeoAgent:
         self.pool = pool or VLMPool(settings)
         self._retriever = retriever
         self._retriever_lock = asyncio.Lock()
+        self._ranker: Ranker | None = None
+        self._ranker_lock = asyncio.Lock()
         self._references: OrderedDict[str, asyncio.Task[Photo | None]] = OrderedDict()
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
@@ -125,13 +146,25 @@ class GeoAgent:
                 self._retriever = await Retriever.load(self.settings.retrieval)
             return self._retriever
 
-    async def preflight(self) -> Readiness:
+    async def ranker(self) -> Ranker:
+        """The trained ranker of a model strategy (georanker), loaded once on first use (in a worker thread)."""
+        async with self._ranker_lock:
+            if self._ranker is None:
+                from geoagent.ranker.service import Ranker
+
+                self._ranker = await Ranker.load(self.settings.ranker)
+            return self._ranker
+
+    async def preflight(self, photos: Sequence[str | Path] = ()) -> Readiness:
         """Everything that would stop every photo, found at once: missing weights, unset keys, unusable servers.
 
         A server that is down (or refuses us) is only a warning while the cache holds answers of its model: a
-        rerun is answered from the cache, and only the questions it cannot answer fail.
+        rerun is answered from the cache, and only the questions it cannot answer fail. With ``use_exif``, when
+        every one of ``photos`` carries EXIF GPS nothing is needed (no model will run), so nothing is checked.
         """
         readiness = Readiness()
+        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(asyncio.to_thread(_has_gps, p) for p in photos))):
+            return readiness
 
         async def attempt(coroutine: Any) -> None:
             try:
@@ -139,14 +172,39 @@ class GeoAgent:
             except GeoAgentError as exc:
                 readiness.problems.append(exc)
 
-        checks = [attempt(self.retriever())]
+        checks = [attempt(self._check_retriever(readiness))]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
-            tasks = ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
+            by_model = agent.strategy in MODEL_STRATEGIES
+            tasks = [] if by_model else ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
             tasks += [task for task, on in (("prior", agent.country_prior), ("reasoning", agent.reasoning)) if on]
+            if by_model:  # the rerank task is the ranker's: its weights, not a VLM backend
+                checks.append(attempt(self.ranker()))
             checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
         return readiness
+
+    async def _check_retriever(self, readiness: Readiness) -> None:
+        await self.retriever()
+        index = self._reference_index()
+        if index is not None and index.manifest.near_duplicates is None and self.settings.agent.near_duplicate_similarity is None:
+            readiness.warnings.append(
+                f"{display_path(index.directory)}: built before near-duplicate calibration, so only exact copies of a reference "
+                f"(similarity from {EXACT_COPY_SIMILARITY}) win outright; rebuild it (embeddings are reused) to calibrate"
+            )
+
+    def _reference_index(self) -> ReferenceIndex | None:
+        """The loaded reference index (None: not loaded yet, or the gazetteer stands in)."""
+        from geoagent.retrieval.index import ReferenceIndex
+
+        source = self._retriever.source if self._retriever is not None else None
+        return source if isinstance(source, ReferenceIndex) else None
+
+    def near_duplicate_threshold(self) -> float | None:
+        """The similarity from which the top reference is the answer (None: never), once the retriever is loaded."""
+        index = self._reference_index()
+        calibration = index.manifest.near_duplicates if index is not None else None
+        return resolve_threshold(self.settings.agent.near_duplicate_similarity, calibration, indexed=index is not None)
 
     async def _check_backend(self, name: str, readiness: Readiness) -> None:
         client = self.pool.client(name)
@@ -213,10 +271,13 @@ class GeoAgent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def locate(self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None) -> LocateResult:
+    async def locate(
+        self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None, on_event: OnEvent | None = None
+    ) -> LocateResult:
         """Where was ``photo`` taken? Raises InputError for an unusable photo.
 
         ``vector``: the photo's CLIP embedding when it was computed already (the Ray engine embeds in batches).
+        ``on_event``: told each step as it happens (see :mod:`geoagent.agent.events`); the result is the same.
         """
         cfg = self.settings.agent
         started = time.perf_counter()
@@ -231,9 +292,13 @@ class GeoAgent:
             finally:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
+        exif = await asyncio.to_thread(read_exif, photo)  # metadata first, before any model runs
+        if cfg.use_exif and exif is not None and exif.gps is not None:
+            trace_or_none = trace if explain else None
+            return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
         image = await asyncio.to_thread(open_image, photo)
         query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector)
+        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector, on_event)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -251,7 +316,13 @@ class GeoAgent:
             "reasoning": "ran" if cfg.strategy != "none" and cfg.reasoning else "off",
             "rerank": skip if skip == "off" else f"skipped: {skip}" if skip else "ran",
         }
-        if skip is None:
+        if on_event is not None:
+            on_event(RerankStarted(strategy=cfg.strategy, pool=pool, skipped=skip))
+        scored = None
+        if skip is None and cfg.strategy in MODEL_STRATEGIES:
+            scored = await timed("rerank", self._model_votes(image, pool))
+            votes = scored.votes
+        elif skip is None:
             task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
             comparator = Comparator(
                 pairwise_client=self.pool.for_task("pairwise"),
@@ -267,6 +338,7 @@ class GeoAgent:
                 debias=cfg.position_debias,
                 adaptive_margin=cfg.adaptive_margin,
                 max_side=cfg.max_image_side,
+                on_event=on_event,
             )
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
         failure = log.nothing_answered(display_path(photo))
@@ -282,10 +354,12 @@ class GeoAgent:
             trace.guesses, trace.consensus_guess = guesses, guess
             if comparator is not None:
                 trace.matches, trace.pointwise = comparator.matches, comparator.scores
+            if scored is not None:
+                trace.rewards, trace.rewards_without_photo = scored.rewards, scored.without_photo
             trace.fusion = terms
             trace.prompts = self.prompts.hashes()
             trace.timings_s = timings
-        return LocateResult(
+        result = LocateResult(
             image=display_path(photo),
             lat=top.lat,
             lon=top.lon,
@@ -295,12 +369,17 @@ class GeoAgent:
             candidates=ranked,
             prior=prior,
             match="near_duplicate" if duplicate is not None else None,
+            exif=exif,
             stats=_photo_stats(log, time.perf_counter() - started, stages),
             trace=trace if explain else None,
         )
+        if on_event is not None:
+            on_event(Done(result=result))
+        return result
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None
+        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None,
+        on_event: OnEvent | None = None,
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -310,10 +389,11 @@ class GeoAgent:
         if use_vlm and cfg.country_prior:
             client = self.pool.for_task("prior")
             prior_task = asyncio.create_task(
-                timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, log.spent["prior"], log))
+                _told(timed("prior", country_prior(client, query.encoded, self.prompts, cfg.prior_samples, log.spent["prior"], log)),
+                      on_event, lambda prior: PriorReady(prior=prior))
             )
         if use_vlm and cfg.reasoning and cfg.reasoning_neighbours == 0:
-            reasoning_task = asyncio.create_task(self._reason(query, log, "", timed))
+            reasoning_task = asyncio.create_task(self._reason(query, log, "", timed, on_event))
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
@@ -324,9 +404,11 @@ class GeoAgent:
             if cfg.submap == "kmeans" and reasoning_task is not None:
                 guesses = await reasoning_task
             candidates = await timed("retrieve", self._retrieve(retriever, vector, prior, guesses, trace))
+            if on_event is not None:
+                on_event(CandidatesRetrieved(candidates=candidates))
             if use_vlm and cfg.reasoning and reasoning_task is None:  # the neighbour-augmented variant
                 block = neighbour_block(self.prompts, candidates, cfg.reasoning_neighbours)
-                reasoning_task = asyncio.create_task(self._reason(query, log, block, timed))
+                reasoning_task = asyncio.create_task(self._reason(query, log, block, timed, on_event))
             if prior_task is not None:
                 prior = await prior_task
             if reasoning_task is not None:
@@ -338,9 +420,13 @@ class GeoAgent:
             raise
         return candidates, prior, guesses
 
+    async def _model_votes(self, image: Any, pool: list[Candidate]) -> ModelVotes:
+        """A model strategy's votes for the pool (a ``ModelVotes``): rewards from the trained ranker."""
+        return await (await self.ranker()).votes(image, pool)
+
     def _near_duplicate(self, candidates: list[Candidate]) -> Candidate | None:
-        """The reference the photo copies (re-encoded, resized), if ``near_duplicate_similarity`` is set and met."""
-        threshold = self.settings.agent.near_duplicate_similarity
+        """The reference the photo copies (re-encoded, resized, cropped), when its similarity reaches the threshold."""
+        threshold = self.near_duplicate_threshold()
         scored = [c for c in candidates if c.source == "index" and c.retrieval_score is not None]
         best = max(scored, key=lambda c: c.retrieval_score or 0.0, default=None)
         return best if threshold is not None and best is not None and (best.retrieval_score or 0.0) >= threshold else None
@@ -372,11 +458,12 @@ class GeoAgent:
             "proximity_km": cfg.proximity_km,
         }
 
-    async def _reason(self, query: Photo, log: QuestionLog, neighbours: str, timed: Any) -> list[Guess]:
+    async def _reason(self, query: Photo, log: QuestionLog, neighbours: str, timed: Any, on_event: OnEvent | None = None) -> list[Guess]:
         cfg = self.settings.agent
         client = self.pool.for_task("reasoning")
         guesses = reason(client, query.encoded, self.prompts, cfg.reasoning_samples, log.spent["reasoning"], log, neighbours=neighbours)
-        return await timed("reasoning", guesses)
+        told = _told(guesses, on_event, lambda found: GuessesReady(guesses=found, consensus=consensus(found, cfg.reasoning_cluster_km)))
+        return await timed("reasoning", told)
 
     async def _retrieve(
         self, retriever: Retriever, vector: Any, prior: list[CountryScore], guesses: list[Guess], trace: Trace
@@ -433,6 +520,21 @@ class GeoAgent:
         return {c.id: photos[c.image_path] if c.image_path else None for c in pool}
 
 
+def _told(coroutine: Awaitable[T], on_event: OnEvent | None, event: Callable[[T], AgentEvent]) -> Awaitable[T]:
+    """``coroutine``, telling ``on_event`` its outcome (as ``event(outcome)``) the moment it lands; as it is when
+    no one listens."""
+    if on_event is None:
+        return coroutine
+    listener = on_event
+
+    async def telling() -> T:
+        outcome = await coroutine
+        listener(event(outcome))
+        return outcome
+
+    return telling()
+
+
 def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> LocateStats:
     total = sum(log.spent.values(), CallStats())
     return LocateStats(
@@ -446,6 +548,25 @@ def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> Loc
         cost_usd=None if total.unpriced_requests else total.cost_usd,
         failed_questions=log.failed,
         stages=stages,
+    )
+
+
+def _has_gps(photo: str | Path) -> bool:
+    exif = read_exif(photo)
+    return exif is not None and exif.gps is not None
+
+
+def _exif_answer(photo: str | Path, exif: ExifInfo, gps: ExifGPS, wall_s: float, trace: Trace | None) -> LocateResult:
+    """The photo's EXIF GPS as the answer: one candidate, no retrieval, no VLM request."""
+    lat, lon = gps.lat, gps.lon
+    country, place = reverse_geocode(lat, lon)[0]
+    point = Candidate(id="exif", lat=lat, lon=lon, country=country, place=place, source="exif", score=EXIF_CONFIDENCE, rank=1)
+    skipped = f"skipped: {ANSWERED_FROM_EXIF}"
+    stages = {"retrieval": skipped, "prior": skipped, "reasoning": skipped, "rerank": skipped}
+    return LocateResult(
+        image=display_path(photo), lat=lat, lon=lon, country=country, place=place, confidence=EXIF_CONFIDENCE,
+        candidates=[point], exif=exif, source="exif",
+        stats=LocateStats(wall_s=round(wall_s, 4), stages=stages), trace=trace,
     )
 
 

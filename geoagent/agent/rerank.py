@@ -17,6 +17,7 @@ from PIL import Image
 
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
 from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
+from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
@@ -61,6 +62,7 @@ class Comparator:
     stats: CallStats = field(default_factory=CallStats)
     matches: list[Match] = field(default_factory=list)
     scores: list[PointwiseScore] = field(default_factory=list)
+    on_event: OnEvent | None = None  # told each match and score as it is decided
     _questions: dict[tuple[str, ...], asyncio.Task[tuple[str, list[EncodedImage]]]] = field(default_factory=dict)
 
     def prefer(self, a: Candidate, b: Candidate) -> Candidate:
@@ -118,8 +120,8 @@ class Comparator:
         self.stats.add(answer.stats)
         return first.id if answer.value.choice == "A" else second.id
 
-    async def compare(self, a: Candidate, b: Candidate) -> Match:
-        """Which of ``a`` and ``b`` matches the query better.
+    async def compare(self, a: Candidate, b: Candidate, round_number: int | None = None) -> Match:
+        """Which of ``a`` and ``b`` matches the query better (``round_number``: a tournament's round, for the trace).
 
         ``debias = true`` asks both orders; ``false`` one, ``a`` first; ``"adaptive"`` one in a random direction
         (seeded by the pair, so reruns hit the cache) — a random slot turns the model's first-position bias into
@@ -142,8 +144,10 @@ class Comparator:
             votes = [await self._choose(a, b)]
         answered = {vote for vote in votes if vote is not None}
         winner = answered.pop() if len(answered) == 1 else None
-        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders])
+        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders], round=round_number)
         self.matches.append(match)
+        if self.on_event is not None:
+            self.on_event(MatchAnswered(match=match))
         return match
 
     def _a_first(self, a: Candidate, b: Candidate) -> bool:
@@ -166,8 +170,8 @@ class Comparator:
         lead_against = self.base.get(other.id, 0.0) - self.base.get(chosen.id, 0.0)
         return lead_against < self.adaptive_margin
 
-    async def winner(self, a: Candidate, b: Candidate) -> Candidate:
-        match = await self.compare(a, b)
+    async def winner(self, a: Candidate, b: Candidate, round_number: int | None = None) -> Candidate:
+        match = await self.compare(a, b, round_number)
         if match.winner is None:
             return self.prefer(a, b)
         return a if match.winner == a.id else b
@@ -180,12 +184,18 @@ class Comparator:
         if answer is None:
             return None
         self.stats.add(answer.stats)
-        self.scores.append(PointwiseScore(id=candidate.id, score=answer.value.score))
+        scored = PointwiseScore(id=candidate.id, score=answer.value.score)
+        self.scores.append(scored)
+        if self.on_event is not None:
+            self.on_event(ScoreAnswered(score=scored))
         return answer.value.score
 
 
 Strategy = Callable[[list[Candidate], Comparator, str], Awaitable[dict[str, float]]]
 STRATEGIES: dict[str, Strategy] = {}
+#: Strategies scored by a trained model run locally, not by VLM questions: the controller hands them to
+#: geoagent.ranker (the optional extra ``ranker``) instead of a Comparator.
+MODEL_STRATEGIES = ("georanker",)
 
 
 def strategy(name: str) -> Callable[[Strategy], Strategy]:
@@ -237,7 +247,7 @@ async def tournament(pool: list[Candidate], comparator: Comparator, method: str)
         contenders = alive[len(bye) :]
         half = len(contenders) // 2
         pairs = list(zip(contenders[:half], reversed(contenders[half:])))
-        winners = await asyncio.gather(*(comparator.winner(a, b) for a, b in pairs))
+        winners = await asyncio.gather(*(comparator.winner(a, b, round_number) for a, b in pairs))
         for a, b in pairs:
             for loser in {a.id, b.id} - {w.id for w in winners}:
                 reached[loser] = round_number

@@ -112,6 +112,7 @@ class EvalRun:
         items = self.items
         truth_country = [item.country or reverse_geocode(item.lat, item.lon)[0][0] for item in items]
         for column in self.columns:
+            column.settings.agent.use_exif = False  # a query's EXIF GPS may be its label: answering from it leaks the truth
             key = column.settings.retrieval.model_dump_json()
             agent = GeoAgent(column.settings, retriever=retrievers.get(key))
             rows = self.predictions.setdefault(column.label, [])

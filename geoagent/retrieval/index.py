@@ -44,9 +44,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from geoagent.errors import ConfigError, InputError
+from geoagent.exif import GPS_LAT, GPS_LON, gps_from_ifd
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
 from geoagent.paths import display_path, file_problem, os_error_reason, resolve
+from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, ImageEmbedder, NearDuplicateCalibration, calibrate
 from geoagent.retrieval.embedder import Embedder, EmbedderSpec
 from geoagent.retrieval.vectors import (
     EXACT_BELOW,
@@ -105,6 +107,7 @@ class IndexManifest(BaseModel):
     built_at: float
     countries: dict[str, int]
     lists_path: str | None = None  # ivf/ivfpq: where index.faiss expects its list file (moved folders are found too)
+    near_duplicates: NearDuplicateCalibration | None = None  # measured at build time; None: built before calibration
 
 
 @dataclass
@@ -130,15 +133,10 @@ class BuildReport:
     version: str = ""
     params: IndexParams | None = None
     hint: str | None = None  # advice for the next build (an append that outgrew its quantizer)
+    near_duplicates: NearDuplicateCalibration | None = None
 
 
 # --- reading sources -----------------------------------------------------------------------------------
-
-
-def _rational(value: object) -> float:
-    if isinstance(value, tuple):
-        return float(value[0]) / float(value[1]) if value[1] else 0.0
-    return float(value)  # type: ignore[arg-type]
 
 
 def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
@@ -155,20 +153,12 @@ def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
         return None, os_error_reason(exc)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"unreadable image ({exc})"
-    if not gps or 2 not in gps or 4 not in gps:
+    if not gps or GPS_LAT not in gps or GPS_LON not in gps:
         return None, None
-    try:
-        lat = sum(_rational(v) / 60**i for i, v in enumerate(gps[2]))
-        lon = sum(_rational(v) / 60**i for i, v in enumerate(gps[4]))
-    except (TypeError, ValueError, ZeroDivisionError, IndexError):
-        return None, "malformed EXIF GPS"
-    if str(gps.get(1, "N")).upper().startswith("S"):
-        lat = -lat
-    if str(gps.get(3, "E")).upper().startswith("W"):
-        lon = -lon
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-        return None, "EXIF GPS out of range"
-    return (lat, lon), None
+    point = gps_from_ifd(gps)
+    if point is None:
+        return None, "unusable EXIF GPS (a hemisphere missing, a zero denominator, out of range, or no fix)"
+    return (point.lat, point.lon), None
 
 
 def walk_sorted(root: Path) -> Iterator[Path]:
@@ -390,6 +380,9 @@ class EntryTable(Sequence[IndexEntry]):
         entry.cluster = int(self._rows["cluster"][row])
         return entry
 
+    def close(self) -> None:
+        self._data.close()
+
 
 class ReferenceIndex:
     """A built index, opened for search: vectors, rows and entries stay on disk, memory-mapped."""
@@ -596,8 +589,9 @@ class IndexWriter:
             self._columns.append(block)
         self._drafts = []
 
-    def commit(self) -> tuple[str, IndexManifest]:
-        """Cluster the rows, build the faiss index, write the manifest, then move ``CURRENT`` here."""
+    def commit(self, embedder: ImageEmbedder | None = None) -> tuple[str, IndexManifest]:
+        """Cluster the rows, build the faiss index, calibrate near-duplicates (with ``embedder``, which reads
+        a sample of the photos again), write the manifest, then move ``CURRENT`` here."""
         if self._vectors is None or self.count == 0:
             raise ValueError("nothing to commit")
         self._write_entries()
@@ -627,6 +621,11 @@ class IndexWriter:
             base_folder=base.version if grow else None, base_lists=base.manifest.lists_path if grow else None,  # type: ignore[union-attr]
             start=len(base.rows) if grow else 0,  # type: ignore[union-attr]
         )  # fmt: skip
+        near_duplicates = None
+        if embedder is not None:
+            entries = EntryTable(self.staging / "entries.jsonl", rows)
+            near_duplicates = calibrate(vectors, rows["lat"], rows["lon"], lambda row: entries[row].path, embedder)
+            entries.close()
         del vectors
         counts = np.bincount(rows["country"], minlength=len(codes))
         manifest = IndexManifest(
@@ -640,6 +639,7 @@ class IndexWriter:
             built_at=time.time(),
             countries={codes[i]: int(counts[i]) for i in sorted(range(len(codes)), key=lambda i: -counts[i])},
             lists_path=str(self.out.resolve() / self.name / IVFDATA_FILE) if params.kind in ("ivf", "ivfpq") else None,
+            near_duplicates=near_duplicates,
         )
         (self.staging / "manifest.json").write_text(manifest.model_dump_json(indent=2))
         for path in self.staging.iterdir():
@@ -765,10 +765,10 @@ def build_index(
                 return report
             raise InputError(f"{source}: nothing to index ({len(report.skipped)} files skipped)")
         try:
-            report.version, manifest = writer.commit()
+            report.version, manifest = writer.commit(photos)
         except OSError as exc:
             raise InputError(f"{display_path(out)}: cannot write the index ({os_error_reason(exc)})") from None
-    report.indexed, report.params = manifest.count, manifest.params
+    report.indexed, report.params, report.near_duplicates = manifest.count, manifest.params, manifest.near_duplicates
     report.appended = writer.added if append else 0
     trained = manifest.params.trained_on
     if append and trained and manifest.count > QUANTIZER_OUTGROWN * trained:
@@ -779,6 +779,7 @@ def build_index(
     return report
 
 
+NOT_CALIBRATED = f"not calibrated (built before calibration): only exact copies win, from similarity {EXACT_COPY_SIMILARITY}; rebuild to calibrate"
 QUANTIZER_OUTGROWN = 4  # an ivf quantizer trained on n vectors serves up to 4n well; past that, retrain
 
 
@@ -920,4 +921,5 @@ def index_summary(index: ReferenceIndex) -> dict[str, object]:
         "countries": m.countries,
         "built_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.built_at)),
         "source": m.source,
+        "near_duplicates": m.near_duplicates.describe() if m.near_duplicates else NOT_CALIBRATED,
     }

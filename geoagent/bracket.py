@@ -1,0 +1,69 @@
+"""A tournament's matches as a bracket for ``--explain``: its rounds, who met whom, who went on, ties and byes.
+
+The trace records each match with its round (``Match.round``). Who went on after a tie (the evidence decides)
+and who had a bye (an odd number left: the best by evidence waits) are read off the next round's players.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from geoagent.types import Match
+
+
+def has_rounds(matches: Sequence[Match]) -> bool:
+    """True when every match knows its round (a tournament traced by this version)."""
+    return bool(matches) and all(m.round is not None for m in matches)
+
+
+def tournament_bracket(matches: Sequence[Match], label: Mapping[str, str], pool: Sequence[str] = ()) -> Group:
+    """One table per round, in bracket order (the better seed's match first), then the champion.
+
+    ``label``: how each candidate id is shown; ``pool``: candidate ids in seed order, for the ordering.
+    """
+    seed = {cid: i for i, cid in enumerate(pool)}
+    rounds: dict[int, list[Match]] = {}
+    for m in matches:
+        rounds.setdefault(m.round or 0, []).append(m)
+    numbers = sorted(rounds)
+    players = {r: {cid for m in rounds[r] for cid in (m.a, m.b)} for r in numbers}
+    ties = sum(m.winner is None for m in matches)
+    parts: list[Table | Text] = [
+        Text(f"tournament: {len(matches)} matches in {len(numbers)} rounds, {ties} tie{'s' * (ties != 1)}", style="bold")
+    ]
+    for index, r in enumerate(numbers):
+        following = players[numbers[index + 1]] if index + 1 < len(numbers) else set()
+        title = "final" if r == numbers[-1] else f"round {r} of {numbers[-1]}"
+        table = Table("", "", "", "went on", "asks (shown first → chosen)", box=None, pad_edge=False, title=title, title_justify="left", show_header=index == 0)
+        for m in sorted(rounds[r], key=lambda m: min(seed.get(m.a, len(seed)), seed.get(m.b, len(seed)))):
+            table.add_row(Text(label.get(m.a, m.a)), Text("vs", style="dim"), Text(label.get(m.b, m.b)), _outcome(m, following, label), _asks(m, label))
+        for bye in sorted(following - players[r], key=lambda cid: seed.get(cid, len(seed))):
+            table.add_row(Text(label.get(bye, bye)), Text("bye", style="dim"), Text(""), Text(label.get(bye, bye)), Text("(an odd number left: the best by evidence waits)", style="dim"))
+        parts.append(table)
+    final = rounds[numbers[-1]]
+    champion = final[0].winner if len(final) == 1 else None
+    parts.append(Text(f"champion: {label.get(champion, champion)}" if champion else "champion: a tie in the final, settled by the evidence"))
+    return Group(*parts)
+
+
+def _outcome(m: Match, following: set[str], label: Mapping[str, str]) -> Text:
+    if m.winner is not None:
+        return Text(label.get(m.winner, m.winner))
+    went_on = next((cid for cid in (m.a, m.b) if cid in following), None)
+    text = Text("tie", style="yellow")
+    if went_on is not None:
+        text.append(f" → {label.get(went_on, went_on)} (evidence)", style="default")
+    return text
+
+
+def _asks(m: Match, label: Mapping[str, str]) -> Text:
+    asks = []
+    for i, vote in enumerate(m.votes):
+        shown = m.shown_first[i] if i < len(m.shown_first) else None
+        chosen = label.get(vote, vote) if vote is not None else "failed"
+        asks.append(f"{label.get(shown, shown)} → {chosen}" if shown is not None else chosen)
+    return Text("; ".join(asks))

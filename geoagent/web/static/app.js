@@ -1,0 +1,300 @@
+// GeoAgent's page: upload a photo, read the agent's server-sent events, draw the answer with Leaflet.
+// Every text from the server goes through textContent (place names and model answers are not HTML).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const regionNames = typeof Intl.DisplayNames === "function" ? new Intl.DisplayNames(["en"], { type: "region" }) : null;
+const state = { config: null, map: null, layer: null, names: {}, busy: false };
+
+function countryName(code) {
+  if (!code) return "";
+  try {
+    return (regionNames && regionNames.of(code)) || code;
+  } catch (_) {
+    return code;
+  }
+}
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function step(text, className) {
+  const item = element("li", text, className);
+  $("steps").appendChild(item);
+  item.scrollIntoView({ block: "nearest" });
+  return item;
+}
+
+function label(id) {
+  const c = state.names[id];
+  return c ? `${c.place || c.id}${c.country ? ", " + c.country : ""}` : id;
+}
+
+function remember(candidates) {
+  for (const c of candidates) state.names[c.id] = c;
+}
+
+function fmt(x, digits) {
+  return Number(x).toFixed(digits);
+}
+
+// One handler per event name the server sends.
+const handlers = {
+  candidates(event) {
+    remember(event.candidates);
+    const top = event.candidates[0];
+    step(`Retrieved ${event.candidates.length} candidates from the reference photos` + (top ? `; closest: ${label(top.id)}` : ""));
+  },
+  prior(event) {
+    const shown = event.prior.slice(0, 5).map((p) => `${countryName(p.country)} ${Math.round(p.p * 100)}%`);
+    step(`Country prior: ${shown.join(", ") || "no country"}`);
+  },
+  guesses(event) {
+    for (const g of event.guesses) {
+      const item = step(`Guess ${g.sample}: ${countryName(g.country)} (${fmt(g.lat, 3)}, ${fmt(g.lon, 3)}), confidence ${fmt(g.confidence, 2)}`);
+      item.appendChild(element("span", g.clues.join("; "), "clues"));
+    }
+    if (event.consensus) step(`The guesses agree near (${fmt(event.consensus.lat, 3)}, ${fmt(event.consensus.lon, 3)}): added as a candidate`);
+  },
+  rerank(event) {
+    remember(event.pool);
+    if (event.skipped) step(`Reranking ${event.skipped === "off" ? "is off" : "skipped: " + event.skipped}`);
+    else step(`Comparing ${event.pool.length} candidates (${event.strategy})`);
+  },
+  match(event) {
+    const m = event.match;
+    const outcome = m.winner ? `${label(m.winner)} wins` : "a tie";
+    step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, "match");
+  },
+  score(event) {
+    step(`${label(event.score.id)}: ${event.score.score}/10`, "match");
+  },
+  result(result) {
+    step("Done.");
+    showResult(result);
+  },
+  error(event) {
+    showError(event.error);
+  },
+};
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function popup(title, lines) {
+  const box = element("div");
+  box.appendChild(element("div", title, "popup-title"));
+  for (const line of lines) box.appendChild(element("div", line));
+  return box;
+}
+
+function scoreColour(t) {
+  return `hsl(${Math.round(240 * (1 - t))}, 75%, 42%)`;
+}
+
+function showResult(result) {
+  const map = state.map;
+  if (state.layer) state.layer.remove();
+  const layer = L.featureGroup().addTo(map);
+  state.layer = layer;
+  const scores = result.candidates.map((c) => c.score);
+  const low = Math.min(...scores);
+  const high = Math.max(...scores);
+  for (const c of result.candidates) {
+    const t = high > low ? (c.score - low) / (high - low) : 1;
+    L.circleMarker([c.lat, c.lon], { className: "geoagent-candidate", radius: 6 + 4 * t, color: scoreColour(t), weight: 2, fillOpacity: 0.6 })
+      .bindPopup(popup(`#${c.rank} ${c.place || c.id}`, [
+        countryName(c.country), `score ${fmt(c.score, 3)}`,
+        c.retrieval_score !== undefined && c.retrieval_score !== null ? `retrieval ${fmt(c.retrieval_score, 3)}` : "",
+        `${c.source}: ${fmt(c.lat, 4)}, ${fmt(c.lon, 4)}`,
+      ].filter(Boolean)))
+      .addTo(layer);
+  }
+  const where = [result.place, countryName(result.country)].filter(Boolean).join(", ") || "unknown place";
+  L.circleMarker([result.lat, result.lon], { className: "geoagent-prediction", radius: 14, color: "#c00000", weight: 4, fill: false })
+    .bindPopup(popup(`Prediction: ${where}`, [`${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}`, `confidence ${fmt(result.confidence, 2)}`]))
+    .addTo(layer);
+  const trace = result.trace || {};
+  for (const g of trace.guesses || []) {
+    L.circleMarker([g.lat, g.lon], { className: "geoagent-guess", radius: 5, color: "#7a4cc2", dashArray: "3", fillOpacity: 0.2 })
+      .bindPopup(popup(`Reasoning guess ${g.sample}`, [countryName(g.country), g.clues.join("; ")]))
+      .addTo(layer);
+  }
+  const gps = exifPosition(result.exif);
+  if (gps) {
+    L.circleMarker(gps, { className: "geoagent-exif", radius: 9, color: "#1a7f37", weight: 3, fillOpacity: 0.2 })
+      .bindPopup(popup("EXIF GPS", [`${fmt(gps[0], 6)}, ${fmt(gps[1], 6)}`]))
+      .addTo(layer);
+  }
+  map.fitBounds(layer.getBounds().pad(0.3), { maxZoom: 9 });
+  showExplanation(result, where);
+  showExif(result.exif);
+}
+
+function showExplanation(result, where) {
+  $("summary").textContent = `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), confidence ${fmt(result.confidence, 2)}`;
+  const why = $("why");
+  why.replaceChildren();
+  if (result.match === "near_duplicate") why.appendChild(element("li", "The photo is a near-duplicate of an indexed reference: that reference is the answer."));
+  const stats = result.stats || {};
+  for (const [stage, how] of Object.entries(stats.stages || {})) why.appendChild(element("li", `${stage}: ${how}`));
+  const top = result.candidates[0];
+  const terms = top && result.trace && result.trace.fusion ? result.trace.fusion[top.id] : null;
+  if (terms) {
+    const parts = Object.entries(terms).map(([name, value]) => `${name} ${fmt(value, 3)}`);
+    why.appendChild(element("li", `Top candidate's score: ${parts.join(", ")}`));
+  }
+  const gps = exifPosition(result.exif);
+  if (gps) {
+    const km = distanceKm(gps, [result.lat, result.lon]);
+    why.appendChild(element("li", `The photo's EXIF GPS (${fmt(gps[0], 4)}, ${fmt(gps[1], 4)}) is ${fmt(km, 1)} km from this answer`));
+  }
+  const cost = stats.cost_usd !== undefined && stats.cost_usd !== null ? `, $${fmt(stats.cost_usd, 4)}` : "";
+  why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
+  const failed = stats.failed_questions || [];
+  if (failed.length) why.appendChild(element("li", `${failed.length} questions failed; the agent went on without them`));
+  $("explanation").hidden = false;
+}
+
+// EXIF is optional and its shape may grow: show whatever fields are set, nested objects flattened.
+function exifPosition(exif) {
+  if (!exif) return null;
+  const gps = exif.gps || exif;
+  const lat = gps.lat ?? gps.latitude;
+  const lon = gps.lon ?? gps.longitude;
+  return typeof lat === "number" && typeof lon === "number" ? [lat, lon] : null;
+}
+
+const EXIF_LABELS = {
+  "gps lat": "GPS latitude", "gps lon": "GPS longitude", "gps altitude m": "GPS altitude (m)",
+  "taken at": "Taken at", make: "Camera make", model: "Camera model", orientation: "Orientation",
+};
+const EARTH_RADIUS_KM = 6371.0088;
+
+function distanceKm([lat1, lon1], [lat2, lon2]) {
+  const rad = Math.PI / 180;
+  const a = Math.sin(((lat2 - lat1) * rad) / 2) ** 2 +
+    Math.cos(lat1 * rad) * Math.cos(lat2 * rad) * Math.sin(((lon2 - lon1) * rad) / 2) ** 2;
+  return 2 * EARTH_RADIUS_KM * Math.asin(Math.min(1, Math.sqrt(a)));
+}
+
+function flatten(value, prefix, rows) {
+  if (value === null || value === undefined) return rows;
+  if (typeof value === "object" && !Array.isArray(value)) {
+    for (const [key, inner] of Object.entries(value)) flatten(inner, prefix ? `${prefix} ${key}` : key, rows);
+  } else {
+    const key = prefix.replaceAll("_", " ");
+    rows.push([EXIF_LABELS[key] || key, Array.isArray(value) ? value.join(", ") : String(value)]);
+  }
+  return rows;
+}
+
+function showExif(exif) {
+  const table = $("exif-table");
+  table.replaceChildren();
+  const rows = flatten(exif, "", []);
+  for (const [key, value] of rows) {
+    const row = element("tr");
+    row.appendChild(element("td", key));
+    row.appendChild(element("td", value));
+    table.appendChild(row);
+  }
+  $("exif").hidden = rows.length === 0;
+}
+
+// Server-sent events read from a POST response: blocks separated by a blank line, "event:" and "data:" lines.
+async function readEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length && handlers[name]) handlers[name](JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+function reset(file) {
+  state.names = {};
+  $("steps").replaceChildren();
+  $("error").hidden = true;
+  $("explanation").hidden = true;
+  $("exif").hidden = true;
+  if (state.layer) state.layer.remove();
+  state.layer = null;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+}
+
+async function locate(file) {
+  if (state.busy || !file) return;
+  if (file.size > state.config.max_upload_bytes) {
+    showError(`${file.name}: larger than the ${state.config.max_upload_bytes / 1e6} MB upload limit`);
+    return;
+  }
+  state.busy = true;
+  reset(file);
+  $("status").textContent = `Locating ${file.name}…`;
+  step("Uploading the photo");
+  const form = new FormData();
+  form.append(state.config.field, file);
+  try {
+    const response = await fetch("/api/locate/stream?explain=true", { method: "POST", body: form });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({ error: `the server answered ${response.status}` }));
+      showError(body.error);
+      return;
+    }
+    await readEvents(response);
+  } catch (err) {
+    showError(`the server could not be reached (${err.message})`);
+  } finally {
+    state.busy = false;
+    $("status").textContent = "";
+  }
+}
+
+async function start() {
+  state.config = await (await fetch("/api/config")).json();
+  state.map = L.map("map", { worldCopyJump: true }).setView([20, 0], 2);
+  if (state.config.tiles) {
+    L.tileLayer(state.config.tiles, { maxZoom: 19, attribution: state.config.attribution }).addTo(state.map);
+  }
+  const drop = $("drop");
+  $("photo").addEventListener("change", (e) => {
+    locate(e.target.files[0]);
+    e.target.value = ""; // choosing the same photo again is a new request
+  });
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    locate(e.dataTransfer.files[0]);
+  });
+  document.body.dataset.ready = "true";
+}
+
+start();
