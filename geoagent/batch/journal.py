@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from geoagent import files
 from geoagent.batch.inputs import BatchInputError
 from geoagent.paths import display_path, os_error_reason
 
@@ -64,7 +64,7 @@ class Journal:
         try:
             journal._lock()
             if created:
-                _fsync_dir(path.parent)  # the new file's name survives a crash too
+                files.fsync_dir(path.parent)  # the new file's name survives a crash too
             journal._read()
         except BaseException:
             os.close(fd)
@@ -214,37 +214,11 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 
 def write_atomic(target: Path, write: Callable[[IO[str]], object]) -> Path:
-    """Write ``target`` through ``write(text_file)`` all or nothing: a temp file beside it, fsynced, then
-    renamed over it (and the folder fsynced), so a crash leaves the old file or the new, never half of one."""
+    """Write ``target`` through ``write(text_file)`` all or nothing (:func:`geoagent.files.write_atomic`)."""
     try:
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        return files.write_atomic(target, write)
     except OSError as exc:
         raise BatchInputError(f"{display_path(target)}: cannot write ({os_error_reason(exc)})") from None
-    _fsync_dir(target.parent)
-    return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a folder's entries (a new or renamed file) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def failure_line(key: str, message: str) -> str:

@@ -12,7 +12,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, RunStopped
 from geoagent.eval.datasets import Dataset
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction, accuracy_curve, summarise
+from geoagent.files import write_atomic
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.prompts import PromptSet
 from geoagent.types import LocateResult
@@ -192,18 +192,12 @@ def _cell(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str, Any]:
     """report.json, report.md, predictions.csv and accuracy.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     report = run.report(partial=partial)
-    _write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
-    _write_atomic(out / "report.md", report_markdown(report).encode())
+    write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
+    write_atomic(out / "report.md", report_markdown(report).encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(PREDICTION_COLUMNS)
@@ -214,7 +208,7 @@ def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str
                 "" if p.pred_lat is None else p.pred_lat, "" if p.pred_lon is None else p.pred_lon,
                 "" if p.error_km is None else round(p.error_km, 4), p.true_country or "", p.pred_country or "", p.vlm_calls,
             ])  # fmt: skip
-    _write_atomic(out / "predictions.csv", buffer.getvalue().encode())
+    write_atomic(out / "predictions.csv", buffer.getvalue().encode())
     _plot(run, out / "accuracy.png")
     return report
 
@@ -251,4 +245,4 @@ def _plot(run: EvalRun, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ValidationError
 
 from geoagent.errors import ConfigError, InputError
 from geoagent.exif import GPS_LAT, GPS_LON, gps_from_ifd
+from geoagent.files import write_atomic
 from geoagent.geo import reverse_geocode
 from geoagent.images import IMAGE_SUFFIXES, open_image
 from geoagent.paths import display_path, file_problem, os_error_reason, resolve
@@ -336,15 +337,6 @@ def current_version(directory: Path) -> Path | None:
         reason = os_error_reason(exc) if isinstance(exc, OSError) else "not text"
         raise InputError(f"{display_path(pointer)}: cannot read the index pointer ({reason})") from None
     return version if version.is_dir() else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def id_key(item_id: str) -> int:
@@ -651,7 +643,7 @@ class IndexWriter:
                     f"{display_path(self.out)}: another build committed while this one was appending; run the append again"
                 )
             self.staging.rename(self.out / self.name)
-            _write_atomic(self.out / POINTER, self.name.encode())
+            write_atomic(self.out / POINTER, self.name.encode())
             _remove_replaced(self.out, self.name)
         return self.name, manifest
 
