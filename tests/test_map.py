@@ -253,3 +253,32 @@ def test_the_page_needs_nothing_but_itself():
     assert not re.search(r"<(script|link)[^>]*(src|href)=", html)
     assert "L.circleMarker" in html and 'version="1.9.4"' in html
     assert Path(map_data.__file__).parent.joinpath("static", "leaflet", "LICENSE").is_file()
+
+
+REDRAW = """options => {
+    window.geoagentMap.map.remove();  // as the serve page does before each answer
+    const element = document.getElementById("geoagent-map");
+    const data = JSON.parse(document.getElementById("geoagent-data").textContent);
+    window.geoagentMap = GeoAgentMap.draw(element, data, options);
+    return document.querySelectorAll("path.geoagent-candidate").length;
+}"""
+
+
+def test_draw_options_replace_the_basemap_and_drop_the_panel_for_the_serve_page(browser, tmp_path):
+    """GeoAgentMap.draw's options (what `geoagent serve` passes): {tiles: null} asks for no tile at all, another
+    tile URL is used instead of the data's, {panel: false} leaves the summary panel out; redrawn on the same element,
+    the map has each candidate once. Without options the page keeps its panel and the data's tiles."""
+    target = write_map(tmp_path / "options.html", locate_map([result()], thumbnails=False))
+    page = browser.new_page()
+    page.goto(target.as_uri())
+    wait_until(page, "window.geoagentMap !== undefined")
+    assert count(page, ".geoagent-panel") == 1 and any(u.startswith(TILE_HOST) for u in browser.blocked)
+    asked = len(browser.blocked)
+    assert page.evaluate(REDRAW, {"tiles": None, "panel": False}) == 4
+    assert count(page, ".geoagent-panel") == 0 and count(page, "path.geoagent-prediction") == 1
+    assert count(page, ".leaflet-tile") == 0 and browser.blocked[asked:] == []
+    assert page.evaluate(REDRAW, {"tiles": "https://tiles.invalid/{z}/{x}/{y}.png"}) == 4
+    wait_until(page, "document.querySelectorAll('.leaflet-tile').length > 0")
+    assert browser.blocked[asked:] and all(u.startswith("https://tiles.invalid/") for u in browser.blocked[asked:])
+    assert count(page, ".geoagent-panel") == 1
+    assert not [e for e in page.geoagent_errors if e.startswith("uncaught")], page.geoagent_errors

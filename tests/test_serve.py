@@ -161,7 +161,7 @@ def test_requests_that_are_not_uploads_from_the_page_are_refused(served, world):
 
 def test_the_stream_tells_each_step_then_the_same_result(served, world):
     """The event stream shows retrieval, the prior, the guesses and every match as decided (each sent when it
-    happens, not all at the end), then the result, which equals the JSON API's answer (listening changes nothing)."""
+    happens, not all at the end), then the answer's map data, then the result, which equals the JSON API's answer (listening changes nothing)."""
     photo = world.queries[2].path  # not located before: the questions take the stand-in's time
     arrived: dict[str, float] = {}
     lines = []
@@ -180,6 +180,9 @@ def test_the_stream_tells_each_step_then_the_same_result(served, world):
     result = events[-1][1]
     matches = [data["match"] for name, data in events if name == "match"]
     assert len(matches) == len(result["trace"]["matches"]) and all(m in result["trace"]["matches"] for m in matches)
+    drawn = events[-2][1]  # the answer's map, just before the result: what the page draws
+    assert names[-2] == "map" and [(p["lat"], p["lon"]) for p in drawn["photos"]] == [(result["lat"], result["lon"])]
+    assert [c["id"] for c in drawn["photos"][0]["candidates"]] == [c["id"] for c in result["candidates"]]
     prior = next(data for name, data in events if name == "prior")
     assert prior["prior"] == result["prior"]
     plain = served.post("/api/locate?explain=true", served.photo(photo)).json()
@@ -290,12 +293,17 @@ def test_the_wheel_ships_the_page_and_leaflet():
 def test_the_page_shows_the_exif_panel_and_position_when_the_answer_has_them(served, world, tmp_path):
     """An answer carrying EXIF (GPS south and west, capture time, camera) gets the EXIF panel, a marker at the GPS
     position and the distance to the visual answer. The server's real answer is replayed with an EXIF block added
-    (the shape `locate --json` gives it), so the page is tested whatever the photo carries."""
+    (the shape `locate --json` gives it), with the map the server would send for it, so the page is tested whatever
+    the photo carries."""
+    from geoagent.maps.data import locate_map_data
+    from geoagent.types import LocateResult
+
     photo = world.queries[0].path
     answer = served.post("/api/locate", served.photo(photo)).json()
     answer["exif"] = {"gps": {"lat": -33.856784, "lon": -151.215297, "altitude_m": 12.5}, "taken_at": "2024-05-01T10:02:03+10:00",
                       "make": "Apple", "model": "iPhone 12"}
-    stream = f"event: result\r\ndata: {json.dumps(answer)}\r\n\r\n"
+    drawn = locate_map_data([LocateResult.model_validate(answer)]).model_dump_json()
+    stream = f"event: map\r\ndata: {drawn}\r\n\r\nevent: result\r\ndata: {json.dumps(answer)}\r\n\r\n"
     with offline_browser(allow=(served.url,)) as browser:
         page = browser.new_page()
         page.route("**/api/locate/stream*", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))

@@ -30,16 +30,19 @@ from geoagent import __version__
 from geoagent.agent.controller import GeoAgent
 from geoagent.agent.events import AgentEvent, Done, OnEvent
 from geoagent.errors import BackendError, GeoAgentError, InputError, PhotoError
+from geoagent.maps.data import locate_map_data
 from geoagent.output import result_json
 from geoagent.types import LocateResult
 from geoagent.web.upload import Upload, UploadError, receive_photo, upload_folder
 
 STATIC_DIR = Path(__file__).parent / "static"
-LEAFLET_DIR = Path(__file__).parent.parent / "maps" / "static" / "leaflet"
+MAP_STATIC_DIR = Path(__file__).parent.parent / "maps" / "static"  # Leaflet and the map module, shared with --map
+LEAFLET_DIR = MAP_STATIC_DIR / "leaflet"
 #: The default basemap. Tile requests tell the tile server roughly where the answer is; ``--tiles none`` stops them.
 DEFAULT_TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 TILES_ATTRIBUTION = "&copy; OpenStreetMap contributors"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+MAP_TITLE = "GeoAgent"  # the map panel's heading
 SSE_PING_S = 15  # keeps idle streams open through proxies while the agent waits on a slow model
 
 
@@ -141,7 +144,8 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
         return Response(result_json(result, explain=explain), media_type="application/json")
 
     async def locate_stream(request: Request) -> Response:
-        """``POST /api/locate/stream``: the agent's steps as server-sent events, then ``result`` (or ``error``)."""
+        """``POST /api/locate/stream``: the agent's steps as server-sent events, then ``map`` (the answer's
+        :class:`~geoagent.maps.data.MapData`, which the page draws) and ``result`` (or ``error``)."""
         same_origin(request)
         explain = _flag(request, "explain")
         folder_kept = AsyncExitStack()  # the folder outlives this handler: the stream removes it when it ends
@@ -176,6 +180,9 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
             except GeoAgentError as exc:
                 yield {"event": "error", "data": json.dumps({"error": _public(str(exc), upload), "status": _failure_status(exc)})}
                 return
+            # Reference thumbnails are read from disk: off the event loop.
+            drawn = await asyncio.to_thread(locate_map_data, [result], title=MAP_TITLE)
+            yield {"event": "map", "data": drawn.model_dump_json()}
             yield {"event": "result", "data": result_json(result, explain=explain)}
         finally:
             task.cancel()
@@ -198,7 +205,7 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
             Route("/api/config", page_config),
             Route("/api/locate", locate_json, methods=["POST"]),
             Route("/api/locate/stream", locate_stream, methods=["POST"]),
-            Mount("/static/leaflet", StaticFiles(directory=LEAFLET_DIR)),
+            Mount("/static/maps", StaticFiles(directory=MAP_STATIC_DIR)),
             Mount("/static", StaticFiles(directory=STATIC_DIR)),
         ],
         middleware=middleware,

@@ -1,6 +1,6 @@
 /* Draws GeoAgent's map JSON (geoagent.maps.data.MapData) on a Leaflet map.
- * GeoAgentMap.draw(element, data) -> {map, layers}. Every text from the data goes into the DOM as text
- * (textContent), never as HTML; images are data: URIs made by GeoAgent. Markers are vector CircleMarkers. */
+ * GeoAgentMap.draw(element, data, options) -> {map, layers}; GeoAgentMap.blank(element, options) -> map (no data yet).
+ * Every text from the data goes into the DOM as text (textContent), never as HTML; images are data: URIs made by GeoAgent. Markers are vector CircleMarkers. */
 var GeoAgentMap = (function () {
   "use strict";
 
@@ -15,6 +15,7 @@ var GeoAgentMap = (function () {
   };
   var PRIOR_RADIUS = {min: 4, per_p: 16};  // a prior country's marker grows with its probability
   var SINGLE_POINT_ZOOM = 11;
+  var WORLD = {center: [20, 0], zoom: 2};  // the view with nothing to show
   var FIT = {padding: 30, maxZoom: 14};
 
   function el(tag, text, parent) {
@@ -252,7 +253,6 @@ var GeoAgentMap = (function () {
       overview.addTo(map);
       control.addOverlay(overview, "answers (" + data.photos.length + ")");
     }
-    addPanel(map, function (box) { photoPanel(data, box); });
     return all;
   }
 
@@ -273,19 +273,37 @@ var GeoAgentMap = (function () {
       control.addOverlay(group, asHtml(layer.label + " (" + layer.errors.length + ")"));
       all.push(group);
     });
-    addPanel(map, function (box) { errorPanel(data, box); });
     return all;
   }
 
-  function draw(element, data) {
+  /* A Leaflet map on `element` with its basemap: `tiles` (a tile URL template; null or "" for none). */
+  function baseMap(element, tiles, attribution) {
     var map = L.map(element, {worldCopyJump: true});
-    L.tileLayer(data.tiles_url, {attribution: data.tiles_attribution, maxZoom: 19}).addTo(map);
+    if (tiles) L.tileLayer(tiles, {attribution: attribution, maxZoom: 19}).addTo(map);
+    return map;
+  }
+
+  /* The basemap alone, the whole world in view: a page's map before there is an answer to draw. */
+  function blank(element, options) {
+    var opts = options || {};
+    var map = baseMap(element, opts.tiles, opts.attribution);
+    map.setView(WORLD.center, WORLD.zoom);
+    return map;
+  }
+
+  /* options (optional): {tiles, attribution} replace the data's basemap (tiles null or "" draws none);
+   * {panel: false} leaves out the summary and key panel, for a page that explains the answer beside the map. */
+  function draw(element, data, options) {
+    var opts = options || {};
+    var map = "tiles" in opts ? baseMap(element, opts.tiles, opts.attribution) : baseMap(element, data.tiles_url, data.tiles_attribution);
     var control = L.control.layers(null, null, {collapsed: false}).addTo(map);
     L.control.scale().addTo(map);
     var points = [];
-    var layers = data.error_layers.length ? drawErrors(map, data, control, points) : drawPhotos(map, data, control, points);
+    var errors = data.error_layers.length > 0;
+    var layers = errors ? drawErrors(map, data, control, points) : drawPhotos(map, data, control, points);
+    if (opts.panel !== false) addPanel(map, function (box) { (errors ? errorPanel : photoPanel)(data, box); });
     var bounds = L.latLngBounds(points);
-    if (!points.length) map.setView([20, 0], 2);
+    if (!points.length) map.setView(WORLD.center, WORLD.zoom);
     else if (bounds.getNorthEast().equals(bounds.getSouthWest())) map.setView(bounds.getCenter(), SINGLE_POINT_ZOOM);
     else {
       var panel = element.querySelector(".geoagent-panel");  // bottom left: keep the points clear of it
@@ -295,5 +313,5 @@ var GeoAgentMap = (function () {
     return {map: map, layers: layers};
   }
 
-  return {draw: draw};
+  return {draw: draw, blank: blank};
 })();

@@ -1,10 +1,10 @@
-// GeoAgent's page: upload a photo, read the agent's server-sent events, draw the answer with Leaflet.
+// GeoAgent's page: upload a photo, read the agent's server-sent events, draw the answer with GeoAgentMap (geoagent-map.js).
 // Every text from the server goes through textContent (place names and model answers are not HTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const regionNames = typeof Intl.DisplayNames === "function" ? new Intl.DisplayNames(["en"], { type: "region" }) : null;
-const state = { config: null, map: null, layer: null, names: {}, busy: false };
+const state = { config: null, map: null, mapData: null, names: {}, busy: false };
 
 function countryName(code) {
   if (!code) return "";
@@ -73,6 +73,9 @@ const handlers = {
   score(event) {
     step(`${label(event.score.id)}: ${event.score.score}/10`, "match");
   },
+  map(data) {
+    state.mapData = data;
+  },
   result(result) {
     step("Done.");
     showResult(result);
@@ -87,57 +90,25 @@ function showError(message) {
   $("error").hidden = false;
 }
 
-function popup(title, lines) {
-  const box = element("div");
-  box.appendChild(element("div", title, "popup-title"));
-  for (const line of lines) box.appendChild(element("div", line));
-  return box;
+// The answer is drawn by the map module that --map pages use, from the MapData the server sent before the result.
+function mapOptions() {
+  return { tiles: state.config.tiles, attribution: state.config.attribution, panel: false }; // #explanation says it
 }
 
-function scoreColour(t) {
-  return `hsl(${Math.round(240 * (1 - t))}, 75%, 42%)`;
+function showMap(data) {
+  if (state.map) state.map.remove();
+  state.map = data ? GeoAgentMap.draw($("map"), data, mapOptions()).map : GeoAgentMap.blank($("map"), mapOptions());
 }
 
 function showResult(result) {
-  const map = state.map;
-  if (state.layer) state.layer.remove();
-  const layer = L.featureGroup().addTo(map);
-  state.layer = layer;
-  const scores = result.candidates.map((c) => c.score);
-  const low = Math.min(...scores);
-  const high = Math.max(...scores);
-  for (const c of result.candidates) {
-    const t = high > low ? (c.score - low) / (high - low) : 1;
-    L.circleMarker([c.lat, c.lon], { className: "geoagent-candidate", radius: 6 + 4 * t, color: scoreColour(t), weight: 2, fillOpacity: 0.6 })
-      .bindPopup(popup(`#${c.rank} ${c.place || c.id}`, [
-        countryName(c.country), `score ${fmt(c.score, 3)}`,
-        c.retrieval_score !== undefined && c.retrieval_score !== null ? `retrieval ${fmt(c.retrieval_score, 3)}` : "",
-        `${c.source}: ${fmt(c.lat, 4)}, ${fmt(c.lon, 4)}`,
-      ].filter(Boolean)))
-      .addTo(layer);
-  }
+  showMap(state.mapData);
   const where = [result.place, countryName(result.country)].filter(Boolean).join(", ") || "unknown place";
-  L.circleMarker([result.lat, result.lon], { className: "geoagent-prediction", radius: 14, color: "#c00000", weight: 4, fill: false })
-    .bindPopup(popup(`Prediction: ${where}`, [`${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}`, `confidence ${fmt(result.confidence, 2)}`]))
-    .addTo(layer);
-  const trace = result.trace || {};
-  for (const g of trace.guesses || []) {
-    L.circleMarker([g.lat, g.lon], { className: "geoagent-guess", radius: 5, color: "#7a4cc2", dashArray: "3", fillOpacity: 0.2 })
-      .bindPopup(popup(`Reasoning guess ${g.sample}`, [countryName(g.country), g.clues.join("; ")]))
-      .addTo(layer);
-  }
-  const gps = exifPosition(result.exif);
-  if (gps) {
-    L.circleMarker(gps, { className: "geoagent-exif", radius: 9, color: "#1a7f37", weight: 3, fillOpacity: 0.2 })
-      .bindPopup(popup("EXIF GPS", [`${fmt(gps[0], 6)}, ${fmt(gps[1], 6)}`]))
-      .addTo(layer);
-  }
-  map.fitBounds(layer.getBounds().pad(0.3), { maxZoom: 9 });
-  showExplanation(result, where);
+  const photo = state.mapData ? state.mapData.photos[0] : null;
+  showExplanation(result, where, photo && photo.exif);
   showExif(result.exif);
 }
 
-function showExplanation(result, where) {
+function showExplanation(result, where, exif) {
   $("summary").textContent = `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), confidence ${fmt(result.confidence, 2)}`;
   const why = $("why");
   why.replaceChildren();
@@ -150,11 +121,7 @@ function showExplanation(result, where) {
     const parts = Object.entries(terms).map(([name, value]) => `${name} ${fmt(value, 3)}`);
     why.appendChild(element("li", `Top candidate's score: ${parts.join(", ")}`));
   }
-  const gps = exifPosition(result.exif);
-  if (gps) {
-    const km = distanceKm(gps, [result.lat, result.lon]);
-    why.appendChild(element("li", `The photo's EXIF GPS (${fmt(gps[0], 4)}, ${fmt(gps[1], 4)}) is ${fmt(km, 1)} km from this answer`));
-  }
+  if (exif) why.appendChild(element("li", `The photo's EXIF GPS (${fmt(exif.lat, 4)}, ${fmt(exif.lon, 4)}) is ${fmt(exif.distance_km, 1)} km from this answer`));
   const cost = stats.cost_usd !== undefined && stats.cost_usd !== null ? `, $${fmt(stats.cost_usd, 4)}` : "";
   why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
   const failed = stats.failed_questions || [];
@@ -163,27 +130,10 @@ function showExplanation(result, where) {
 }
 
 // EXIF is optional and its shape may grow: show whatever fields are set, nested objects flattened.
-function exifPosition(exif) {
-  if (!exif) return null;
-  const gps = exif.gps || exif;
-  const lat = gps.lat ?? gps.latitude;
-  const lon = gps.lon ?? gps.longitude;
-  return typeof lat === "number" && typeof lon === "number" ? [lat, lon] : null;
-}
-
 const EXIF_LABELS = {
   "gps lat": "GPS latitude", "gps lon": "GPS longitude", "gps altitude m": "GPS altitude (m)",
   "taken at": "Taken at", make: "Camera make", model: "Camera model", orientation: "Orientation",
 };
-const EARTH_RADIUS_KM = 6371.0088;
-
-function distanceKm([lat1, lon1], [lat2, lon2]) {
-  const rad = Math.PI / 180;
-  const a = Math.sin(((lat2 - lat1) * rad) / 2) ** 2 +
-    Math.cos(lat1 * rad) * Math.cos(lat2 * rad) * Math.sin(((lon2 - lon1) * rad) / 2) ** 2;
-  return 2 * EARTH_RADIUS_KM * Math.asin(Math.min(1, Math.sqrt(a)));
-}
-
 function flatten(value, prefix, rows) {
   if (value === null || value === undefined) return rows;
   if (typeof value === "object" && !Array.isArray(value)) {
@@ -237,8 +187,8 @@ function reset(file) {
   $("error").hidden = true;
   $("explanation").hidden = true;
   $("exif").hidden = true;
-  if (state.layer) state.layer.remove();
-  state.layer = null;
+  state.mapData = null;
+  showMap(null);
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
@@ -275,10 +225,7 @@ async function locate(file) {
 
 async function start() {
   state.config = await (await fetch("/api/config")).json();
-  state.map = L.map("map", { worldCopyJump: true }).setView([20, 0], 2);
-  if (state.config.tiles) {
-    L.tileLayer(state.config.tiles, { maxZoom: 19, attribution: state.config.attribution }).addTo(state.map);
-  }
+  showMap(null);
   const drop = $("drop");
   $("photo").addEventListener("change", (e) => {
     locate(e.target.files[0]);
