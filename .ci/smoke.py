@@ -65,6 +65,9 @@ def retrieval_only() -> None:
     top = result["candidates"][0]
     check(top["id"].endswith("tokyo-1.jpg") and top["source"] == "index", f"an indexed photo should find itself: {top}")
     check(abs(result["lat"] - 35.6862) < 1e-3 and result["stats"]["vlm_calls"] == 0, f"wrong answer: {result}")
+    cli("locate", "photos/tokyo-1.jpg", "--strategy", "none", "--map", "map.html")  # the wheel's vendored Leaflet
+    page = (WORK / "map.html").read_text()
+    check("Leaflet" in page and "GeoAgentMap" in page and "url(data:image/png;base64," in page, "the map lacks its inlined files")
 
 
 def renders_the_bundled_prompts() -> None:
@@ -86,7 +89,7 @@ def renders_the_bundled_prompts() -> None:
 
 
 def missing_extras_say_how_to_get_them() -> None:
-    lean = [name for name in ("litellm", "matplotlib", "pillow_heif") if importlib.util.find_spec(name)]
+    lean = [name for name in ("litellm", "matplotlib", "pillow_heif", "starlette", "peft") if importlib.util.find_spec(name)]
     check(not lean, f"a plain install pulled in optional packages: {lean}")
     hosted = WORK / "hosted.toml"
     hosted.write_text(
@@ -103,6 +106,8 @@ def missing_extras_say_how_to_get_them() -> None:
     written = sorted(p.name for p in (WORK / "report").iterdir())
     check(written == ["predictions.csv", "report.json", "report.md"], f"eval wrote {written}")
     check("pip install 'geoagent-vlm[plot]'" in proc.stderr, f"no install hint: {proc.stderr}")
+    proc = cli("serve", "--config", str(retrieval_only_config), expect=2)
+    check("pip install 'geoagent-vlm[web]'" in proc.stderr, f"no install hint: {proc.stderr}")
 
 
 def main() -> None:

@@ -103,6 +103,9 @@ def test_locate_map_shows_every_candidate_and_the_answer_in_chromium_offline(wor
     assert f"#1 {best['place']}" in text and f"score {best['score']:.3f}" in text, text
     assert page.locator(".leaflet-popup-content img").get_attribute("src").startswith("data:image/jpeg;base64,")
     assert page.evaluate("document.querySelector('.leaflet-popup-content img').naturalWidth") > 0
+    # The layer switcher, folded, is Leaflet's icon: inlined, or the folded switcher is an empty box.
+    icon = page.evaluate("getComputedStyle(document.querySelector('.leaflet-control-layers-toggle')).backgroundImage")
+    assert icon.startswith('url("data:image/png;base64,'), icon[:80]
     screenshot = artifacts_dir() / "map-locate.png"
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
@@ -235,7 +238,7 @@ def test_the_wheel_ships_every_static_file_of_the_map():
     static = Path(map_data.__file__).parent / "static"
     globs = PYPROJECT["tool"]["setuptools"]["package-data"]["geoagent.maps"]
     files = [str(p.relative_to(static.parent)) for p in static.rglob("*") if p.is_file()]
-    assert len(files) == 5 and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
+    assert len(files) == 7 and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
 
 
 def test_without_chromium_the_browser_tests_fail_rather_than_skip(monkeypatch):

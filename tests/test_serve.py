@@ -286,7 +286,8 @@ def test_the_wheel_ships_the_page_and_leaflet():
     for package, folder in (("geoagent.web", STATIC_DIR.parent), ("geoagent.maps", LEAFLET_DIR.parent.parent)):
         files = [p for p in folder.rglob("*") if p.is_file() and "static" in p.parts]
         assert files and all(any(fnmatch(p.relative_to(folder).as_posix(), g) for g in package_data[package]) for p in files), package
-    assert {p.name for p in LEAFLET_DIR.iterdir()} == {"leaflet.js", "leaflet.css", "LICENSE"}
+    assert {p.name for p in LEAFLET_DIR.iterdir()} == {"leaflet.js", "leaflet.css", "LICENSE", "images"}
+    assert {p.name for p in (LEAFLET_DIR / "images").iterdir()} == {"layers.png", "layers-2x.png"}  # the layer switcher's icon
     assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html", "app.js", "style.css"}
 
 

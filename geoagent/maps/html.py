@@ -7,6 +7,7 @@ text by the script, never as HTML.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -26,6 +27,7 @@ STATIC = "static"
 LEAFLET_FILES = ("leaflet/leaflet.js", "leaflet/leaflet.css")
 SCRIPT_FILE = "geoagent-map.js"
 STYLE_FILE = "geoagent-map.css"
+LEAFLET_IMAGES = ("layers.png", "layers-2x.png")  # the layer switcher's icon; markers are vector, no icons needed
 _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.MULTILINE)  # inlined, it would point at a file not there
 #: Characters that must not appear raw inside a <script> element's JSON (``</script>``, ``<!--``) or that JavaScript
 #: older than ES2019 reads as line ends; each is written as its \\u escape, which JSON reads back unchanged.
@@ -79,12 +81,21 @@ def script_json(value: str) -> str:
     return re.sub("[<>&\u2028\u2029]", lambda m: _SCRIPT_UNSAFE[m.group()], value)
 
 
+def _with_inlined_images(css: str) -> str:
+    """Leaflet's CSS with the images it needs as data: URIs (a file opened from disk has no images/ beside it)."""
+    folder = resources.files("geoagent.maps").joinpath(STATIC, "leaflet", "images")
+    for name in LEAFLET_IMAGES:
+        encoded = base64.b64encode(folder.joinpath(name).read_bytes()).decode("ascii")
+        css = css.replace(f"url(images/{name})", f"url(data:image/png;base64,{encoded})")
+    return css
+
+
 def render_map(data: MapData) -> str:
     """The self-contained page for ``data``."""
     return PAGE.substitute(
         csp=CONTENT_SECURITY_POLICY,
         title=html.escape(data.title),
-        leaflet_css=static_text(LEAFLET_FILES[1]),
+        leaflet_css=_with_inlined_images(static_text(LEAFLET_FILES[1])),
         style=static_text(STYLE_FILE),
         data=script_json(data.model_dump_json()),
         leaflet_js=_SOURCE_MAP.sub("", static_text(LEAFLET_FILES[0])),
