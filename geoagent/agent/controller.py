@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, 
 from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import open_image
+from geoagent.loads import ThreadLoads
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
 from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, resolve_threshold
@@ -99,7 +99,7 @@ class GeoAgent:
         self._retriever_lock = asyncio.Lock()
         self._ranker: Ranker | None = None
         self._ranker_lock = asyncio.Lock()
-        self._references: OrderedDict[str, asyncio.Task[Photo | None]] = OrderedDict()
+        self._references = ThreadLoads(self._load_reference, REFERENCE_PHOTO_CACHE)
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -493,30 +493,20 @@ class GeoAgent:
         boosted = sorted(wide, key=lambda c: -((c.retrieval_score or 0.0) + cfg.submap_weight * (c.id in inside_ids)))  # type: ignore[operator]
         return boosted[:k]
 
+    def _load_reference(self, path: str) -> Photo | None:
+        """A reference photo ready to send (blocking); None when it moved or was deleted since indexing: the
+        candidate is then described by its coordinates."""
+        cfg = self.settings.agent
+        try:
+            return Photo.of(open_image(path), cfg.max_image_side, path, keep_pixels=cfg.image_layout == "composite")
+        except InputError:
+            return None
+
     async def _reference_photos(self, pool: list[Candidate]) -> dict[str, Photo | None]:
-        """Each candidate's reference photo, loaded in threads and kept for later queries.
-
-        The cache holds one loading task per path: photos in flight at once share loads, and an entry evicted
-        by another photo meanwhile is still in hand here.
-        """
-        max_side = self.settings.agent.max_image_side
-        composite = self.settings.agent.image_layout == "composite"
-
-        def load(path: str) -> Photo | None:
-            try:
-                return Photo.of(open_image(path), max_side, path, keep_pixels=composite)
-            except InputError:
-                return None  # moved or deleted since indexing: the candidate is described by its coordinates
-
-        loads: dict[str, asyncio.Task[Photo | None]] = {}
-        for path in {c.image_path for c in pool if c.image_path}:
-            if path not in self._references:
-                self._references[path] = asyncio.create_task(asyncio.to_thread(load, path))
-            self._references.move_to_end(path)
-            loads[path] = self._references[path]
-        while len(self._references) > REFERENCE_PHOTO_CACHE:
-            self._references.popitem(last=False)
-        photos = dict(zip(loads, await asyncio.gather(*(asyncio.shield(task) for task in loads.values()))))
+        """Each candidate's reference photo, loaded in threads and kept for later queries (photos in flight at
+        once share loads)."""
+        paths = list({c.image_path for c in pool if c.image_path})
+        photos = dict(zip(paths, await asyncio.gather(*(self._references.get(path) for path in paths))))
         return {c.id: photos[c.image_path] if c.image_path else None for c in pool}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 from geoagent.agent.aggregate import rank_votes
 from geoagent.errors import InputError
 from geoagent.images import open_image
+from geoagent.loads import ThreadLoads
 from geoagent.ranker import require_extra
 from geoagent.ranker.weights import resolve_weights
 
@@ -75,7 +75,7 @@ class Ranker:
         self.model, self.batch_size = model, batch_size
         self._queue: list[_Request] = []
         self._worker: asyncio.Task[None] | None = None
-        self._images: OrderedDict[str, asyncio.Task[Image.Image | None]] = OrderedDict()
+        self._images = ThreadLoads(self._load_image, REFERENCE_IMAGES)
 
     @classmethod
     async def load(cls, config: RankerConfig) -> Ranker:
@@ -112,16 +112,6 @@ class Ranker:
                     request.done.set_result(rewards[start:end])
                 start = end
 
-    async def _reference(self, path: str) -> Image.Image | None:
-        """A candidate's photo, shrunk to the model's input size, loaded once (in a thread) and kept."""
-        if path not in self._images:
-            self._images[path] = asyncio.create_task(asyncio.to_thread(self._load_image, path))
-        self._images.move_to_end(path)
-        task = self._images[path]
-        while len(self._images) > REFERENCE_IMAGES:
-            self._images.popitem(last=False)
-        return await asyncio.shield(task)
-
     def _load_image(self, path: str | Path) -> Image.Image | None:
         from geoagent.ranker.model import fit_image
 
@@ -139,7 +129,7 @@ class Ranker:
         from geoagent.ranker.model import RankItem, fit_image
 
         fitted = await asyncio.to_thread(fit_image, query, self.model.max_side)
-        photos = await asyncio.gather(*(self._reference(c.image_path) if c.image_path else _none() for c in pool))
+        photos = await asyncio.gather(*(self._images.get(c.image_path) if c.image_path else _none() for c in pool))
         items = [RankItem(fitted, c.lat, c.lon, photo) for c, photo in zip(pool, photos)]
         rewards = dict(zip((c.id for c in pool), await self.rewards(items)))
         ordered = sorted(pool, key=lambda c: -rewards[c.id])
