@@ -197,7 +197,8 @@ def test_a_decompression_bomb_is_a_422_on_both_apis(served, endpoint):
     for size in ((30_000, 30_000), (10_000, 9_000)):
         response = served.post(endpoint, {"photo": ("bomb.png", png_header(*size), "image/png")})
         assert response.status_code == 422, response.text
-        assert response.json()["error"].startswith("bomb.png: refused: too many pixels"), response.text
+        error = response.json()["error"]
+        assert error.startswith("bomb.png: refused: ") and "pixel" in error and "\n" not in error, error
     assert "Traceback" not in served.stderr.read_text()
     assert served.leftovers() == []
     assert httpx.get(served.url + "api/config", timeout=10).status_code == 200
