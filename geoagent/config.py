@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -41,6 +42,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+MIN_TOKEN_CHARS = 16  # [serve] token_env: shorter tokens are refused
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIX = re.compile(r"^((sk|pk|rk|hf|gsk|xai|ghp|gho|github_pat|glpat)[-_]|AIza|AKIA)")  # as providers issue them
 KEY_SHAPED_MIN_LENGTH = 20  # variable names are words; keys are long runs of mixed letters and digits
@@ -301,6 +304,20 @@ class ServeConfig(_Section):
     def _a_name_not_a_token(cls, value: str) -> str:
         return a_variable_name(value, "a token", "the token", "GEOAGENT_SERVE_TOKEN")
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            bare = host.strip()
+            if bare.startswith("[") and bare.endswith("]"):
+                bare = bare[1:-1]
+            try:
+                ipaddress.ip_address(bare)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(bare):
+                    raise ValueError(f"'{host}' is not a host name or an IP address (no scheme, no port), e.g. photos.example.org") from None
+        return value
+
     def token(self) -> str | None:
         """The token from the named environment variable (None when none is named); ConfigError if it is
         named but unset or too short to resist guessing."""
@@ -314,7 +331,6 @@ class ServeConfig(_Section):
         return value
 
 
-MIN_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):

@@ -220,3 +220,16 @@ def test_tile_templates_become_valid_csp_sources():
     for bad in ("file:///tiles/{z}.png", "https://x.org; script-src *", "tiles/{z}/{x}/{y}.png"):
         with pytest.raises(ConfigError, match="not a tile URL template"):
             tile_source(bad)
+
+
+def test_allowed_hosts_are_names_or_addresses():
+    """`[serve] allowed_hosts` takes host names and IP addresses; a URL or a host:port would never match a Host
+    header, so it is refused at load time rather than silently ignored."""
+    from pydantic import ValidationError
+
+    from geoagent.config import Settings
+
+    assert Settings(serve={"allowed_hosts": ["photos.example.org", "[::1]", "10.0.0.1"]}).serve.allowed_hosts
+    for bad in ("http://photos.example.org", "photos.example.org:8000", "two words"):
+        with pytest.raises(ValidationError, match="not a host name or an IP address"):
+            Settings(serve={"allowed_hosts": [bad]})
