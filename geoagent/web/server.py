@@ -113,13 +113,13 @@ async def serve(
     access, generated = plan_access(settings, options, port)
     options = replace(options, access=access)
     sock = bind(options.host, port)
-    if not is_loopback(sock.getsockname()):
-        warn(
-            f"--allow-remote: the page listens on {options.host}, so other computers can reach it; only a holder of "
-            "the token can use it, but plain HTTP is not encrypted: on an untrusted network, use an SSH tunnel or "
-            "a TLS reverse proxy"
-        )
     try:
+        if not is_loopback(sock.getsockname()):
+            warn(
+                f"--allow-remote: the page listens on {options.host}, so other computers can reach it; only a holder "
+                "of the token can use it, but plain HTTP is not encrypted: on an untrusted network, use an SSH "
+                "tunnel or a TLS reverse proxy"
+            )
         async with GeoAgent(settings) as agent:
             code = (await agent.preflight()).tell(warn, error)
             if code:
