@@ -305,6 +305,7 @@ def locate(
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page to this computer.")] = "127.0.0.1",
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a --host other computers can reach; a token is then required (printed in the page's URL).")] = False,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
     config: ConfigOption = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
@@ -320,7 +321,8 @@ def serve(
         from geoagent.web.server import serve as serve_page
 
         options = WebOptions(
-            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES
+            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES,
+            allow_remote=allow_remote,
         )
         code = asyncio.run(serve_page(settings, options, port, say=print_line, warn=print_warning, error=print_error))
         if code:

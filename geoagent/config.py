@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -41,6 +42,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+MIN_TOKEN_CHARS = 16  # [serve] token_env: shorter tokens are refused
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIX = re.compile(r"^((sk|pk|rk|hf|gsk|xai|ghp|gho|github_pat|glpat)[-_]|AIza|AKIA)")  # as providers issue them
 KEY_SHAPED_MIN_LENGTH = 20  # variable names are words; keys are long runs of mixed letters and digits
@@ -55,6 +58,17 @@ def looks_like_a_key(value: str) -> bool:
         return False
     mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
     return mixed_case or bool(_KEY_PREFIX.match(value))
+
+
+def a_variable_name(value: str, secret: str, noun: str, example: str) -> str:
+    """``value`` if it is empty or the NAME of an environment variable; ValueError (not showing it) if it looks
+    like ``secret`` itself pasted in its place."""
+    if value and looks_like_a_key(value):
+        raise ValueError(
+            f"this looks like {secret}, not the NAME of an environment variable (the value is not shown); "
+            f"remove it, put {noun} in a variable (export {example}=...) and write that variable's name here"
+        )
+    return value
 
 
 class BackendProfile(_Section):
@@ -97,12 +111,7 @@ class BackendProfile(_Section):
     @field_validator("api_key_env")
     @classmethod
     def _a_name_not_a_key(cls, value: str) -> str:
-        if value and looks_like_a_key(value):
-            raise ValueError(
-                "this looks like an API key, not the NAME of an environment variable (the value is not shown); "
-                "remove it, put the key in a variable (export OPENAI_API_KEY=...) and write that variable's name here"
-            )
-        return value
+        return a_variable_name(value, "an API key", "the key", "OPENAI_API_KEY")
 
     def api_key(self, profile_name: str) -> str | None:
         """The key from the named environment variable; a clear error if it is named but unset."""
@@ -275,6 +284,55 @@ class RankerConfig(_Section):
         return value.expanduser() if value is not None else None
 
 
+class ServeConfig(_Section):
+    """``geoagent serve``: who may use the page besides this computer's own browser (docs/guides/security.md)."""
+
+    token_env: str = Field(
+        default="",
+        description="NAME of an environment variable holding the access token (at least 16 characters); "
+        "set: the token is required on every address, loopback included. Unset: a token is generated per start "
+        "for a non-loopback --host (printed once, with the page's URL), and none is asked on loopback.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Further host names the server answers to (the Host header), beyond the bound address, "
+        "localhost, 127.0.0.1 and [::1]: the names other computers reach it by, e.g. a reverse proxy's.",
+    )
+
+    @field_validator("token_env")
+    @classmethod
+    def _a_name_not_a_token(cls, value: str) -> str:
+        return a_variable_name(value, "a token", "the token", "GEOAGENT_SERVE_TOKEN")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            bare = host.strip()
+            if bare.startswith("[") and bare.endswith("]"):
+                bare = bare[1:-1]
+            try:
+                ipaddress.ip_address(bare)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(bare):
+                    raise ValueError(f"'{host}' is not a host name or an IP address (no scheme, no port), e.g. photos.example.org") from None
+        return value
+
+    def token(self) -> str | None:
+        """The token from the named environment variable (None when none is named); ConfigError if it is
+        named but unset or too short to resist guessing."""
+        if not self.token_env:
+            return None
+        value = os.environ.get(self.token_env, "").strip()
+        if not value:
+            raise ConfigError(f"[serve] token_env names {self.token_env}, which is not set: export {self.token_env}=<a long random token>")
+        if len(value) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"the token in {self.token_env} is shorter than {MIN_TOKEN_CHARS} characters: use a long random one")
+        return value
+
+
+
+
 class Settings(BaseSettings):
     """The whole configuration. Field names are the public TOML keys."""
 
@@ -295,6 +353,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _routes_exist(self) -> Settings:

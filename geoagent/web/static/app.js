@@ -42,6 +42,11 @@ function fmt(x, digits) {
   return Number(x).toFixed(digits);
 }
 
+// A match without a winner is a tie only if some ask was answered; when every ask failed, nothing was decided.
+function matchFailed(m) {
+  return !m.winner && m.votes.length > 0 && m.votes.every((v) => v === null);
+}
+
 // One handler per event name the server sends.
 const handlers = {
   candidates(event) {
@@ -67,8 +72,9 @@ const handlers = {
   },
   match(event) {
     const m = event.match;
-    const outcome = m.winner ? `${label(m.winner)} wins` : "a tie";
-    step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, "match");
+    const failed = matchFailed(m);
+    const outcome = m.winner ? `${label(m.winner)} wins` : failed ? "no answer (every question about it failed)" : "a tie";
+    step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, failed ? "match failed" : "match");
   },
   score(event) {
     step(`${label(event.score.id)}: ${event.score.score}/10`, "match");
