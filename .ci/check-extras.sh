@@ -32,7 +32,7 @@ before, after, extras = read(sys.argv[1]), read(sys.argv[2]), sys.argv[3]
 changed = [f"  {name} {old} -> {after[key][1] if key in after else '(removed)'}"
            for key, (name, old) in sorted(before.items()) if after.get(key, (None, None))[1] != old]
 added = sorted(name for key, (name, _) in after.items() if key not in before)
-print(f"[{extras}] added {len(added)} packages, kept the {len(before)} of the plain install: {', '.join(added) or 'none'}")
+print(f"[{extras}] added {len(added)} packages to the {len(before)} installed before: {', '.join(added) or 'none'}")
 if changed:
     print(f"[{extras}] changed what the plain install had resolved:", *changed, sep="\n")
     sys.exit(1)
