@@ -635,17 +635,33 @@ def index_info(
 
 
 @config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the configuration in effect (file + environment + defaults) as JSON. Keys are never shown.
+def config_show(
+    config: ConfigOption = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="toml (to save as geoagent.toml) or json (for scripts).", case_sensitive=False)
+    ] = "toml",
+) -> None:
+    """Print the configuration in effect (file + environment + defaults). Keys are never shown.
 
+    TOML reads back as the same settings (unset keys are comments); JSON shows each backend's effective base_url.
     A broken configuration is shown too, without its bad keys, each named on stderr (exit 2)."""
     with user_errors():
+        format = format.lower()
+        if format not in ("toml", "json"):
+            raise ConfigError(f"--format: '{format}' is not one of toml, json")
         report = inspect_config(config)
         if report.settings is not None:
-            shown = json.loads(report.settings.model_dump_json())
-            for name, profile in report.settings.backends.items():
-                shown["backends"][name]["base_url"] = _effective_base_url(profile)
-            stdout.print_json(data=shown)
+            if format == "json":
+                shown = json.loads(report.settings.model_dump_json())
+                for name, profile in report.settings.backends.items():
+                    shown["backends"][name]["base_url"] = _effective_base_url(profile)
+                stdout.print_json(data=shown)
+            else:
+                from geoagent.config_toml import settings_toml
+
+                defaults = {("backends", name, "base_url"): _effective_base_url(p) for name, p in report.settings.backends.items()}
+                sys.stdout.write(settings_toml(report.settings, {k: v for k, v in defaults.items() if v}))
+                sys.stdout.flush()
         for problem in report.problems:
             print_error(problem)
         if report.problems:

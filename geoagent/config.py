@@ -75,26 +75,32 @@ class BackendProfile(_Section):
     """One named VLM endpoint: which client, which model, where, and how hard to push it."""
 
     kind: str = Field(default="ollama", description="ollama | openai | litellm (a module in geoagent/vlm/backends/)")
-    model: str = "llava:7b"
+    model: str = Field(default="llava:7b", description="The model name as the server lists it (`ollama list`, /v1/models).")
     base_url: str | None = Field(
-        default=None, description="Server URL; None means the client's default (Ollama: http://127.0.0.1:11434)."
+        default=None, description="Server URL; unset: the client's default (Ollama: http://127.0.0.1:11434)."
     )
     api_key_env: str = Field(default="", description="NAME of the environment variable holding the API key.")
-    max_concurrency: int = Field(default=4, ge=1, le=1024)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0, le=20)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int = 0
-    max_tokens: int = Field(default=512, ge=16)
+    max_concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Requests in flight at once to this profile (Ollama: up to OLLAMA_NUM_PARALLEL)."
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds one request may take, queueing at the server included.")
+    max_retries: int = Field(
+        default=4, ge=0, le=20, description="Retries of a request on connection errors, timeouts and HTTP 408/409/429/5xx."
+    )
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature sent with every question.")
+    seed: int = Field(default=0, description="Sampling seed; sample i of a question uses seed + i.")
+    max_tokens: int = Field(default=512, ge=16, description="The most tokens an answer may have.")
     retry_backoff_s: float = Field(default=0.5, ge=0, description="First backoff; doubles per attempt, with jitter.")
-    retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="The longest backoff between two attempts.")
     retry_after_max_s: float = Field(
         default=60.0, ge=0, description="The longest server-requested wait (Retry-After) honoured, as the openai SDK."
     )
     price_per_1k_prompt_tokens: float | None = Field(
-        default=None, ge=0, description="US dollars; unset: litellm's bundled price table, where it lists the model."
+        default=None, ge=0, description="US dollars per 1,000 prompt tokens; unset: litellm's bundled price table, where it lists the model."
     )
-    price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    price_per_1k_completion_tokens: float | None = Field(
+        default=None, ge=0, description="US dollars per 1,000 answer tokens; unset: litellm's bundled price table."
+    )
     context_tokens: int | None = Field(
         default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
     )
@@ -129,11 +135,11 @@ class BackendProfile(_Section):
 class TasksConfig(_Section):
     """Which backend profile serves which task; unset tasks fall back to ``default``."""
 
-    default: str = "local"
-    prior: str | None = None
-    reasoning: str | None = None
-    pairwise: str | None = None
-    pointwise: str | None = None
+    default: str = Field(default="local", description="The profile serving every task not routed below.")
+    prior: str | None = Field(default=None, description="The profile asking the country prior; unset: default.")
+    reasoning: str | None = Field(default=None, description="The profile asking for clues and guesses; unset: default.")
+    pairwise: str | None = Field(default=None, description="The profile comparing two candidates; unset: default.")
+    pointwise: str | None = Field(default=None, description="The profile scoring one candidate; unset: default.")
 
     def profile_for(self, task: str) -> str:
         if task != "default" and task not in TASKS:
@@ -142,8 +148,10 @@ class TasksConfig(_Section):
 
 
 class CacheConfig(_Section):
-    dir: Path = Path("cache")
-    enabled: bool = True
+    """The response cache: every validated answer, keyed by everything that decides it."""
+
+    dir: Path = Field(default=Path("cache"), description="Folder of the SQLite cache file (responses.sqlite3).")
+    enabled: bool = Field(default=True, description="false: ask every question again (as --no-cache).")
 
 
 class RetrievalConfig(_Section):
@@ -153,14 +161,16 @@ class RetrievalConfig(_Section):
     clip_model: str = Field(default="ViT-B-32", description="An open_clip model name, or a path to a model-config JSON.")
     clip_pretrained: str = Field(default="laion2b_s34b_b79k", description='A pretrained tag, a checkpoint file, or "none".')
     seed: int = Field(default=0, description='Seeds random init when clip_pretrained = "none".')
-    top_k: int = Field(default=10, ge=1, le=1000)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    batch_size: int = Field(default=32, ge=1)
+    top_k: int = Field(default=10, ge=1, le=1000, description="Candidates retrieved per photo.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Where CLIP runs; auto: a GPU when there is one.")
+    batch_size: int = Field(default=32, ge=1, description="Images or texts embedded per CLIP forward pass.")
     kmeans_k: int = Field(default=100, ge=1, description="Geographic k-means clusters (submaps).")
     gazetteer_min_population: int = Field(
         default=100_000, ge=15000, description="6,204 cities at 100,000; about 34,000 at 15,000 (finer, slower to embed once)."
     )
-    gazetteer_prompt: str = "a photo taken in {place}, {country}"
+    gazetteer_prompt: str = Field(
+        default="a photo taken in {place}, {country}", description="The text embedded for each gazetteer place."
+    )
     vectors_cache: Path | None = Field(
         default=None, description="Folder for model-keyed caches shared by every project (gazetteer vectors); unset: the user cache dir."
     )
@@ -189,28 +199,40 @@ class AgentConfig(_Section):
     adaptive_margin: float = Field(
         default=0.05, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
     )
-    vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
-    country_prior: bool = True
-    prior_samples: int = Field(default=1, ge=1, le=32)
+    vote_model: Literal["bradley_terry", "copeland"] = Field(
+        default="bradley_terry", description="How allpairs turns wins into scores: Bradley-Terry or Copeland win share."
+    )
+    country_prior: bool = Field(default=True, description="Ask which countries the photo may be from (a prior).")
+    prior_samples: int = Field(default=1, ge=1, le=32, description="Prior answers sampled and averaged.")
     prior_countries: int = Field(default=3, ge=1, description="Countries of the prior that a country submap keeps.")
-    reasoning: bool = True
-    reasoning_samples: int = Field(default=3, ge=1, le=32)
+    reasoning: bool = Field(default=True, description="Ask for clues and a guessed position; the consensus guess joins the pool.")
+    reasoning_samples: int = Field(default=3, ge=1, le=32, description="Reasoning answers sampled (self-consistency).")
     reasoning_neighbours: int = Field(default=0, ge=0, description="Show the n nearest and n farthest references' coordinates.")
     reasoning_cluster_km: float = Field(default=300.0, gt=0, description="Guesses this close form one self-consistency cluster.")
-    submap: Literal["none", "country", "kmeans"] = "none"
+    submap: Literal["none", "country", "kmeans"] = Field(
+        default="none", description="Restrict (or boost) retrieval to the prior's countries or to k-means clusters."
+    )
     submap_weight: float | None = Field(default=None, description="Unset: restrict retrieval to the submap; a number: boost it.")
     submap_clusters: int = Field(default=3, ge=1, description="k-means clusters kept around the reasoning estimate.")
-    image_layout: Literal["separate", "composite"] = "separate"
-    max_image_side: int = Field(default=768, ge=64, le=8192)
-    view: Literal["ground", "cross"] = "ground"
+    image_layout: Literal["separate", "composite"] = Field(
+        default="separate", description="composite: query | A | B in one labelled image, for single-image models."
+    )
+    max_image_side: int = Field(
+        default=768, ge=64, le=8192, description="Images are EXIF-rotated, downscaled to this side and encoded once."
+    )
+    view: Literal["ground", "cross"] = Field(
+        default="ground", description="cross: street-level queries against aerial references (the cross-view prompts)."
+    )
     prompts_dir: Path | None = Field(default=None, description="Prompt templates folder; unset: the bundled prompts/.")
-    fusion_votes: float = 1.0
-    fusion_retrieval: float = 0.5
-    fusion_prior: float = 0.2
-    fusion_proximity: float = 0.2
-    fusion_consensus: float = 0.3
-    consensus_bandwidth_km: float = Field(default=25.0, gt=0)
-    proximity_km: float = Field(default=500.0, gt=0)
+    fusion_votes: float = Field(default=1.0, description="Weight of the reranking votes in the final score.")
+    fusion_retrieval: float = Field(default=0.5, description="Weight of the retrieval similarity.")
+    fusion_prior: float = Field(default=0.2, description="Weight of the prior probability of the candidate's country.")
+    fusion_proximity: float = Field(default=0.2, description="Weight of the closeness to the reasoning estimate.")
+    fusion_consensus: float = Field(default=0.3, description="Weight of the support from strong candidates nearby.")
+    consensus_bandwidth_km: float = Field(
+        default=25.0, gt=0, description="Candidates this close support each other; also the confidence radius."
+    )
+    proximity_km: float = Field(default=500.0, gt=0, description="The distance scale of closeness to the reasoning estimate.")
     max_concurrent_photos: int | None = Field(
         default=None, ge=1, description="Photos in flight at once; unset: enough to keep every backend's max_concurrency busy."
     )
@@ -261,7 +283,7 @@ class RankerConfig(_Section):
         description="A local model folder, or a Hugging Face name found in the local cache first (downloaded only if reachable).",
     )
     adapter: Path | None = Field(default=None, description="A peft adapter folder, e.g. GeoRanker's checkpoints/; required.")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where the reward model runs; auto: a GPU when there is one.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Candidates per forward pass, from every photo in flight.")
     max_image_side: int = Field(default=640, ge=28, le=8192, description="Images are shrunk to this side first (28-pixel blocks).")
@@ -347,13 +369,15 @@ class Settings(BaseSettings):
     #: Set on the subclass that load_config validates its own merge of file, environment and overrides with.
     layers_merged: ClassVar[bool] = False
 
-    backends: dict[str, BackendProfile] = Field(default_factory=lambda: {"local": BackendProfile()})
-    tasks: TasksConfig = Field(default_factory=TasksConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-    ranker: RankerConfig = Field(default_factory=RankerConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
+    backends: dict[str, BackendProfile] = Field(
+        default_factory=lambda: {"local": BackendProfile()}, description="Named VLM endpoints, [backends.NAME] each."
+    )
+    tasks: TasksConfig = Field(default_factory=TasksConfig, description="Which backend profile serves which task.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="The response cache.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Where candidates come from.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="How the agent asks and decides.")
+    ranker: RankerConfig = Field(default_factory=RankerConfig, description='GeoRanker, for strategy = "georanker".')
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`geoagent serve`: who may reach the page.")
 
     @model_validator(mode="after")
     def _routes_exist(self) -> Settings:
