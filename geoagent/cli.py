@@ -431,12 +431,13 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
     no_cache: NoCacheOption = False,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the bootstrap behind every 95% interval (the same seed, the same intervals).")] = 0,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from geoagent.eval.datasets import load_dataset
-    from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
+    from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_outputs
 
     with user_errors():
         _check_map(map_file)
@@ -446,7 +447,7 @@ def evaluate(
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
-        run = EvalRun(data, columns, limit, on_warning=print_warning)
+        run = EvalRun(data, columns, limit, on_warning=print_warning, seed=seed)
         total = len(run.items) * len(columns)
         bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         interrupted = False
@@ -465,7 +466,7 @@ def evaluate(
                 from geoagent.maps.html import eval_map, write_map
 
                 write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
-        _print_report(report, markdown_table)
+        _print_report(report, markdown_table, differences_table)
         if out:
             plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
@@ -481,13 +482,20 @@ def evaluate(
             raise typer.Exit(2)
 
 
-def _print_report(report: dict[str, Any], markdown_table: Any) -> None:
+def _print_report(report: dict[str, Any], markdown_table: Any, differences_table: Any) -> None:
+    """The report's tables on the terminal: the metrics with their 95% intervals, then the paired differences."""
     labels = list(report["columns"])
-    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos", box=None)
+    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos (95% intervals)", box=None)
     for line in markdown_table(report).splitlines()[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        table.add_row(*cells)
+        table.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
     stdout.print(table)
+    differences = differences_table(report).splitlines()
+    if differences:
+        header = [cell.strip() for cell in differences[2].strip("|").split("|")]
+        versus = Table(*header, title=differences[0].removeprefix("## "), box=None)
+        for line in differences[4:]:
+            versus.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
+        stdout.print(versus)
 
 
 @prompts_app.command("list")

@@ -110,6 +110,12 @@ def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, wo
         assert set(column["prompts"]) >= {"pairwise", "prior", "reasoning"}
         assert column["prompts"] == content_hashes(DEFAULT_PROMPTS_DIR)  # neither column names a prompts folder
     assert report["columns"]["vlm"]["metrics"]["top1_after"] > report["columns"]["retrieval"]["metrics"]["top1_after"]
+    vlm = report["columns"]["vlm"]  # every metric carries its 95% interval; the second column its paired difference
+    low, high = vlm["intervals"]["acc@25km"]
+    assert low <= vlm["metrics"]["acc@25km"] <= high
+    assert vlm["versus"]["baseline"] == "retrieval" and "top1_after" in vlm["versus"]["differences"]
+    assert report["columns"]["retrieval"]["versus"] is None
+    assert "Against retrieval" in proc.stdout
     assert "| acc@25km |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "acc@25km" in proc.stdout
