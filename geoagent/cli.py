@@ -164,6 +164,9 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
         settings.cache.enabled = False
     if flags.get("use_exif"):
         settings.agent.use_exif = True
+    if flags.get("min_confidence") is not None:
+        with _flag("--min-confidence"):
+            settings.agent.min_confidence = flags["min_confidence"]
     return settings
 
 
@@ -186,6 +189,11 @@ def _options(
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+MinConfidenceOption = Annotated[
+    float | None,
+    typer.Option("--min-confidence", min=0.0, max=1.0, show_default=False,
+                 help="Answer \"unknown\" below this confidence (no coordinate; the best guess stays a candidate)."),
+]
 # The flags of every command that locates photos (locate, batch).
 BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
@@ -221,13 +229,14 @@ def locate(
         bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
     ] = False,
     map_file: MapOption = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif, min_confidence=min_confidence,
         )
         _check_map(map_file)
         readable = []
@@ -309,10 +318,11 @@ def serve(
     config: ConfigOption = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
     tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
     with user_errors():
-        settings = load_config(config)
+        settings = apply_flags(load_config(config), min_confidence=min_confidence)
         from geoagent.web import require_web
 
         require_web()
@@ -344,6 +354,7 @@ def batch(
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -353,7 +364,7 @@ def batch(
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, min_confidence=min_confidence,
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
@@ -432,12 +443,14 @@ def evaluate(
     no_cache: NoCacheOption = False,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the bootstrap behind every 95% interval (the same seed, the same intervals).")] = 0,
+    calibrate: Annotated[Path | None, typer.Option("--calibrate", help="Fit a confidence calibrator on the answers and write it here (one column), or to FILE.LABEL.json per column; use it with [agent] calibration.", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from geoagent.eval.datasets import load_dataset
-    from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_outputs
+    from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_calibrations, write_outputs
 
     with user_errors():
         _check_map(map_file)
@@ -446,7 +459,7 @@ def evaluate(
             print_line(f"skipped {name}: {reason}", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
-        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
+        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache, min_confidence=min_confidence))
         run = EvalRun(data, columns, limit, on_warning=print_warning, seed=seed)
         total = len(run.items) * len(columns)
         bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -468,10 +481,13 @@ def evaluate(
                 write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
         _print_report(report, markdown_table, differences_table)
         if out:
-            plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
+            plot = "".join(f", {name}" for name in ("accuracy.png", "calibration.png") if (out / name).exists())  # the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
         if map_file is not None:
             print_line(f"wrote {display_path(map_file)}")
+        if calibrate is not None and not interrupted and not run.stopped:
+            for path in write_calibrations(run, calibrate):
+                print_line(f"wrote {display_path(path)} (use it with [agent] calibration = \"{path}\")")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:

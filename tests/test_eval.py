@@ -101,7 +101,8 @@ def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, wo
     assert list(report["columns"]) == ["retrieval", "vlm"] and report["partial"] is False
     with (tmp_path / "out" / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert set(rows[0]) == {"config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls"}
+    assert set(rows[0]) == {"config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls",
+                            "confidence", "abstained"}
     for label, column in report["columns"].items():
         mine = [r for r in rows if r["config"] == label]
         assert len(mine) == 16

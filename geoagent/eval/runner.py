@@ -23,6 +23,7 @@ import numpy as np
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, RunStopped
 from geoagent.eval.datasets import Dataset
+from geoagent.eval import confidence
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction, accuracy_curve, summarise
 from geoagent.eval.stats import RESAMPLES, intervals, paired
 from geoagent.files import write_atomic
@@ -30,9 +31,10 @@ from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.prompts import PromptSet
 from geoagent.types import LocateResult
 
-PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls"]
+PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls",
+                      "confidence", "abstained"]
 TABLE_METRICS = [
-    *(f"acc@{t}km" for t in THRESHOLDS_KM), "median_km", "mean_km", "geoscore", "country_acc",
+    *(f"acc@{t}km" for t in THRESHOLDS_KM), "coverage", "selective_acc@25km", "median_km", "mean_km", "geoscore", "country_acc",
     "retrieval_recall@1", "retrieval_recall@5", "retrieval_recall@10", "top1_before", "top1_after",
     "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "wall_s", "failures", "n",
 ]  # fmt: skip
@@ -75,10 +77,14 @@ def build_columns(configs: list[str], prompts: list[Path], overrides: Callable[[
 
 def prediction_from(result: LocateResult, path: str, lat: float, lon: float, country: str | None, ref: str | None) -> Prediction:
     by_retrieval = sorted((c for c in result.candidates if c.retrieval_score is not None), key=lambda c: -c.retrieval_score)  # type: ignore[arg-type, operator]
+    best = result.candidates[0] if result.abstained else result  # abstained: scored on its best guess, counted apart
+    assert best.lat is not None and best.lon is not None
     return Prediction(
         path=path, true_lat=lat, true_lon=lon, true_country=country, true_ref=ref,
-        pred_lat=result.lat, pred_lon=result.lon, pred_country=result.country,
-        error_km=float(haversine_km(lat, lon, result.lat, result.lon)),
+        pred_lat=best.lat, pred_lon=best.lon, pred_country=best.country,
+        error_km=float(haversine_km(lat, lon, best.lat, best.lon)),
+        confidence=result.confidence, calibrated=result.calibrated, abstained=result.abstained,
+        features=result.confidence_features,
         retrieval_ranking=[c.id for c in by_retrieval], final_ranking=[c.id for c in result.candidates],
         vlm_calls=result.stats.vlm_calls, cache_hits=result.stats.cache_hits,
         prompt_tokens=result.stats.prompt_tokens, completion_tokens=result.stats.completion_tokens,
@@ -158,6 +164,7 @@ class EvalRun:
                 "prompts": PromptSet(column.settings.agent.prompts_dir).hashes(),
                 "metrics": metrics,
                 "intervals": {m: [i.low, i.high] for m, i in intervals(rows, seed=self.seed).items()},
+                "confidence": confidence.confidence_report(rows, column.settings.agent.confidence_km),
                 "versus": None if versus is None else {
                     "baseline": baseline,
                     "differences": {d.metric: d.model_dump(exclude={"metric"}) for d in paired(versus, rows, seed=self.seed)},
@@ -226,6 +233,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     if differences := differences_table(report):
         lines += [differences]
     for label, column in report["columns"].items():
+        if column.get("confidence"):
+            lines += confidence.markdown(label, column["confidence"])
+    for label, column in report["columns"].items():
         if column["stopped"]:
             lines += [f"**{label}** stopped after {column['answered']} answered photos: {column['stopped']}", ""]
         if column["failures"]:
@@ -258,10 +268,24 @@ def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str
                 label, p.path, p.true_lat, p.true_lon,
                 "" if p.pred_lat is None else p.pred_lat, "" if p.pred_lon is None else p.pred_lon,
                 "" if p.error_km is None else round(p.error_km, 4), p.true_country or "", p.pred_country or "", p.vlm_calls,
+                "" if p.confidence is None else p.confidence, int(p.abstained),
             ])  # fmt: skip
     write_atomic(out / "predictions.csv", buffer.getvalue().encode())
     _plot(run, out / "accuracy.png")
+    sections = {label: c["confidence"] for label, c in report["columns"].items() if c.get("confidence")}
+    if sections and importlib.util.find_spec("matplotlib") is not None:
+        confidence.plot(sections, out / "calibration.png", f"{run.dataset.name}: confidence")
     return report
+
+
+def write_calibrations(run: EvalRun, out: Path) -> list[Path]:
+    """``--calibrate OUT``: a calibrator fitted on each column's answers (OUT, or OUT.LABEL.json for several)."""
+    written = []
+    for column in run.columns:
+        path = confidence.calibration_path(out, column.label, len(run.columns))
+        confidence.calibrate(run.predictions.get(column.label, []), column.settings, run.dataset.name).save(path)
+        written.append(path)
+    return written
 
 
 #: Said (once) when the optional plotting extra is missing; the rest of the report is written regardless.

@@ -56,6 +56,10 @@ class _Table:
         self.top1_before = np.array([_hit(p.retrieval_ranking, p.true_ref, 1) for p in predictions], dtype=np.float64)
         self.top1_after = np.array([_hit(p.final_ranking, p.true_ref, 1) for p in predictions], dtype=np.float64)
         self.recall = {k: np.array([_hit(p.retrieval_ranking, p.true_ref, k) for p in predictions], dtype=np.float64) for k in (1, 5, 10)}
+        self.answered = np.array([p.error_km is not None and not p.abstained for p in predictions], dtype=np.float64)
+        self.selective = np.array(
+            [float(p.error_km < 25) if p.error_km is not None and not p.abstained else math.nan for p in predictions], dtype=np.float64
+        )
         self.sums = {
             "vlm_calls": np.array([p.vlm_calls for p in predictions], dtype=np.float64),
             "cache_hits": np.array([p.cache_hits for p in predictions], dtype=np.float64),
@@ -71,6 +75,7 @@ class _Table:
         picked.error, picked.country = self.error[index], self.country[index]
         picked.top1_before, picked.top1_after = self.top1_before[index], self.top1_after[index]
         picked.recall = {k: v[index] for k, v in self.recall.items()}
+        picked.answered, picked.selective = self.answered[index], self.selective[index]
         picked.sums = {k: v[index] for k, v in self.sums.items()}
         return picked
 
@@ -97,6 +102,8 @@ def _finite_mean(errors: np.ndarray) -> np.ndarray:
 Metric = Callable[[_Table, np.ndarray], np.ndarray]
 METRICS: dict[str, Metric] = {
     **{f"acc@{t}km": (lambda t: lambda table, idx: (table.error[idx] < t).mean(axis=-1))(t) for t in THRESHOLDS_KM},
+    "coverage": lambda table, idx: table.answered[idx].mean(axis=-1),
+    "selective_acc@25km": lambda table, idx: _nanmean(table.selective[idx]),
     "median_km": lambda table, idx: np.median(table.error[idx], axis=-1),
     "mean_km": lambda table, idx: _finite_mean(table.error[idx]),
     "geoscore": lambda table, idx: (5000 * np.exp(-table.error[idx] / GEOSCORE_SCALE_KM)).mean(axis=-1),
@@ -111,6 +118,8 @@ METRICS: dict[str, Metric] = {
 
 def _indicator(table: _Table, metric: str) -> np.ndarray | None:
     """The per-photo right/wrong of an accuracy-like metric (NaN: not labelled), for McNemar's test."""
+    if metric == "selective_acc@25km":
+        return table.selective
     if metric.startswith("acc@"):
         return (table.error < float(metric[4:-2])).astype(np.float64)
     if metric == "country_acc":
