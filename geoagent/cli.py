@@ -355,6 +355,9 @@ def batch(
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
     min_confidence: MinConfidenceOption = None,
+    xmp: Annotated[bool, typer.Option("--xmp", help="Write each answer into an XMP sidecar beside its photo (photos without GPS whose answer cleared --min-confidence; never the photo itself; the xmp extra).")] = False,
+    xmp_name: Annotated[str, typer.Option("--xmp-name", help="Sidecar names: full (photo.jpg.xmp: digiKam, darktable, Immich) or stem (photo.xmp: Lightroom).")] = "full",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --xmp: list the sidecars it would write, write none (photos are still located and journalled).")] = False,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -368,6 +371,14 @@ def batch(
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
+        if xmp_name not in ("full", "stem"):
+            raise ConfigError(f"--xmp-name: '{xmp_name}' is not full (photo.jpg.xmp) or stem (photo.xmp)")
+        if dry_run and not xmp:
+            raise ConfigError("--dry-run lists the XMP sidecars --xmp would write: use it with --xmp")
+        if xmp:
+            from geoagent.batch.xmp import require_xmp
+
+            require_xmp()  # before any photo is located
         with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
@@ -388,6 +399,8 @@ def batch(
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
             )
+        if xmp and not report.problems:
+            _write_sidecars(settings, report.journal, xmp_name, dry_run)
         if map_file is not None and not report.problems:
             from geoagent.maps.html import journal_results, locate_map, write_map
 
@@ -399,6 +412,28 @@ def batch(
             print_line("answers received so far are cached and finished photos journalled: start the server and rerun to finish", stderr)
         if report.exit_code:
             raise typer.Exit(report.exit_code)
+
+
+def _write_sidecars(settings: Settings, journal: Path, name: str, dry_run: bool) -> None:
+    """``batch --xmp``: a sidecar per answered photo without GPS of its own, from the journal; one summary line."""
+    from geoagent.batch.journal import Journal
+    from geoagent.batch.xmp import write_sidecars
+
+    _, profile = settings.profile("pairwise")
+    with Journal.open(journal) as opened:
+        done = write_sidecars(opened.entries(), name=name, dry_run=dry_run, model=profile.model,  # type: ignore[arg-type]
+                              strategy=settings.agent.strategy, say=lambda line: print_line(line, stderr))  # fmt: skip
+    verb = "would write" if dry_run else "wrote"
+    reasons: dict[str, int] = {}
+    for _photo, why in done.skipped:
+        key = "kept a sidecar's own GPS" if "already holds GPS" in why else why
+        reasons[key] = reasons.get(key, 0) + 1
+    print_line(
+        f"XMP: {verb} {len(done.written)} sidecars, {len(done.unchanged)} unchanged"
+        + "".join(f", {count} {why}" for why, count in reasons.items() if why != "not located")
+        + (f", {len(done.invalid)} not valid XMP (left untouched)" if done.invalid else ""),
+        stderr,
+    )
 
 
 @contextmanager
