@@ -164,6 +164,9 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
         settings.cache.enabled = False
     if flags.get("use_exif"):
         settings.agent.use_exif = True
+    if flags.get("min_confidence") is not None:
+        with _flag("--min-confidence"):
+            settings.agent.min_confidence = flags["min_confidence"]
     return settings
 
 
@@ -186,6 +189,11 @@ def _options(
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+MinConfidenceOption = Annotated[
+    float | None,
+    typer.Option("--min-confidence", min=0.0, max=1.0, show_default=False,
+                 help="Answer \"unknown\" below this confidence (no coordinate; the best guess stays a candidate)."),
+]
 # The flags of every command that locates photos (locate, batch).
 BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
@@ -221,13 +229,14 @@ def locate(
         bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
     ] = False,
     map_file: MapOption = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif, min_confidence=min_confidence,
         )
         _check_map(map_file)
         readable = []
@@ -310,10 +319,11 @@ def serve(
     config: ConfigOption = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
     tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
     with user_errors():
-        settings = load_config(config)
+        settings = apply_flags(load_config(config), min_confidence=min_confidence)
         from geoagent.web import require_web
 
         require_web()
@@ -346,6 +356,10 @@ def batch(
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
+    xmp: Annotated[bool, typer.Option("--xmp", help="Write each answer into an XMP sidecar beside its photo (photos without GPS whose answer cleared --min-confidence; never the photo itself; the xmp extra).")] = False,
+    xmp_name: Annotated[str, typer.Option("--xmp-name", help="Sidecar names: full (photo.jpg.xmp: digiKam, darktable, Immich) or stem (photo.xmp: Lightroom).")] = "full",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --xmp: list the sidecars it would write, write none (photos are still located and journalled).")] = False,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -355,10 +369,18 @@ def batch(
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, min_confidence=min_confidence,
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
+        if xmp_name not in ("full", "stem"):
+            raise ConfigError(f"--xmp-name: '{xmp_name}' is not full (photo.jpg.xmp) or stem (photo.xmp)")
+        if dry_run and not xmp:
+            raise ConfigError("--dry-run lists the XMP sidecars --xmp would write: use it with --xmp")
+        if xmp:
+            from geoagent.batch.xmp import require_xmp
+
+            require_xmp()  # before any photo is located
         with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
@@ -379,6 +401,8 @@ def batch(
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
             )
+        if xmp and not report.problems:
+            _write_sidecars(settings, report.journal, xmp_name, dry_run)
         if map_file is not None and not report.problems:
             from geoagent.maps.html import journal_results, locate_map, write_map
 
@@ -390,6 +414,28 @@ def batch(
             print_line("answers received so far are cached and finished photos journalled: start the server and rerun to finish", stderr)
         if report.exit_code:
             raise typer.Exit(report.exit_code)
+
+
+def _write_sidecars(settings: Settings, journal: Path, name: str, dry_run: bool) -> None:
+    """``batch --xmp``: a sidecar per answered photo without GPS of its own, from the journal; one summary line."""
+    from geoagent.batch.journal import Journal
+    from geoagent.batch.xmp import write_sidecars
+
+    _, profile = settings.profile("pairwise")
+    with Journal.open(journal) as opened:
+        done = write_sidecars(opened.entries(), name=name, dry_run=dry_run, model=profile.model,  # type: ignore[arg-type]
+                              strategy=settings.agent.strategy, say=lambda line: print_line(line, stderr))  # fmt: skip
+    verb = "would write" if dry_run else "wrote"
+    reasons: dict[str, int] = {}
+    for _photo, why in done.skipped:
+        key = "kept a sidecar's own GPS" if "already holds GPS" in why else why
+        reasons[key] = reasons.get(key, 0) + 1
+    print_line(
+        f"XMP: {verb} {len(done.written)} sidecars, {len(done.unchanged)} unchanged"
+        + "".join(f", {count} {why}" for why, count in reasons.items() if why != "not located")
+        + (f", {len(done.invalid)} not valid XMP (left untouched)" if done.invalid else ""),
+        stderr,
+    )
 
 
 @contextmanager
@@ -433,12 +479,15 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
     no_cache: NoCacheOption = False,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the bootstrap behind every 95% interval (the same seed, the same intervals).")] = 0,
+    calibrate: Annotated[Path | None, typer.Option("--calibrate", help="Fit a confidence calibrator on the answers and write it here (one column), or to FILE.LABEL.json per column; use it with [agent] calibration.", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from geoagent.eval.datasets import load_dataset
-    from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
+    from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_calibrations, write_outputs
 
     with user_errors():
         _check_map(map_file)
@@ -447,8 +496,8 @@ def evaluate(
             print_line(f"skipped {name}: {reason}", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
-        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
-        run = EvalRun(data, columns, limit, on_warning=print_warning)
+        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache, min_confidence=min_confidence))
+        run = EvalRun(data, columns, limit, on_warning=print_warning, seed=seed)
         total = len(run.items) * len(columns)
         bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         interrupted = False
@@ -467,12 +516,15 @@ def evaluate(
                 from geoagent.maps.html import eval_map, write_map
 
                 write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
-        _print_report(report, markdown_table)
+        _print_report(report, markdown_table, differences_table)
         if out:
-            plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
+            plot = "".join(f", {name}" for name in ("accuracy.png", "calibration.png") if (out / name).exists())  # the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
         if map_file is not None:
             print_line(f"wrote {display_path(map_file)}")
+        if calibrate is not None and not interrupted and not run.stopped:
+            for path in write_calibrations(run, calibrate):
+                print_line(f"wrote {display_path(path)} (use it with [agent] calibration = \"{path}\")")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
@@ -483,13 +535,20 @@ def evaluate(
             raise typer.Exit(2)
 
 
-def _print_report(report: dict[str, Any], markdown_table: Any) -> None:
+def _print_report(report: dict[str, Any], markdown_table: Any, differences_table: Any) -> None:
+    """The report's tables on the terminal: the metrics with their 95% intervals, then the paired differences."""
     labels = list(report["columns"])
-    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos", box=None)
+    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos (95% intervals)", box=None)
     for line in markdown_table(report).splitlines()[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        table.add_row(*cells)
+        table.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
     stdout.print(table)
+    differences = differences_table(report).splitlines()
+    if differences:
+        header = [cell.strip() for cell in differences[2].strip("|").split("|")]
+        versus = Table(*header, title=differences[0].removeprefix("## "), box=None)
+        for line in differences[4:]:
+            versus.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
+        stdout.print(versus)
 
 
 @prompts_app.command("list")

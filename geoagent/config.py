@@ -250,6 +250,22 @@ class AgentConfig(_Section):
         'unset: the threshold `index build` measured for the index (exact copies only for older indexes); "off": never.',
     )
 
+    confidence_km: float = Field(
+        default=25.0, gt=0,
+        description="The distance a calibrated confidence speaks of: the probability that the answer lies within this "
+        "many km of the truth. A calibration file carries its own and must agree.",
+    )
+    calibration: Path | None = Field(
+        default=None,
+        description="A calibration file written by `geoagent eval ... --calibrate FILE`: confidence becomes the "
+        "probability that the answer is within confidence_km. Unset: confidence is the uncalibrated score (labelled so).",
+    )
+    min_confidence: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Below this confidence the answer is \"unknown\": abstained, no coordinate (the best guess stays the "
+        "first candidate). Unset: every photo gets an answer. Meaningful as a probability only with a calibration.",
+    )
+
     @field_validator("near_duplicate_similarity", mode="before")
     @classmethod
     def _similarity_or_off(cls, value: object) -> object:

@@ -115,7 +115,14 @@ function showResult(result) {
 }
 
 function showExplanation(result, where, exif) {
-  $("summary").textContent = `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), confidence ${fmt(result.confidence, 2)}`;
+  const sure = result.calibrated
+    ? `${Math.round(result.confidence * 100)}% likely within ${fmt(result.confidence_km, 0)} km`
+    : `confidence ${fmt(result.confidence, 2)} (uncalibrated score)`;
+  const best = result.candidates[0];
+  $("summary").textContent = result.abstained
+    ? `Unknown: ${sure} is below the minimum confidence. Best guess (not an answer): ${best.place || best.id} (${fmt(best.lat, 4)}, ${fmt(best.lon, 4)})`
+    : `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), ${sure}`;
+  $("summary").classList.toggle("abstained", Boolean(result.abstained));
   const why = $("why");
   why.replaceChildren();
   if (result.match === "near_duplicate") why.appendChild(element("li", "The photo is a near-duplicate of an indexed reference: that reference is the answer."));
