@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from geoagent.errors import AnswerError, BackendError, GeoAgentError, UnreachableError
 from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
-from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
+from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key, open_cache
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
 from geoagent.vlm.pricing import Price, price_for
 from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
@@ -99,10 +99,10 @@ class VLMClient:
                 try:
                     found = await self.backend.model_identity()
                 except GeoAgentError:
-                    found = await asyncio.to_thread(self.cache.identity_sync, kind, url, model) if self.cache else None
+                    found = await self.cache.identity(kind, url, model) if self.cache else None
                 else:
                     if found and self.cache is not None:
-                        await asyncio.to_thread(self.cache.remember_identity_sync, kind, url, model, found)
+                        await self.cache.remember_identity(kind, url, model, found)
                 self._identity = found or ""
             return self._identity
 
@@ -284,7 +284,7 @@ class VLMPool:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache = ResponseCache(settings.cache.dir) if settings.cache.enabled else None
+        self.cache = open_cache(settings.cache) if settings.cache.enabled else None
         self._clients: dict[str, VLMClient] = {}
 
     def for_task(self, task: str) -> VLMClient:
@@ -302,4 +302,4 @@ class VLMPool:
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))
         if self.cache is not None:
-            self.cache.close()
+            await self.cache.aclose()
