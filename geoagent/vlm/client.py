@@ -83,28 +83,35 @@ class VLMClient:
         #: cluster-wide one here, so the limit holds across workers).
         self.limit: AbstractAsyncContextManager[Any] = asyncio.Semaphore(profile.max_concurrency)
         self._inflight: dict[str, _Shared] = {}
-        self._identity: str | None = None
-        self._identity_lock = asyncio.Lock()
+        self._identity: asyncio.Future[str] | None = None
         self._price: Price | None = None
         self._priced = False
 
     async def identity(self) -> str:
         """What the server says the model is (an Ollama digest, say), so a re-pulled model misses the old answers.
 
-        Asked once; while the server is down, the identity it last reported (kept in the cache) stands in.
+        Asked once, by a task every asker awaits: they all resume together, so their cache lookups share one
+        round trip. While the server is down, the identity it last reported (kept in the cache) stands in.
         """
-        async with self._identity_lock:
-            if self._identity is None:
-                kind, url, model = self.profile.kind, self.backend.url, self.profile.model
-                try:
-                    found = await self.backend.model_identity()
-                except GeoAgentError:
-                    found = await self.cache.identity(kind, url, model) if self.cache else None
-                else:
-                    if found and self.cache is not None:
-                        await self.cache.remember_identity(kind, url, model, found)
-                self._identity = found or ""
-            return self._identity
+        if self._identity is None:
+            self._identity = asyncio.ensure_future(self._find_identity())
+        try:
+            return await asyncio.shield(self._identity)
+        except BaseException:
+            if self._identity.done() and (self._identity.cancelled() or self._identity.exception() is not None):
+                self._identity = None  # the next question asks again
+            raise
+
+    async def _find_identity(self) -> str:
+        kind, url, model = self.profile.kind, self.backend.url, self.profile.model
+        try:
+            found = await self.backend.model_identity()
+        except GeoAgentError:
+            found = await self.cache.identity(kind, url, model) if self.cache else None
+        else:
+            if found and self.cache is not None:
+                await self.cache.remember_identity(kind, url, model, found)
+        return found or ""
 
     async def price(self) -> Price | None:
         """The model's price per token (the profile's, else litellm's bundled table), None when unknown."""
