@@ -225,3 +225,37 @@ class SqliteCache(ResponseCache):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+#: Filesystem types (as /proc/mounts names them) on which SQLite's locking, and so its WAL mode, is unsafe.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+    "fuse.sshfs", "fuse.ceph", "fuse.cephfs", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.rclone",
+})
+
+
+def filesystem_type(path: Path, mounts: str) -> str | None:
+    """The type of the filesystem ``path`` (or its nearest existing parent) lies on, from /proc/mounts text;
+    None when no mount covers it."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    path = path.resolve()
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].encode().decode("unicode_escape"))  # /proc/mounts writes a space as \040
+        if (path == point or point in path.parents) and (best is None or len(point.parts) > best[0]):
+            best = (len(point.parts), fields[2])
+    return best[1] if best else None
+
+
+def cache_filesystem(directory: Path) -> str | None:
+    """The filesystem type of an SQLite cache folder on this machine (None: unknown, e.g. not Linux)."""
+    try:
+        mounts = Path("/proc/mounts").read_text(errors="replace")
+    except OSError:
+        return None
+    return filesystem_type(directory, mounts)
