@@ -84,6 +84,7 @@ class VLMClient:
         self.limit: AbstractAsyncContextManager[Any] = asyncio.Semaphore(profile.max_concurrency)
         self._inflight: dict[str, _Shared] = {}
         self._identity: asyncio.Future[str] | None = None
+        self._identity_found: str | None = None
         self._price: Price | None = None
         self._priced = False
 
@@ -93,14 +94,18 @@ class VLMClient:
         Asked once, by a task every asker awaits: they all resume together, so their cache lookups share one
         round trip. While the server is down, the identity it last reported (kept in the cache) stands in.
         """
-        if self._identity is None:
+        if self._identity_found is not None:
+            return self._identity_found
+        if self._identity is None or self._identity.get_loop() is not asyncio.get_running_loop():
             self._identity = asyncio.ensure_future(self._find_identity())
+        finding = self._identity
         try:
-            return await asyncio.shield(self._identity)
+            self._identity_found = await asyncio.shield(finding)
         except BaseException:
-            if self._identity.done() and (self._identity.cancelled() or self._identity.exception() is not None):
+            if finding.done() and (finding.cancelled() or finding.exception() is not None):
                 self._identity = None  # the next question asks again
             raise
+        return self._identity_found
 
     async def _find_identity(self) -> str:
         kind, url, model = self.profile.kind, self.backend.url, self.profile.model
