@@ -21,7 +21,7 @@ from geoagent.vlm import VLMPool
 from redisd import RedisServer, free_port
 from standin import StandinConfig, WorldJudge
 from test_batch import journal, path_list, prediction
-from test_vlm_client import MarkerAnswer, ask_codes
+from test_vlm_client import ask_codes
 
 AGENT = {"strategy": "tournament", "country_prior": True, "reasoning": False}
 SUMMARY = re.compile(r"; (\d+) VLM requests, (\d+) cache hits\)")
@@ -216,8 +216,8 @@ def test_a_redis_password_comes_from_the_variable_named_and_is_written_nowhere(w
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated"])
 def test_a_corrupt_cache_file_is_one_line_in_every_command(world, standin, world_config, tmp_path, damage):
-    """F1: responses.sqlite3 of random bytes, or a real cache cut to half its pages: `cache stats`, `cache
-    clear`, `batch` and `locate` each print one line naming the file and the fix, exit 2, no traceback, and
+    """F1: responses.sqlite3 of random bytes, or a real cache whose pages are garbage after the header: `cache
+    stats`, `batch` (and for the first, `cache clear` and `locate`) each print one line naming the file and the fix, exit 2, no traceback, and
     no photo is tried."""
     server = standin(judge=WorldJudge(world.truth))
     config = world_config(server)
@@ -234,8 +234,10 @@ def test_a_corrupt_cache_file_is_one_line_in_every_command(world, standin, world
             extra.unlink()
     sent = len(server.chat_requests())
     fix = "delete the file (it holds only cached answers, which are asked again)"
-    for args in (["cache", "stats"], ["cache", "clear"], ["batch", str(path_list(tmp_path / "two.txt", [world.queries[1].path])), "--out", str(tmp_path / "b.jsonl")],
-                 ["locate", str(world.queries[1].path)]):
+    commands = [["cache", "stats"], ["batch", str(path_list(tmp_path / "two.txt", [world.queries[1].path])), "--out", str(tmp_path / "b.jsonl")]]
+    if damage == "random bytes":  # the other commands open the cache the same way: once is enough
+        commands += [["cache", "clear"], ["locate", str(world.queries[1].path)]]
+    for args in commands:
         proc = run_cli(*args, "--config", str(config), cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stderr)
         [line] = error_lines(proc)
@@ -341,3 +343,20 @@ def test_two_batches_in_two_folders_share_one_redis_cache(world, standin, world_
     assert requests == 0 and hits > 0
     assert sorted(map(prediction, journal(outs[1]))) == sorted(map(prediction, journal(outs[0])))
     assert not (tmp_path / "two" / "cache").exists() and not (tmp_path / "cache").exists()  # no SQLite file on the side
+
+
+def test_a_redis_url_without_the_redis_extra_or_with_another_scheme_is_one_line(tmp_path):
+    """No redis-py installed: `cache stats` on a redis:// URL names the extra to install (exit 2); a URL of
+    another scheme is refused naming the schemes there are."""
+    from test_packaging import run_cli_without
+
+    (tmp_path / "geoagent.toml").write_text('[cache]\nurl = "redis://127.0.0.1:6379/0"\n')
+    proc = run_cli_without("redis", "cache", "stats", cwd=tmp_path)
+    assert proc.returncode == 2 and error_lines(proc) == [
+        "error: cache redis://127.0.0.1:6379/0: a Redis cache needs the redis extra: pip install 'geoagent-vlm[redis]'"
+    ], proc.stderr
+    (tmp_path / "geoagent.toml").write_text('[cache]\nurl = "memcached://127.0.0.1:11211"\n')
+    proc = run_cli("cache", "stats", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    [line] = error_lines(proc)
+    assert "not a cache URL: use sqlite:///FOLDER, redis://HOST:PORT/DB or rediss://HOST:PORT/DB (scheme 'memcached')" in line, line

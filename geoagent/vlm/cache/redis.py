@@ -23,7 +23,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from geoagent.errors import CacheError
 from geoagent.vlm.cache.base import BATCH, CachedAnswer, CacheStats, ResponseCache, StoredEntry, StoredIdentity
-from geoagent.vlm.types import Usage
 
 try:
     import redis.asyncio as aioredis

@@ -99,7 +99,8 @@ class SqliteCache(ResponseCache):
             yield self._conn
 
     def problem(self, exc: BaseException) -> str:
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) or "malformed" in str(exc):
+        corrupt = isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+        if corrupt or "malformed" in str(exc):
             return f"not a usable SQLite cache ({exc}); delete the file (it holds only cached answers, which are asked again)"
         return super().problem(exc)
 
