@@ -55,7 +55,7 @@ app = _App(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, clear or copy the response cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
 prompts_app = typer.Typer(help="The prompt templates in use.", no_args_is_help=True)
@@ -741,12 +741,12 @@ def _effective_base_url(profile: BackendProfile) -> str | None:
 
 @cache_app.command("stats")
 def cache_stats(config: ConfigOption = None) -> None:
-    """How many answers the cache holds, by task and model."""
-    from geoagent.vlm.cache import ResponseCache
+    """How many answers the cache holds, by task and model (SQLite file or Redis server)."""
+    from geoagent.vlm.cache import open_cache
 
     with user_errors():
-        settings = load_config(config)
-        stats = ResponseCache(settings.cache.dir).stats()
+        cache = open_cache(load_config(config).cache)
+        stats = asyncio.run(_closing(cache, cache.stats()))
         print_line(f"{display_path(stats.path)}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
             if counts:
@@ -759,12 +759,52 @@ def cache_stats(config: ConfigOption = None) -> None:
 @cache_app.command("clear")
 def cache_clear(config: ConfigOption = None) -> None:
     """Delete every cached answer."""
-    from geoagent.vlm.cache import ResponseCache
+    from geoagent.vlm.cache import open_cache
+
+    with user_errors():
+        cache = open_cache(load_config(config).cache)
+        removed = asyncio.run(_closing(cache, cache.clear()))
+        print_line(f"removed {removed} cached answers from {display_path(cache.label)}")
+
+
+@cache_app.command("copy")
+def cache_copy(
+    source: Annotated[str, typer.Argument(help="Cache to read: a folder or sqlite:///FOLDER, or redis://HOST:PORT/DB.", show_default=False)],
+    destination: Annotated[str, typer.Argument(help="Cache to write into (entries there are kept; the same keys are replaced).", show_default=False)],
+    config: ConfigOption = None,
+) -> None:
+    """Copy every cached answer from SOURCE to DESTINATION (the keys are the same in every store). A Redis
+    password comes from the variable [cache] password_env names."""
+    from geoagent.vlm.cache import open_cache
 
     with user_errors():
         settings = load_config(config)
-        removed = ResponseCache(settings.cache.dir).clear()
-        print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
+        caches = open_cache(settings.cache, source), open_cache(settings.cache, destination)
+        copied = asyncio.run(_copy(*caches))
+        print_line(f"copied {copied} cached answers from {display_path(caches[0].label)} to {display_path(caches[1].label)}")
+
+
+async def _closing(cache: Any, work: Any) -> Any:
+    """Await ``work`` (a coroutine of ``cache``), then close the cache."""
+    try:
+        return await work
+    finally:
+        await cache.aclose()
+
+
+async def _copy(source: Any, destination: Any) -> int:
+    copied = 0
+    try:
+        await source.check()
+        await destination.check()
+        async for batch in source.entries():
+            await destination.add(batch)
+            copied += len(batch)
+        await destination.add(identities=await source.identities())
+    finally:
+        await source.aclose()
+        await destination.aclose()
+    return copied
 
 
 @ranker_app.command("train")

@@ -147,11 +147,57 @@ class TasksConfig(_Section):
         return getattr(self, task) or self.default
 
 
-class CacheConfig(_Section):
-    """The response cache: every validated answer, keyed by everything that decides it."""
+CACHE_SCHEMES = ("sqlite", "redis", "rediss")
 
-    dir: Path = Field(default=Path("cache"), description="Folder of the SQLite cache file (responses.sqlite3).")
-    enabled: bool = Field(default=True, description="false: ask every question again (as --no-cache).")
+
+class CacheConfig(_Section):
+    """The response cache: an embedded SQLite file (the default) or a Redis server several machines share."""
+
+    dir: Path = Field(default=Path("cache"), description="Folder of the SQLite cache file (responses.sqlite3), used when url is unset.")
+    enabled: bool = Field(default=True, description="false: neither read nor write cached answers (as --no-cache).")
+    url: str | None = Field(
+        default=None,
+        description='Where answers are kept: unset or "sqlite:///path/to/folder" = the SQLite file in that folder; '
+        '"redis://host:6379/0" (or "rediss://" for TLS) = a Redis server. Never a password here: see password_env.',
+    )
+    password_env: str = Field(default="", description="NAME of the environment variable holding the Redis password (unset: none).")
+    ttl_s: int | None = Field(
+        default=None, ge=1, description="Seconds a cached answer stays usable (Redis expires it; SQLite ignores and prunes it); unset: forever."
+    )
+    timeout_s: float = Field(default=5.0, gt=0, description="Timeout of each connection and command to a cache server.")
+    key_prefix: str = Field(default="geoagent:", description="Prefix of every Redis key (lets GeoAgent share a Redis database).")
+
+    @field_validator("url")
+    @classmethod
+    def _a_cache_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in CACHE_SCHEMES:
+            raise ValueError(f"not a cache URL: use sqlite:///FOLDER, redis://HOST:PORT/DB or rediss://HOST:PORT/DB (scheme {scheme or 'missing'!r})")
+        if scheme != "sqlite" and urlsplit(value).password is not None:
+            raise ValueError(
+                "the URL holds a password (not shown): remove it, put it in an environment variable and name that variable in password_env"
+            )
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _a_name_not_a_password(cls, value: str) -> str:
+        if value and looks_like_a_key(value):
+            raise ValueError("this looks like a password, not the NAME of an environment variable (the value is not shown)")
+        return value
+
+    def password(self) -> str | None:
+        """The Redis password from the variable password_env names; a clear error when it is named but unset."""
+        if not self.password_env:
+            return None
+        value = os.environ.get(self.password_env)
+        if not value:
+            raise ConfigError(f"cache: environment variable {self.password_env} is not set (password_env names it); export {self.password_env}=<the Redis password>")
+        return value
 
 
 class RetrievalConfig(_Section):

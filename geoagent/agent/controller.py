@@ -192,6 +192,8 @@ class GeoAgent:
             except GeoAgentError as exc:
                 readiness.problems.append(exc)
 
+        if self.pool.cache is not None:  # first: the backends' checks read it
+            await attempt(self.pool.cache.check())
         checks = [attempt(self._check_retriever(readiness)), attempt(self._check_calibration(readiness))]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
@@ -245,7 +247,7 @@ class GeoAgent:
             raise
         except GeoAgentError as exc:
             cache = self.pool.cache
-            cached = cache is not None and await asyncio.to_thread(cache.has_answers_sync, client.profile.kind, client.profile.model)
+            cached = cache is not None and await cache.has_answers(client.profile.kind, client.profile.model)
             if not cached:
                 raise
             client.unavailable = exc
