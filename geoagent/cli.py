@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -106,9 +107,65 @@ class _NoteHandler(logging.Handler):
         _labelled("note:", "dim", record.getMessage())
 
 
+class _StatusLine:
+    """What the command waits for (``geoagent.loading``: "loading CLIP ViT-B-32"), as one transient spinner line on
+    stderr. Installed only when stderr is a terminal. While a progress bar is up, the bar's label says it instead
+    (rich draws one live display at a time); a bar attached without a task just hides the line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._doing: list[str] = []
+        self._spinner: Any = None
+        self._bar: tuple[Any, Any, str] | None = None  # (Progress, task or None, the task's own label)
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        with self._lock:
+            self._doing.append(what)
+            self._show()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._doing.remove(what)
+                self._show()
+
+    def _show(self) -> None:
+        text = "; ".join(self._doing) + "…" if self._doing else ""
+        if self._bar is not None:
+            bar, task, label = self._bar
+            if task is not None:
+                bar.update(task, description=f"{label} ({text})" if text else label)
+        elif text and self._spinner is None:
+            self._spinner = stderr.status(Text(text), spinner="dots")
+            self._spinner.start()
+        elif text:
+            self._spinner.update(Text(text))
+        if self._spinner is not None and (not text or self._bar is not None):
+            self._spinner.stop()
+            self._spinner = None
+
+    def attach(self, bar: Any, task: Any = None, label: str = "") -> None:
+        """A progress bar goes up: the loads show in ``task``'s label (none: not at all) until :meth:`detach`."""
+        with self._lock:
+            self._bar = (bar, task, label)
+            self._show()
+
+    def detach(self) -> None:
+        with self._lock:
+            self._bar = None
+            self._show()
+
+
+status_line = _StatusLine()
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn GeoAgent's errors into one line on stderr and the right exit code, never a traceback."""
+    from geoagent.loading import set_announcer
+
+    set_announcer(status_line if stderr.is_terminal else None)
     warnings.showwarning = _show_warning  # type: ignore[assignment]
     package_log = logging.getLogger("geoagent")
     if not package_log.handlers:
@@ -397,7 +454,7 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
@@ -407,6 +464,7 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
     # Results printed to a terminal go above the bar; piped (locate --json > file) they stay out of it.
     with Progress(*columns, console=stderr, transient=True, redirect_stdout=stdout.is_terminal) as bar:
         task = bar.add_task(label, total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+        status_line.attach(bar, task, label)  # models loading before the first photo: the bar's label says so
 
         def update(p: Any) -> None:
             if not bar.tasks[0].started:
@@ -418,7 +476,10 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
                 hits="-" if hit_rate is None else f"{hit_rate:.0%}", failed=p.failed,
             )
 
-        yield update
+        try:
+            yield update
+        finally:
+            status_line.detach()
 
 
 @app.command("eval")
@@ -448,16 +509,19 @@ def evaluate(
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
         run = EvalRun(data, columns, limit, on_warning=print_warning)
         total = len(run.items) * len(columns)
-        bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        bar_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         interrupted = False
         try:
             with Progress(*bar_columns, console=stderr, transient=True) as bar:
                 task = bar.add_task("eval", total=total)
                 run.on_photo = lambda: bar.advance(task)
+                status_line.attach(bar, task, "eval")
                 try:
                     asyncio.run(run.execute())
                 except KeyboardInterrupt:
                     interrupted = True
+                finally:
+                    status_line.detach()
         finally:  # whatever stopped the run, what finished is reported
             partial = interrupted or bool(run.stopped) or sys.exc_info()[0] is not None
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
@@ -753,34 +817,86 @@ def _train_progress() -> Iterator[Any]:
 @app.command("check")
 def check(config: ConfigOption = None) -> None:
     """Check that every backend profile a task routes to is reachable, has its model and answers a chat request."""
-    from geoagent.vlm import VLMPool
-    from geoagent.vlm.backend import Health
+    from geoagent.setup import check_profiles
 
     with user_errors():
         settings = load_config(config)
-        routed = settings.routed_profiles()
-
-        async def run() -> list[tuple[str, Health | GeoAgentError]]:
-            pool = VLMPool(settings)
-            results: list[tuple[str, Health | GeoAgentError]] = []
-            try:
-                for name in routed:
-                    try:
-                        results.append((name, await pool.client(name).backend.check(probe_chat=True)))
-                    except GeoAgentError as exc:
-                        results.append((name, exc))
-            finally:
-                await pool.aclose()
-            return results
-
-        failed = False
-        for name, outcome in asyncio.run(run()):
-            if isinstance(outcome, GeoAgentError):
-                failed = True
-                print_line(f"{name}: FAILED: {outcome}")
-                continue
-            print_line(f"{name}: {outcome.summary}")
-            for warning in outcome.warnings:
-                print_warning(warning)
-        if failed:
+        results = asyncio.run(check_profiles(settings))
+        _print_checks(results)
+        if not all(result.ok for result in results):
             raise typer.Exit(1)
+
+
+def _print_checks(results: list[Any], prefix: str = "") -> None:
+    for result in results:
+        print_line(f"{prefix}{result.profile}: {result.summary if result.ok else 'FAILED: ' + result.summary}")
+        for warning in result.warnings:
+            print_warning(warning)
+
+
+@app.command("setup")
+def setup(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched, and how big; change nothing.")] = False,
+) -> None:
+    """Get this machine ready, idempotently: every backend profile reachable with its model (Ollama pulls a missing
+    one), the CLIP weights downloaded, the gazetteer embedded (or the index checked); then `check`'s verdict.
+    Exit 0 when ready, 2 when a server, key or weights are missing (each named with what to do)."""
+    from geoagent.setup import run_setup
+
+    with user_errors():
+        settings = load_config(config)
+        with _setup_display() as (on_result, on_progress):
+            report = asyncio.run(run_setup(settings, dry_run=dry_run, on_result=on_result, on_progress=on_progress))
+        if report.checks is not None:
+            _print_checks(report.checks, prefix="check: ")
+        elif not dry_run:
+            print_line("check: not run: a backend is not ready")
+        print_line(f"next: {report.next_command}")
+        if report.exit_code:
+            raise typer.Exit(report.exit_code)
+
+
+@contextmanager
+def _setup_display() -> Iterator[tuple[Any, Any]]:
+    """``setup``'s output: one line a step on stdout; on a terminal, while a step works, a bar on stderr per pulled
+    layer (bytes, speed) or for the places embedded. Steps that show their own progress (huggingface_hub's) get the
+    terminal to themselves: a bar is only up while progress comes."""
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TransferSpeedColumn
+
+    live: dict[str, Any] = {}  # the Progress of the step under way, and its tasks by label
+
+    def stop() -> None:
+        if "bar" in live:
+            live.pop("bar").stop()
+            status_line.detach()
+        live.clear()
+
+    def on_progress(event: Any) -> None:
+        if not stderr.is_terminal:
+            return
+        if "bar" not in live:
+            counter = DownloadColumn() if event.unit == "bytes" else MofNCompleteColumn()
+            live["bar"] = Progress(TextColumn("{task.description}"), BarColumn(), counter, TransferSpeedColumn() if event.unit == "bytes" else TextColumn(""),
+                                   console=stderr, transient=True)  # fmt: skip
+            status_line.attach(live["bar"])  # the bar says what is under way
+            live["bar"].start()
+        bar = live["bar"]
+        if event.total is None:  # a status line of the pull ("verifying sha256 digest")
+            live.setdefault("status", bar.add_task(event.status, total=None))
+            bar.update(live["status"], description=event.status)
+            return
+        key = f"task:{event.label}"
+        if key not in live:
+            live[key] = bar.add_task(f"{event.step}: {event.label}", total=event.total)
+        bar.update(live[key], completed=event.completed or 0, total=event.total)
+
+    def on_result(result: Any) -> None:
+        stop()
+        label = {"failed": "FAILED: ", "skipped": "skipped: "}.get(result.state, "")
+        print_line(f"{result.step}: {label}{result.summary}")
+
+    try:
+        yield on_result, on_progress
+    finally:
+        stop()

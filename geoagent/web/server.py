@@ -1,4 +1,5 @@
-"""Running ``geoagent serve``: bind, preflight the agent once, serve with uvicorn until Ctrl-C, close cleanly."""
+"""Running ``geoagent serve``: bind, serve with uvicorn at once while the agent's preflight loads its models, until
+Ctrl-C; close cleanly."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from geoagent.config import Settings
 from geoagent.errors import ConfigError
 from geoagent.paths import os_error_reason
 from geoagent.web.app import WebOptions, create_app
+from geoagent.web.startup import Startup
 
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STARTED_POLL_S = 0.02  # how often the start waits for uvicorn to be listening before it says the URL
 
 
 class _Server(uvicorn.Server):
@@ -68,20 +71,38 @@ async def serve(
     warn: Callable[[str], None],
     error: Callable[[str], None],
 ) -> int:
-    """Serve the page until stopped; the exit code (the preflight's problems stop it before it listens)."""
+    """Serve the page until stopped; the exit code. The URL is said as soon as the server listens; the models load
+    behind it (the page shows "loading models…", then "ready"), and the preflight's problems stop the server."""
     sock = bind(options.host, port)
     try:
         async with GeoAgent(settings) as agent:
-            code = (await agent.preflight()).tell(warn, error)
-            if code:
-                return code
+            startup = Startup()
             config = uvicorn.Config(
-                create_app(agent, options), log_config=None, access_log=False, lifespan="off",
+                create_app(agent, options, startup), log_config=None, access_log=False, lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
             server = _Server(config)
-            say(f"GeoAgent page at {page_url(sock)} (Ctrl-C to stop)")
-            await server.serve(sockets=[sock])
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
+            preflight = asyncio.create_task(agent.preflight())
+            while not server.started and not serving.done():
+                await asyncio.sleep(STARTED_POLL_S)
+            if server.started:
+                say(f"GeoAgent page at {page_url(sock)} (Ctrl-C to stop)")
+            await asyncio.wait((serving, preflight), return_when=asyncio.FIRST_COMPLETED)
+            if not preflight.done():  # stopped while the models loaded
+                preflight.cancel()
+                await asyncio.gather(preflight, return_exceptions=True)
+            else:
+                readiness = preflight.result()
+                code = readiness.tell(warn, error)
+                if code:
+                    startup.failed([str(problem) for problem in readiness.problems])
+                    server.should_exit = True
+                    await serving
+                    return code
+                startup.ready()
+                say("ready: models loaded")
+            await serving
             say("stopped")
     finally:
         sock.close()
