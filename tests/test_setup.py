@@ -93,6 +93,21 @@ async def test_setup_pulls_a_missing_model_with_streamed_progress_then_check_pas
     assert [r.path for r in server.log].count("/api/pull") == 1  # nothing pulled twice
 
 
+def test_on_a_terminal_each_layer_pulled_has_a_bar_with_its_bytes(standin, tmp_path):
+    """stderr a terminal: while the pull streams, a bar per layer names its short digest and counts its megabytes;
+    stdout keeps the step lines alone."""
+    from standin.server import layer_digest
+    from test_terminal import run_with_terminal_stderr
+
+    server = standin(config=StandinConfig(models=(), registry={"llava:7b": LAYERS}, pull_steps=4, pull_line_s=0.15))
+    config = write_config(tmp_path / "geoagent.toml", server.url)
+    code, out, screen = run_with_terminal_stderr(["setup", "--config", str(config)], tmp_path)
+    assert code == 0, screen
+    assert f"backend local: {layer_digest('llava:7b', 0)[7:19]}" in screen and "/3.0 MB" in screen, screen
+    assert out.splitlines()[0].startswith("backend local: pulled llava:7b (3.1 MB in 3 layers)")
+    assert "MB/s" not in out and "━" not in out
+
+
 def test_a_model_the_registry_lacks_is_ollamas_error_in_one_line(standin, tmp_path):
     """Pulling a model that does not exist: Ollama's own error ("pull model manifest: file does not exist") on the
     backend's line, once, a non-zero exit, no traceback; the closing check is not run against a backend not ready."""
@@ -109,8 +124,7 @@ def test_a_model_the_registry_lacks_is_ollamas_error_in_one_line(standin, tmp_pa
 def test_dry_run_says_what_it_would_fetch_and_changes_nothing(standin, tmp_path):
     """--dry-run against a stand-in lacking the model: the pull it would make and its size, read from the registry
     the model's name points to (the stand-in's own here), the gazetteer it would embed; the stand-in got no pull,
-    no file was written anywhere, exit 0. Named by the default registry, which cannot be reached here, the size is
-    unknown and said to be."""
+    no file was written anywhere, exit 0."""
     server = standin(config=StandinConfig(models=(), registry={"llava:7b": LAYERS}))
     host = server.url.removeprefix("http://")
     config = write_config(tmp_path / "geoagent.toml", server.url, model=f"{host}/library/llava:7b")
@@ -125,10 +139,16 @@ def test_dry_run_says_what_it_would_fetch_and_changes_nothing(standin, tmp_path)
     assert "/api/pull" not in [r.path for r in server.log]
     assert files_under(tmp_path) == before
 
-    write_config(config, server.url, model="llava:7b")
-    proc = run_cli("setup", "--dry-run", "--config", str(config), cwd=tmp_path)
-    assert proc.returncode == 0 and "would pull llava:7b" in proc.stdout and "(size unknown: the registry is unreachable)" in proc.stdout
-    assert "/api/pull" not in [r.path for r in server.log] and files_under(tmp_path) == before
+
+async def test_a_dry_run_without_the_registry_says_the_size_is_unknown(standin, tmp_path):
+    """A plain model name points at registry.ollama.ai, which cannot be reached here: the plan stands, its size is
+    said to be unknown and why, and nothing is pulled."""
+    server = standin(config=StandinConfig(models=(), registry={"llava:7b": LAYERS}))
+    profile = settings_for(server.url, tmp_path).backends["local"]
+    planned = await backend_step("local", profile, dry_run=True, on_progress=lambda _: None)
+    assert planned.state == "planned" and planned.fetch_bytes is None
+    assert planned.summary == f"would pull llava:7b onto {server.url} (size unknown: the registry is unreachable)"
+    assert "/api/pull" not in [r.path for r in server.log]
 
 
 def test_an_unreachable_server_is_one_line_and_exit_2(tmp_path):

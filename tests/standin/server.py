@@ -111,6 +111,7 @@ class StandinConfig:
     list_models: bool = True  # False: /v1/models lists nothing, as an engine that has not loaded its model yet
     registry: dict[str, tuple[int, ...]] = field(default_factory=dict)  # models a pull can fetch: name -> layer sizes (bytes)
     pull_steps: int = 4  # progress lines per layer of a pull
+    pull_line_s: float = 0.0  # wait before each progress line (a download that takes its time)
     hold_show: threading.Event | None = None  # /api/show waits until this is set (a preflight held up, for tests)
 
     def digest(self, model: str) -> str:
@@ -264,6 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for line in lines:
+            time.sleep(self.server.standin.config.pull_line_s)
             data = json.dumps(line).encode() + b"\n"
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
