@@ -883,8 +883,9 @@ def _setup_display() -> Iterator[tuple[Any, Any]]:
             live["bar"].start()
         bar = live["bar"]
         if event.total is None:  # a status line of the pull ("verifying sha256 digest")
-            live.setdefault("status", bar.add_task(event.status, total=None))
-            bar.update(live["status"], description=event.status)
+            if "status" not in live:
+                live["status"] = bar.add_task(event.status, total=None)
+            bar.update(live["status"], description=f"{event.step}: {event.status}")
             return
         key = f"task:{event.label}"
         if key not in live:
