@@ -26,6 +26,7 @@ from geoagent.config import BackendProfile, Settings, inspect_config, load_confi
 from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.paths import display_path, photo_problem
 from geoagent.ranker import recipe
+from geoagent.terminal import StatusLine
 
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
@@ -106,9 +107,15 @@ class _NoteHandler(logging.Handler):
         _labelled("note:", "dim", record.getMessage())
 
 
+status_line = StatusLine(stderr)  # what the command waits for, on a terminal (geoagent.loading)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn GeoAgent's errors into one line on stderr and the right exit code, never a traceback."""
+    from geoagent.loading import set_announcer
+
+    set_announcer(status_line if stderr.is_terminal else None)
     warnings.showwarning = _show_warning  # type: ignore[assignment]
     package_log = logging.getLogger("geoagent")
     if not package_log.handlers:
@@ -445,7 +452,7 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} photos/s"),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[vlm]} VLM calls/s"),
         TextColumn("cache hits {task.fields[hits]}"), TextColumn("{task.fields[failed]} failed"),
     )
@@ -455,6 +462,7 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
     # Results printed to a terminal go above the bar; piped (locate --json > file) they stay out of it.
     with Progress(*columns, console=stderr, transient=True, redirect_stdout=stdout.is_terminal) as bar:
         task = bar.add_task(label, total=None, start=False, rate="-", vlm="-", hits="-", failed=0)
+        status_line.attach(bar, task, label)  # models loading before the first photo: the bar's label says so
 
         def update(p: Any) -> None:
             if not bar.tasks[0].started:
@@ -466,7 +474,10 @@ def _progress_bar(label: str = "batch", shown: bool = True) -> Iterator[Any]:
                 hits="-" if hit_rate is None else f"{hit_rate:.0%}", failed=p.failed,
             )
 
-        yield update
+        try:
+            yield update
+        finally:
+            status_line.detach()
 
 
 @app.command("eval")
@@ -499,16 +510,19 @@ def evaluate(
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache, min_confidence=min_confidence))
         run = EvalRun(data, columns, limit, on_warning=print_warning, seed=seed)
         total = len(run.items) * len(columns)
-        bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        bar_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         interrupted = False
         try:
             with Progress(*bar_columns, console=stderr, transient=True) as bar:
                 task = bar.add_task("eval", total=total)
                 run.on_photo = lambda: bar.advance(task)
+                status_line.attach(bar, task, "eval")
                 try:
                     asyncio.run(run.execute())
                 except KeyboardInterrupt:
                     interrupted = True
+                finally:
+                    status_line.detach()
         finally:  # whatever stopped the run, what finished is reported
             partial = interrupted or bool(run.stopped) or sys.exc_info()[0] is not None
             report = write_outputs(run, out, partial=partial) if out else run.report(partial=partial)
@@ -870,34 +884,87 @@ def _train_progress() -> Iterator[Any]:
 @app.command("check")
 def check(config: ConfigOption = None) -> None:
     """Check that every backend profile a task routes to is reachable, has its model and answers a chat request."""
-    from geoagent.vlm import VLMPool
-    from geoagent.vlm.backend import Health
+    from geoagent.setup import check_profiles
 
     with user_errors():
         settings = load_config(config)
-        routed = settings.routed_profiles()
-
-        async def run() -> list[tuple[str, Health | GeoAgentError]]:
-            pool = VLMPool(settings)
-            results: list[tuple[str, Health | GeoAgentError]] = []
-            try:
-                for name in routed:
-                    try:
-                        results.append((name, await pool.client(name).backend.check(probe_chat=True)))
-                    except GeoAgentError as exc:
-                        results.append((name, exc))
-            finally:
-                await pool.aclose()
-            return results
-
-        failed = False
-        for name, outcome in asyncio.run(run()):
-            if isinstance(outcome, GeoAgentError):
-                failed = True
-                print_line(f"{name}: FAILED: {outcome}")
-                continue
-            print_line(f"{name}: {outcome.summary}")
-            for warning in outcome.warnings:
-                print_warning(warning)
-        if failed:
+        results = asyncio.run(check_profiles(settings))
+        _print_checks(results)
+        if not all(result.ok for result in results):
             raise typer.Exit(1)
+
+
+def _print_checks(results: list[Any], prefix: str = "") -> None:
+    for result in results:
+        print_line(f"{prefix}{result.profile}: {result.summary if result.ok else 'FAILED: ' + result.summary}")
+        for warning in result.warnings:
+            print_warning(warning)
+
+
+@app.command("setup")
+def setup(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be fetched, and how big; change nothing.")] = False,
+) -> None:
+    """Get this machine ready, idempotently: every backend profile reachable with its model (Ollama pulls a missing
+    one), the CLIP weights downloaded, the gazetteer embedded (or the index checked); then `check`'s verdict.
+    Exit 0 when ready, 2 when a server, key or weights are missing (each named with what to do)."""
+    from geoagent.setup import run_setup
+
+    with user_errors():
+        settings = load_config(config)
+        with _setup_display() as (on_result, on_progress):
+            report = asyncio.run(run_setup(settings, dry_run=dry_run, on_result=on_result, on_progress=on_progress))
+        if report.checks is not None:
+            _print_checks(report.checks, prefix="check: ")
+        elif not dry_run:
+            print_line("check: not run: a backend is not ready")
+        print_line(f"next: {report.next_command}")
+        if report.exit_code:
+            raise typer.Exit(report.exit_code)
+
+
+@contextmanager
+def _setup_display() -> Iterator[tuple[Any, Any]]:
+    """``setup``'s output: one line a step on stdout; on a terminal, while a step works, a bar on stderr per pulled
+    layer (bytes, speed) or for the places embedded. Steps that show their own progress (huggingface_hub's) get the
+    terminal to themselves: a bar is only up while progress comes."""
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TransferSpeedColumn
+
+    live: dict[str, Any] = {}  # the Progress of the step under way, and its tasks by label
+
+    def stop() -> None:
+        if "bar" in live:
+            live.pop("bar").stop()
+            status_line.detach()
+        live.clear()
+
+    def on_progress(event: Any) -> None:
+        if not stderr.is_terminal:
+            return
+        if "bar" not in live:
+            counter = DownloadColumn() if event.unit == "bytes" else MofNCompleteColumn()
+            live["bar"] = Progress(TextColumn("{task.description}"), BarColumn(), counter, TransferSpeedColumn() if event.unit == "bytes" else TextColumn(""),
+                                   console=stderr, transient=True)  # fmt: skip
+            status_line.attach(live["bar"])  # the bar says what is under way
+            live["bar"].start()
+        bar = live["bar"]
+        if event.total is None:  # a status line of the pull ("verifying sha256 digest")
+            if "status" not in live:
+                live["status"] = bar.add_task(event.status, total=None)
+            bar.update(live["status"], description=f"{event.step}: {event.status}")
+            return
+        key = f"task:{event.label}"
+        if key not in live:
+            live[key] = bar.add_task(f"{event.step}: {event.label}", total=event.total)
+        bar.update(live[key], completed=event.completed or 0, total=event.total)
+
+    def on_result(result: Any) -> None:
+        stop()
+        label = {"failed": "FAILED: ", "skipped": "skipped: "}.get(result.state, "")
+        print_line(f"{result.step}: {label}{result.summary}")
+
+    try:
+        yield on_result, on_progress
+    finally:
+        stop()

@@ -391,8 +391,8 @@ def test_without_the_web_extra_serve_names_what_to_install(tmp_path):
 
 
 def test_serve_preflights_like_locate(world, tmp_path):
-    """A server that cannot work is not started: the preflight's problems are told as `locate` tells them, the
-    exit code is theirs, and the port is let go."""
+    """A server that cannot work stops: it listens (and says where) at once, then the preflight's problems are told
+    as `locate` tells them, and the exit code is theirs."""
     from geoagent.config import Settings
     from geoagent.web.app import WebOptions
     from geoagent.web.server import serve
@@ -402,7 +402,7 @@ def test_serve_preflights_like_locate(world, tmp_path):
     said: list[str] = []
     errors: list[str] = []
     code = asyncio.run(serve(settings, WebOptions(max_upload_bytes=1000), 0, say=said.append, warn=said.append, error=errors.append))
-    assert code == 2 and said == []
+    assert code == 2 and len(said) == 1 and said[0].startswith("GeoAgent page at http://127.0.0.1:"), said
     assert len(errors) == 1 and "cannot connect to http://127.0.0.1:9; is `ollama serve` running there?" in errors[0], errors
 
 

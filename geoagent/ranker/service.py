@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from geoagent.agent.aggregate import rank_votes
 from geoagent.errors import InputError
 from geoagent.images import open_image
+from geoagent.loading import loading
 from geoagent.loads import ThreadLoads
 from geoagent.ranker import require_extra
 from geoagent.ranker.weights import resolve_weights
@@ -80,7 +81,8 @@ class Ranker:
     @classmethod
     async def load(cls, config: RankerConfig) -> Ranker:
         """Load (or reuse) the process's model in a worker thread."""
-        return cls(await asyncio.to_thread(shared_model, config), config.batch_size)
+        with loading(f"loading GeoRanker {config.base_model}"):
+            return cls(await asyncio.to_thread(shared_model, config), config.batch_size)
 
     async def rewards(self, items: list[RankItem]) -> list[float]:
         """One reward per item, computed with the other photos' pending items in as few passes as fit."""

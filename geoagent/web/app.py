@@ -33,6 +33,7 @@ from geoagent.maps.data import locate_map_data
 from geoagent.output import result_json
 from geoagent.types import LocateResult
 from geoagent.web.guard import Access, Guard
+from geoagent.web.startup import Startup
 from geoagent.web.upload import Upload, UploadError, receive_photo, upload_folder
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -114,8 +115,10 @@ class _CleanupResponse(Response):
             await self.cleanup()
 
 
-def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
-    """The app over ``agent`` (already preflighted; its owner closes it)."""
+def create_app(agent: GeoAgent, options: WebOptions, startup: Startup | None = None) -> Starlette:
+    """The app over ``agent`` (its owner preflights and closes it); ``startup`` says when its models are ready
+    (None: they are already)."""
+    startup = startup or Startup(ready=True)
     photos = asyncio.Semaphore(agent.photos_in_flight())
     security_headers = {
         "Content-Security-Policy": (
@@ -135,7 +138,12 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
             "max_upload_bytes": options.max_upload_bytes, "tiles": options.tiles, "attribution": TILES_ATTRIBUTION,
         })  # fmt: skip
 
+    async def status(request: Request) -> Response:
+        """``GET /api/status``: loading models, ready, or failed (the page polls it while the server starts)."""
+        return JSONResponse(startup.status.model_dump(), headers={"Cache-Control": "no-store"})
+
     async def locate(upload: Upload, explain: bool, on_event: OnEvent | None = None) -> LocateResult:
+        await startup.wait()  # a photo sent while the models load waits for them
         async with photos:
             result = await agent.locate(upload.path, explain=explain, on_event=on_event)
         return result.model_copy(update={"image": upload.name})
@@ -209,6 +217,7 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
         routes=[
             Route("/", page),
             Route("/api/config", page_config),
+            Route("/api/status", status),
             Route("/api/locate", locate_json, methods=["POST"]),
             Route("/api/locate/stream", locate_stream, methods=["POST"]),
             Mount("/static/maps", StaticFiles(directory=MAP_STATIC_DIR)),

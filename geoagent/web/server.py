@@ -1,4 +1,5 @@
-"""Running ``geoagent serve``: bind, preflight the agent once, serve with uvicorn until Ctrl-C, close cleanly."""
+"""Running ``geoagent serve``: bind, serve with uvicorn at once while the agent's preflight loads its models, until
+Ctrl-C; close cleanly."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from geoagent.errors import ConfigError
 from geoagent.paths import os_error_reason
 from geoagent.web.app import WebOptions, create_app, tile_source
 from geoagent.web.guard import TOKEN_PARAM, Access, is_every_address
+from geoagent.web.startup import Startup
 
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TOKEN_BYTES = 32  # a generated token: 43 URL-safe characters
+STARTED_POLL_S = 0.02  # how often the start waits for uvicorn to be listening before it says the URL
 
 
 class _Server(uvicorn.Server):
@@ -108,7 +111,8 @@ async def serve(
     warn: Callable[[str], None],
     error: Callable[[str], None],
 ) -> int:
-    """Serve the page until stopped; the exit code (the preflight's problems stop it before it listens)."""
+    """Serve the page until stopped; the exit code. The URL is said as soon as the server listens; the models load
+    behind it (the page shows "loading models…", then "ready"), and the preflight's problems stop the server."""
     tile_source(options.tiles)  # a bad --tiles is refused before anything starts
     access, generated = plan_access(settings, options, port)
     options = replace(options, access=access)
@@ -121,18 +125,35 @@ async def serve(
                 "tunnel or a TLS reverse proxy"
             )
         async with GeoAgent(settings) as agent:
-            code = (await agent.preflight()).tell(warn, error)
-            if code:
-                return code
+            startup = Startup()
             config = uvicorn.Config(
-                create_app(agent, options), log_config=None, access_log=False, lifespan="off",
+                create_app(agent, options, startup), log_config=None, access_log=False, lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
             server = _Server(config)
-            # A generated token is printed here once, in the URL; one from token_env is never printed.
-            told = "" if generated or access.token is None else f"; token: the value of {settings.serve.token_env}"
-            say(f"GeoAgent page at {page_url(sock, access.token if generated else None)} (Ctrl-C to stop{told})")
-            await server.serve(sockets=[sock])
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
+            preflight = asyncio.create_task(agent.preflight())
+            while not server.started and not serving.done():
+                await asyncio.sleep(STARTED_POLL_S)
+            if server.started:
+                # A generated token is printed here once, in the URL; one from token_env is never printed.
+                told = "" if generated or access.token is None else f"; token: the value of {settings.serve.token_env}"
+                say(f"GeoAgent page at {page_url(sock, access.token if generated else None)} (Ctrl-C to stop{told})")
+            await asyncio.wait((serving, preflight), return_when=asyncio.FIRST_COMPLETED)
+            if not preflight.done():  # stopped while the models loaded
+                preflight.cancel()
+                await asyncio.gather(preflight, return_exceptions=True)
+            else:
+                readiness = preflight.result()
+                code = readiness.tell(warn, error)
+                if code:
+                    startup.failed([str(problem) for problem in readiness.problems])
+                    server.should_exit = True
+                    await serving
+                    return code
+                startup.ready()
+                say("ready: models loaded")
+            await serving
             say("stopped")
     finally:
         sock.close()

@@ -5,7 +5,9 @@ decides the answer, and misbehaves on request: latency, a bounded parallel capac
 when full, and injected 500/503/429 (with Retry-After)/400, hangs, truncated JSON, fenced JSON and prose.
 It also models a context window as Ollama and vLLM do: images cost tokens, an Ollama prompt longer than its
 ``num_ctx`` (or the default context) is cut from the start, and an OpenAI-protocol prompt that does not fit
-is refused with a 400. Every request is logged so tests can count what was actually sent.
+is refused with a 400. It pulls models as Ollama does (``/api/pull`` streams NDJSON progress, layer by layer, from
+a registry of the models that exist; ``/api/tags`` lists a pulled model from then on) and serves that registry's
+manifests (``/v2/<namespace>/<name>/manifests/<tag>``). Every request is logged so tests can count what was sent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from PIL import Image
 FAULTS = ("http_503", "http_429", "http_500", "hang", "truncated", "fenced", "prose", "http_400")
 #: What an injected HTTP fault says; 400 is the refusal a retry cannot fix.
 FAULT_MESSAGES = {503: "server overloaded", 429: "rate limit reached", 500: "internal error", 400: "image could not be processed"}
+#: What Ollama streams when the registry has no such model.
+PULL_MISSING = "pull model manifest: file does not exist"
 #: Characters per text token in the stand-in's token count (a tokenizer's usual ratio for English).
 CHARS_PER_TOKEN = 4
 
@@ -83,6 +87,7 @@ class LoggedRequest:
     prompt_tokens: int = 0  # the whole prompt's size in the stand-in's token count
     context: int | None = None  # the context window that applied (None: unlimited)
     truncated: bool = False  # the prompt was cut from the start to fit ``context``
+    model: str = ""  # the model a pull or show named
 
 
 Judge = Callable[[SeenRequest], dict[str, Any]]
@@ -104,9 +109,29 @@ class StandinConfig:
     digests: dict[str, str] = field(default_factory=dict)  # model -> digest in /api/tags (and /v1/models root); "re-pull" by changing it
     refuse_response_format: bool = False  # OpenAI protocol: answer 400 to structured-output requests, as some engines do
     list_models: bool = True  # False: /v1/models lists nothing, as an engine that has not loaded its model yet
+    registry: dict[str, tuple[int, ...]] = field(default_factory=dict)  # models a pull can fetch: name -> layer sizes (bytes)
+    pull_steps: int = 4  # progress lines per layer of a pull
+    pull_line_s: float = 0.0  # wait before each progress line (a download that takes its time)
+    hold_show: threading.Event | None = None  # /api/show waits until this is set (a preflight held up, for tests)
 
     def digest(self, model: str) -> str:
         return self.digests.get(model, hashlib.sha256(model.encode()).hexdigest())
+
+    def layers(self, model: str) -> tuple[int, ...] | None:
+        """The registry's layer sizes of ``model`` (however its name is spelled), or None if it has no such model."""
+        wanted = short_name(model)
+        return next((sizes for name, sizes in self.registry.items() if short_name(name) == wanted), None)
+
+
+def short_name(model: str) -> str:
+    """``model`` as Ollama resolves it, without its registry host: ``library/`` and ``:latest`` filled in."""
+    path, last = model.rsplit("/", 1) if "/" in model else ("", model)
+    parts = [p for p in path.split("/") if p][-1:] or ["library"]  # a host before the namespace is dropped
+    return f"{parts[0]}/{last if ':' in last else last + ':latest'}"
+
+
+def layer_digest(model: str, index: int) -> str:
+    return "sha256:" + hashlib.sha256(f"{short_name(model)}#{index}".encode()).hexdigest()
 
 
 class _Server(ThreadingHTTPServer):
@@ -231,6 +256,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _send_ndjson(self, lines: list[dict[str, Any]]) -> None:
+        """A streamed (chunked) application/x-ndjson reply, one JSON object a chunk, as Ollama streams progress."""
+        if self._dead():
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for line in lines:
+            time.sleep(self.server.standin.config.pull_line_s)
+            data = json.dumps(line).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
     def _error(self, protocol: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         if protocol == "ollama":
             self._send_json(status, {"error": message}, headers)
@@ -262,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/api/tags":
             tags = [{"name": m, "model": m, "size": 0, "digest": standin.config.digest(m), "details": {"family": "llama", "families": ["llama", "clip"]}} for m in models]
             self._send_json(200, {"models": tags})
+        elif self.path.startswith("/v2/") and "/manifests/" in self.path:
+            self._manifest()
         elif self.path == "/v1/models":
             if not self._authorised("openai"):
                 return
@@ -276,10 +318,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self._dead():
             return
         standin = self.server.standin
-        if self.path == "/api/show":
+        if self.path == "/api/pull":
+            self._pull()
+        elif self.path == "/api/show":
             body = self._body()
             name = body.get("model") or body.get("name")
-            standin._record(LoggedRequest(path=self.path, status=200 if name in standin.config.models else 404))
+            if standin.config.hold_show is not None:
+                standin.config.hold_show.wait()
+            standin._record(LoggedRequest(path=self.path, status=200 if name in standin.config.models else 404, model=name or ""))
             if name in standin.config.models:
                 self._send_json(200, {
                     "modelfile": "", "parameters": "", "template": "", "modified_at": "2026-01-01T00:00:00Z",
@@ -295,6 +341,53 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             standin._record(LoggedRequest(path=self.path, status=404))
             self._send_json(404, {"error": "404 page not found"})
+
+    def _pull(self) -> None:
+        """Ollama's /api/pull: progress lines per layer, then the model is listed; an unknown model is Ollama's error."""
+        standin = self.server.standin
+        body = self._body()
+        name = str(body.get("model") or body.get("name") or "")
+        stream = body.get("stream", True)
+        layers = standin.config.layers(name)
+        standin._record(LoggedRequest(path=self.path, status=200 if layers is not None else 500, model=name))
+        if layers is None:
+            if stream:  # the stream has begun when the manifest turns out missing: the error is a line of it
+                self._send_ndjson([{"status": "pulling manifest"}, {"error": PULL_MISSING}])
+            else:
+                self._send_json(500, {"error": PULL_MISSING})
+            return
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        steps = max(1, standin.config.pull_steps)
+        for index, size in enumerate(layers):
+            digest = layer_digest(name, index)
+            lines += [
+                {"status": f"pulling {digest[7:19]}", "digest": digest, "total": size, "completed": size * step // steps}
+                for step in range(1, steps + 1)
+            ]
+        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        with standin._lock:
+            if name not in standin.config.models:
+                standin.config.models = (*standin.config.models, name)
+        if stream:
+            self._send_ndjson(lines)
+        else:
+            self._send_json(200, {"status": "success"})
+
+    def _manifest(self) -> None:
+        """A registry's manifest (/v2/<namespace>/<name>/manifests/<tag>): the layers a pull would fetch, and their sizes."""
+        standin = self.server.standin
+        namespace_name, _, tag = self.path[len("/v2/") :].partition("/manifests/")
+        model = f"{namespace_name}:{tag}"
+        layers = standin.config.layers(model)
+        if layers is None:
+            self._send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]})
+            return
+        blob = "application/vnd.ollama.image.model"
+        self._send_json(200, {
+            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": layer_digest(model, -1), "size": 0},
+            "layers": [{"mediaType": blob, "digest": layer_digest(model, i), "size": size} for i, size in enumerate(layers)],
+        })  # fmt: skip
 
     def _authorised(self, protocol: str) -> bool:
         expected = self.server.standin.config.api_key

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: litellm is an optional extra: a plain install stays lean, hosted models need it.
 HOSTED_EXTRA_INSTALL = "pip install 'geoagent-vlm[hosted]'"
+#: What names a credential among the variables litellm says a provider reads (not its URL variables).
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET")
 
 
 def _require_litellm(user: str = "a backend of kind 'litellm'") -> None:
@@ -65,8 +67,18 @@ class Backend(VLMBackend):
         return self._module
 
     async def check(self, *, probe_chat: bool = False) -> Health:
-        """Imports litellm now, while the rest of the preflight runs, so the first photo does not wait for it."""
-        await self._imported()
+        """Imports litellm now, while the rest of the preflight runs, so the first photo does not wait for it; a
+        provider reached without api_key_env needs its own key variable set (litellm names it; its value is never read
+        here)."""
+        litellm = await self._imported()
+        if self.api_key is None and not self.profile.base_url:
+            found = litellm.validate_environment(model=litellm_model(self.profile.model))
+            missing = [str(name) for name in found.get("missing_keys") or [] if any(w in str(name) for w in SECRET_WORDS)]
+            if missing:  # a missing API base (a local server's default URL) is no key: the first ask will tell
+                raise ConfigError(
+                    f"backend '{self.name}': no key for {self.profile.model} in the environment (litellm looks for "
+                    f"{', '.join(missing)}); export it, or name the variable that holds your key in api_key_env"
+                )
         return await super().check(probe_chat=probe_chat)
 
     def _key(self) -> str | None:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import httpx
 import ollama
 
-from geoagent.errors import BackendError, ModelMissingError
+from geoagent.errors import BackendError, ModelMissingError, WrongServerError
 from geoagent.vlm.backend import Health, TransientError, VLMBackend, record_response, watch_response
 from geoagent.vlm.context import CONTEXT_FIXES, ContextWindow, ContextWindowWarning
-from geoagent.vlm.types import ChatRequest, Completion, Usage
+from geoagent.vlm.types import ChatRequest, Completion, PullProgress, Usage
 
 T = TypeVar("T")
 
 OLLAMA_NOT_RUNNING = "is `ollama serve` running there? (set base_url if Ollama listens elsewhere)"
 OLLAMA_API = "the Ollama API"
+OLLAMA_REGISTRY = "registry.ollama.ai"  # where a model name without a host is pulled from
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+REGISTRY_TIMEOUT_S = 10.0
 
 
 def _tagged(model: str) -> str:
@@ -26,9 +29,22 @@ def _tagged(model: str) -> str:
     return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
+def manifest_urls(model: str) -> list[str]:
+    """Where the registry keeps ``model``'s manifest, as Ollama names models: ``[host/][namespace/]name[:tag]``
+    (defaults registry.ollama.ai, library, latest). https first; http too, for a registry reached with --insecure."""
+    path, last = model.rsplit("/", 1) if "/" in model else ("", model)
+    name, _, tag = last.partition(":")
+    parts = [p for p in path.split("/") if p]
+    host = parts.pop(0) if len(parts) == 2 else OLLAMA_REGISTRY
+    namespace = parts[0] if parts else "library"
+    route = f"{host}/v2/{namespace}/{name}/manifests/{tag or 'latest'}"
+    return [f"https://{route}", f"http://{route}"]
+
+
 class Backend(VLMBackend):
     kind = "ollama"
     default_url = "http://127.0.0.1:11434"
+    can_pull = True
 
     def __init__(self, name: str, profile: Any) -> None:
         super().__init__(name, profile)
@@ -80,6 +96,44 @@ class Backend(VLMBackend):
 
     async def check(self, *, probe_chat: bool = False) -> Health:
         return await self.probe(self._show())
+
+    async def pull(self) -> AsyncIterator[PullProgress]:
+        """``ollama pull`` through the client's streaming API: each progress line as it comes. The client's timeout
+        bounds every wait for the next line, so a stalled download fails instead of hanging."""
+        try:
+            async for part in await self._client.pull(self.profile.model, stream=True):
+                yield PullProgress(status=part.status or "", digest=part.digest, total=part.total, completed=part.completed)
+        except ollama.ResponseError as exc:  # a streamed {"error": ...} line, or an HTTP error status
+            raise BackendError(
+                f"backend '{self.name}': Ollama at {self.url} cannot pull '{self.profile.model}': {self.redact(str(exc.error))}"
+            ) from None
+        except (ConnectionError, httpx.ConnectError):  # streaming, the client lets httpx's own error through
+            raise self.unreachable_error(OLLAMA_NOT_RUNNING) from None
+        except httpx.TimeoutException:
+            raise BackendError(f"backend '{self.name}': the pull of '{self.profile.model}' stalled: no progress within {self.profile.timeout_s:g} s") from None
+        except httpx.TransportError as exc:
+            raise BackendError(f"backend '{self.name}': the pull of '{self.profile.model}' broke off ({type(exc).__name__}); run setup again to resume it") from None
+        except ValueError:  # a line that is not JSON: something else answers there
+            raise WrongServerError(f"backend '{self.name}': {self.url} did not answer the pull as {OLLAMA_API} does; is base_url right?") from None
+
+    async def download_size(self) -> int | None:
+        """The manifest's layers summed; None when the registry cannot be reached. A model the registry does not
+        know is a BackendError, as the pull itself would fail."""
+        async with httpx.AsyncClient(timeout=REGISTRY_TIMEOUT_S, headers={"Accept": MANIFEST_TYPE}) as client:
+            for url in manifest_urls(self.profile.model):
+                try:
+                    response = await client.get(url)
+                except httpx.HTTPError:
+                    continue  # https refused or unreachable: try plain http, then give up
+                if response.status_code == 404:
+                    raise BackendError(f"backend '{self.name}': the registry has no model '{self.profile.model}' ({url})")
+                try:
+                    manifest = response.raise_for_status().json()
+                    blobs = [manifest["config"], *manifest["layers"]]
+                    return sum(int(blob["size"]) for blob in blobs)
+                except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                    return None  # an answer of another kind: the size is unknown, the pull will tell
+        return None
 
     async def model_identity(self) -> str | None:
         listing = await self.probe(self._api(self._client.list()))

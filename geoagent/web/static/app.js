@@ -236,8 +236,27 @@ async function locate(file) {
   }
 }
 
+// The server listens before its models are loaded: say so until /api/status reads "ready" (a photo dropped
+// meanwhile waits on the server for them). body[data-models] carries the state: loading, ready or failed.
+async function watchStartup() {
+  for (;;) {
+    let status;
+    try {
+      status = await (await fetch("/api/status", { cache: "no-store" })).json();
+    } catch (err) {
+      status = { state: "failed", message: `the server could not be reached (${err.message})` };
+    }
+    document.body.dataset.models = status.state;
+    if (status.state === "failed") showError(status.message);
+    if (!state.busy) $("status").textContent = status.state === "loading" ? "Loading models…" : "";
+    if (status.state !== "loading") return;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
 async function start() {
   state.config = await (await fetch("/api/config")).json();
+  watchStartup();
   showMap(null);
   const drop = $("drop");
   $("photo").addEventListener("change", (e) => {
