@@ -96,6 +96,8 @@ def print_warning(message: object) -> None:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    if category.__name__ == "DecompressionBombWarning":  # Pillow's pathless twin of the refusal that names the file
+        return
     print_warning(message)
 
 
@@ -230,9 +232,12 @@ def locate(
             strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
         _check_map(map_file)
+        from geoagent.images import header_problem, set_pixel_limit
+
+        set_pixel_limit(settings.images.max_pixels)
         readable = []
-        for photo in photos:  # before any heavy import: a typo in a path is reported at once
-            problem = photo_problem(photo)
+        for photo in photos:  # before any heavy import: a typo in a path, junk or a bomb is reported at once
+            problem = photo_problem(photo) or header_problem(photo)
             if problem:
                 print_error(f"{display_path(photo)}: {problem}")
             else:
@@ -558,7 +563,10 @@ def index_build(
         if append and (nlist or pq_bytes):
             raise ConfigError("--nlist/--pq-bytes: --append keeps the trained quantizer; rebuild without --append to change them")
         settings = load_config(config)
+        from geoagent.images import set_pixel_limit
         from geoagent.retrieval.embedder import Embedder
+
+        set_pixel_limit(settings.images.max_pixels)
         from geoagent.retrieval.index import PhotoEmbedding, build_index, read_source
 
         items = read_source(source, images)  # a missing source or a bad CSV header fails before the model loads

@@ -21,7 +21,7 @@ from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
 from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
-from geoagent.images import open_image
+from geoagent.images import in_decode_pool, open_image, set_pixel_limit
 from geoagent.loads import ThreadLoads
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
@@ -38,6 +38,7 @@ REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (ref
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
+FULL_RESOLUTION_PHOTOS = 2  # photos between decode and embedding at once (each may hold a few hundred MB)
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
 EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
 ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
@@ -93,6 +94,7 @@ class GeoAgent:
 
     def __init__(self, settings: Settings, *, retriever: Retriever | None = None, pool: VLMPool | None = None) -> None:
         self.settings = settings
+        set_pixel_limit(settings.images.max_pixels)  # process-wide, as Pillow's own limit is
         self.prompts = PromptSet(settings.agent.prompts_dir)
         self.pool = pool or VLMPool(settings)
         self._retriever = retriever
@@ -100,6 +102,9 @@ class GeoAgent:
         self._ranker: Ranker | None = None
         self._ranker_lock = asyncio.Lock()
         self._references = ThreadLoads(self._load_reference, REFERENCE_PHOTO_CACHE)
+        #: Photos holding full-resolution pixels at once (from their decode to their embedding): with the decode
+        #: pool's bound, what bounds memory when many large photos arrive together.
+        self._full_resolution = asyncio.Semaphore(FULL_RESOLUTION_PHOTOS)
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -163,7 +168,7 @@ class GeoAgent:
         every one of ``photos`` carries EXIF GPS nothing is needed (no model will run), so nothing is checked.
         """
         readiness = Readiness()
-        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(asyncio.to_thread(_has_gps, p) for p in photos))):
+        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(in_decode_pool(_has_gps, p) for p in photos))):
             return readiness
 
         async def attempt(coroutine: Any) -> None:
@@ -292,13 +297,18 @@ class GeoAgent:
             finally:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
-        exif = await asyncio.to_thread(read_exif, photo)  # metadata first, before any model runs
+        exif = await in_decode_pool(read_exif, photo)  # metadata first, before any model runs
         if cfg.use_exif and exif is not None and exif.gps is not None:
             trace_or_none = trace if explain else None
             return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
-        image = await asyncio.to_thread(open_image, photo)
-        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector, on_event)
+        async with self._full_resolution:  # decoded to embedded: what memory holds per photo is then the small copies
+            image = await in_decode_pool(open_image, photo)
+            query = await in_decode_pool(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
+            if vector is None:
+                vector = await timed("embed", (await self.retriever()).embed(image))
+            pixels = image if cfg.strategy in MODEL_STRATEGIES else None  # a model strategy scores the pixels itself
+            del image
+        candidates, prior, guesses = await self._gather_evidence(query, log, trace, timed, vector, on_event)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -320,7 +330,7 @@ class GeoAgent:
             on_event(RerankStarted(strategy=cfg.strategy, pool=pool, skipped=skip))
         scored = None
         if skip is None and cfg.strategy in MODEL_STRATEGIES:
-            scored = await timed("rerank", self._model_votes(image, pool))
+            scored = await timed("rerank", self._model_votes(pixels, pool))
             votes = scored.votes
         elif skip is None:
             task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
@@ -378,8 +388,7 @@ class GeoAgent:
         return result
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None,
-        on_event: OnEvent | None = None,
+        self, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray, on_event: OnEvent | None = None,
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -397,8 +406,6 @@ class GeoAgent:
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
-            if vector is None:
-                vector = await timed("embed", retriever.embed(image))
             if cfg.submap != "none" and prior_task is not None:
                 prior = await prior_task
             if cfg.submap == "kmeans" and reasoning_task is not None:
