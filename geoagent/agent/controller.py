@@ -38,7 +38,6 @@ REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (ref
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
-FULL_RESOLUTION_PHOTOS = 2  # photos between decode and embedding at once (each may hold a few hundred MB)
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
 EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
 ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
@@ -102,9 +101,6 @@ class GeoAgent:
         self._ranker: Ranker | None = None
         self._ranker_lock = asyncio.Lock()
         self._references = ThreadLoads(self._load_reference, REFERENCE_PHOTO_CACHE)
-        #: Photos holding full-resolution pixels at once (from their decode to their embedding): with the decode
-        #: pool's bound, what bounds memory when many large photos arrive together.
-        self._full_resolution = asyncio.Semaphore(FULL_RESOLUTION_PHOTOS)
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -301,13 +297,9 @@ class GeoAgent:
         if cfg.use_exif and exif is not None and exif.gps is not None:
             trace_or_none = trace if explain else None
             return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
-        async with self._full_resolution:  # decoded to embedded: what memory holds per photo is then the small copies
-            image = await in_decode_pool(open_image, photo)
-            query = await in_decode_pool(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-            if vector is None:
-                vector = await timed("embed", (await self.retriever()).embed(image))
-            pixels = image if cfg.strategy in MODEL_STRATEGIES else None  # a model strategy scores the pixels itself
-            del image
+        retriever = await self.retriever() if vector is None else None
+        query, embedded, pixels = await timed("embed", in_decode_pool(self._prepare, photo, retriever))
+        vector = embedded if vector is None else vector
         candidates, prior, guesses = await self._gather_evidence(query, log, trace, timed, vector, on_event)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
@@ -499,6 +491,16 @@ class GeoAgent:
         inside_ids = {c.id for c in await retriever.search(vector, k * SUBMAP_BOOST_POOL, countries, clusters)}
         boosted = sorted(wide, key=lambda c: -((c.retrieval_score or 0.0) + cfg.submap_weight * (c.id in inside_ids)))  # type: ignore[operator]
         return boosted[:k]
+
+    def _prepare(self, photo: str | Path, retriever: Retriever | None) -> tuple[Photo, np.ndarray | None, Any]:
+        """Decode the photo, encode it for the models and embed it (with ``retriever``) in one decode slot, so
+        its full-resolution pixels never outlive the slot: at most DECODE_SLOTS photos hold them at once.
+        The pixels themselves are kept only for a model strategy (GeoRanker scores them)."""
+        cfg = self.settings.agent
+        image = open_image(photo)
+        query = Photo.of(image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
+        vector = retriever.embedder.embed_images_sync([image])[0] if retriever is not None else None
+        return query, vector, image if cfg.strategy in MODEL_STRATEGIES else None
 
     def _load_reference(self, path: str) -> Photo | None:
         """A reference photo ready to send (blocking); None when it moved or was deleted since indexing: the

@@ -17,7 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from geoagent.errors import InputError
-from geoagent.images import open_image
+from geoagent.images import in_decode_pool, open_image
 from geoagent.paths import display_path
 
 FIELD = "photo"  # the multipart field that carries the photo
@@ -161,7 +161,7 @@ async def receive_photo(request: Request, folder: Path, max_bytes: int) -> Uploa
     name = _label(reader.name)
     if reader.received == 0:
         raise UploadError(400, f"{name}: empty file")
-    await asyncio.to_thread(_check_image, reader.target, name)
+    await in_decode_pool(_check_image, reader.target, name)  # decodes are bounded: at most DECODE_SLOTS at once
     return Upload(reader.target, name)
 
 

@@ -1,0 +1,128 @@
+"""`geoagent serve` under a flood of large photos (issue 18, point 3's must-show): 30 concurrent uploads of a
+20 MB PNG that decodes to 80 M pixels (240 MB of RGB each) are each answered or refused, the server stays up,
+and its peak RSS stays under 2 GB, because decodes are bounded: at most two at once (the decode pool) and at
+most two photos holding full-resolution pixels between decode and embedding."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import write_world_config
+from standin import StandinConfig, StandinServer, WorldJudge
+
+WIDTH, HEIGHT = 10_000, 8_000  # 80 M pixels: under Pillow's (and the default) 89.5 M pixel limit, so decoded
+NOISE_BYTES = 2_400  # random bytes per row, so the file is ~20 MB instead of compressing to nothing
+UPLOADS = 30
+PEAK_RSS_LIMIT_MB = 2048
+STARTUP_TIMEOUT_S = 180
+READY_LINE = "GeoAgent page at "
+
+
+def noisy_png(path: Path) -> Path:
+    """An 80 Mpx RGB PNG of ~20 MB written without holding its pixels: one row (noise, then black) compressed
+    once with a full flush (which resets the dictionary, so each row's deflate bytes are identical), repeated."""
+    row = b"\0" + os.urandom(NOISE_BYTES) + bytes(WIDTH * 3 - NOISE_BYTES)  # filter byte "none", then the pixels
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+    unit = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(HEIGHT):
+        adler = zlib.adler32(row, adler)
+    data = b"\x78\x01" + unit * HEIGHT + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", WIDTH, HEIGHT, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    stderr: Path
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident set so far (VmHWM), read from /proc while it runs."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+
+@pytest.fixture(scope="module")
+def big_png(tmp_path_factory) -> Path:
+    return noisy_png(tmp_path_factory.mktemp("big") / "big.png")
+
+
+@pytest.fixture(scope="module")
+def server(world, tmp_path_factory) -> Iterator[Server]:
+    """`geoagent serve` with the default pixel limit and a 25 MB upload limit. Retrieval only (strategy none):
+    what is measured is decoding, and the stand-in could not judge a picture of noise anyway."""
+    root = tmp_path_factory.mktemp("serve-memory")
+    with StandinServer(WorldJudge(world.truth), StandinConfig(capacity=64)) as vlm:
+        config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": 4}, strategy="none")
+        (root / "tmp").mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")} | {"TMPDIR": str(root / "tmp")}
+        out, err = root / "stdout.txt", root / "stderr.txt"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--max-upload-mb", "25"],
+                cwd=root, env=env, stdout=stdout, stderr=stderr,
+            )  # fmt: skip
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while READY_LINE not in out.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"geoagent serve did not start: {err.read_text()}")
+            time.sleep(0.1)
+        yield Server(out.read_text().split(READY_LINE)[1].split()[0], process, err)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _upload_all(url: str, photo: bytes) -> list[int]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900)) as client:
+
+        async def one(i: int) -> int:
+            response = await client.post(url + "api/locate", files={"photo": (f"big-{i}.png", photo, "image/png")})
+            return response.status_code
+
+        return await asyncio.gather(*(one(i) for i in range(UPLOADS)))
+
+
+def test_thirty_concurrent_80_megapixel_uploads_keep_the_server_under_2_gb(server, big_png):
+    """Each upload is answered (200) or refused with a 4xx, none fails with a 5xx, the server still answers
+    afterwards, and its peak RSS (VmHWM, measured while it runs) stays under 2 GB: unbounded, 30 decodes of
+    240 MB each (three per upload before) would need several GB."""
+    size_mb = big_png.stat().st_size / 1e6
+    assert 15 < size_mb < 25, size_mb
+    before = server.peak_rss_mb()
+    statuses = asyncio.run(_upload_all(server.url, big_png.read_bytes()))
+    assert all(status == 200 or 400 <= status < 500 for status in statuses), statuses
+    assert server.process.poll() is None, server.stderr.read_text()[-3000:]
+    assert httpx.get(server.url, timeout=30).status_code == 200
+    peak = server.peak_rss_mb()
+    print(f"{UPLOADS} uploads of a {size_mb:.1f} MB, {WIDTH * HEIGHT / 1e6:.0f} Mpx PNG: statuses {sorted(set(statuses))}, "
+          f"server peak RSS {before:.0f} MB at start, {peak:.0f} MB after")  # fmt: skip
+    assert peak < PEAK_RSS_LIMIT_MB, peak
+    assert "Traceback" not in server.stderr.read_text()
