@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import TINY_CLIP, run_cli, write_world_config
+from pngs import repeated_row_png
 from geoagent.config import PILLOW_MAX_PIXELS as SETTINGS_DEFAULT
 from geoagent.eval.synthetic import _dms, save_with_gps, scene
 from geoagent.exif import read_exif
@@ -30,23 +30,6 @@ BOMB_SIDE = 12000  # 144 Mpx: over Pillow's 89.5 Mpx limit, under twice it (wher
 BOMB_DECODED_MB = BOMB_SIDE * BOMB_SIDE * 3 / 2**20  # 412 MB of RGB pixels, from a 0.7 MB file
 NO_DECODE_PEAK_MB = 150  # a Python process with Pillow and numpy loaded, and no pixel decoded
 HANG_GUARD_S = 300  # generous: a hang guard, not a timing assertion
-
-
-def zero_png(path: Path, width: int, height: int) -> Path:
-    """An RGB PNG of zeros written without holding its pixels: one row compressed once (a full flush resets
-    the dictionary, so every row's deflate bytes are the same), repeated, with the checksum of n zero bytes."""
-    row = 1 + width * 3  # the filter byte, then the pixels
-    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
-    unit = deflate.compress(b"\0" * row) + deflate.flush(zlib.Z_FULL_FLUSH)
-    adler = (((row * height) % 65521) << 16) | 1  # adler32 of row*height zero bytes
-    data = b"\x78\x9c" + unit * height + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
 
 
 @dataclass
@@ -83,7 +66,7 @@ def geoagent(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bomb(tmp_path_factory) -> Path:
-    return zero_png(tmp_path_factory.mktemp("bomb") / "big.png", BOMB_SIDE, BOMB_SIDE)
+    return repeated_row_png(tmp_path_factory.mktemp("bomb") / "big.png", BOMB_SIDE, BOMB_SIDE)  # all black
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -65,19 +65,16 @@ def vlm(world) -> Iterator[StandinServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
-    """`geoagent serve --port 0` in its own process: tournament reranking with the prior and reasoning on."""
-    root = tmp_path_factory.mktemp("serve")
-    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": SLOTS},
-                                strategy="tournament", country_prior=True, reasoning=True)
+def start_serve(root: Path, config: Path, upload_mb: float) -> tuple[str, subprocess.Popen[bytes], Path]:
+    """`geoagent serve --port 0` started in ``root`` (its TMPDIR ``root/tmp``, where uploads land): its URL
+    once it says it is ready, the process, and the file its stderr goes to."""
     uploads = root / "tmp"
     uploads.mkdir()
     out, err = root / "stdout.txt", root / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")} | {"TMPDIR": str(uploads)}
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--max-upload-mb", str(UPLOAD_LIMIT_MB)],
+            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--max-upload-mb", str(upload_mb)],
             cwd=root, env=env, stdout=stdout, stderr=stderr,
         )  # fmt: skip
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -86,8 +83,17 @@ def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
             process.kill()
             pytest.fail(f"geoagent serve did not start: {err.read_text()}")
         time.sleep(0.1)
-    url = out.read_text().split(READY_LINE)[1].split()[0]
-    yield Served(url, process, uploads, config, root, err)
+    return out.read_text().split(READY_LINE)[1].split()[0], process, err
+
+
+@pytest.fixture(scope="module")
+def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
+    """`geoagent serve --port 0` in its own process: tournament reranking with the prior and reasoning on."""
+    root = tmp_path_factory.mktemp("serve")
+    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": SLOTS},
+                                strategy="tournament", country_prior=True, reasoning=True)
+    url, process, err = start_serve(root, config, UPLOAD_LIMIT_MB)
+    yield Served(url, process, root / "tmp", config, root, err)
     if process.poll() is None:
         process.kill()
         process.wait()

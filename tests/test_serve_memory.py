@@ -8,11 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import struct
 import subprocess
-import sys
-import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,33 +17,14 @@ import httpx
 import pytest
 
 from conftest import write_world_config
+from pngs import repeated_row_png
+from test_serve import start_serve
 from standin import StandinConfig, StandinServer, WorldJudge
 
 WIDTH, HEIGHT = 10_000, 8_000  # 80 M pixels: under Pillow's (and the default) 89.5 M pixel limit, so decoded
 NOISE_BYTES = 2_400  # random bytes per row, so the file is ~20 MB instead of compressing to nothing
 UPLOADS = 30
 PEAK_RSS_LIMIT_MB = 2048
-STARTUP_TIMEOUT_S = 180
-READY_LINE = "GeoAgent page at "
-
-
-def noisy_png(path: Path) -> Path:
-    """An 80 Mpx RGB PNG of ~20 MB written without holding its pixels: one row (noise, then black) compressed
-    once with a full flush (which resets the dictionary, so each row's deflate bytes are identical), repeated."""
-    row = b"\0" + os.urandom(NOISE_BYTES) + bytes(WIDTH * 3 - NOISE_BYTES)  # filter byte "none", then the pixels
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
-    unit = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)
-    adler = 1
-    for _ in range(HEIGHT):
-        adler = zlib.adler32(row, adler)
-    data = b"\x78\x01" + unit * HEIGHT + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", WIDTH, HEIGHT, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
 
 
 @dataclass
@@ -66,7 +43,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def big_png(tmp_path_factory) -> Path:
-    return noisy_png(tmp_path_factory.mktemp("big") / "big.png")
+    # noise in each row, so the file is ~20 MB instead of compressing to nothing
+    return repeated_row_png(tmp_path_factory.mktemp("big") / "big.png", WIDTH, HEIGHT, os.urandom(NOISE_BYTES))
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +54,8 @@ def server(world, tmp_path_factory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve-memory")
     with StandinServer(WorldJudge(world.truth), StandinConfig(capacity=64)) as vlm:
         config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": 4}, strategy="none")
-        (root / "tmp").mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")} | {"TMPDIR": str(root / "tmp")}
-        out, err = root / "stdout.txt", root / "stderr.txt"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--max-upload-mb", "25"],
-                cwd=root, env=env, stdout=stdout, stderr=stderr,
-            )  # fmt: skip
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while READY_LINE not in out.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"geoagent serve did not start: {err.read_text()}")
-            time.sleep(0.1)
-        yield Server(out.read_text().split(READY_LINE)[1].split()[0], process, err)
+        url, process, err = start_serve(root, config, 25)
+        yield Server(url, process, err)
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
