@@ -298,7 +298,8 @@ class GeoAgent:
             trace_or_none = trace if explain else None
             return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
         retriever = await self.retriever() if vector is None else None
-        query, embedded, pixels = await timed("embed", in_decode_pool(self._prepare, photo, retriever))
+        step = "embed" if retriever is not None else "decode"  # the decode is timed with the embedding it feeds
+        query, embedded, pixels = await timed(step, in_decode_pool(self._prepare, photo, retriever))
         vector = embedded if vector is None else vector
         candidates, prior, guesses = await self._gather_evidence(query, log, trace, timed, vector, on_event)
 
