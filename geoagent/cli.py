@@ -232,16 +232,21 @@ def locate(
             strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
         _check_map(map_file)
-        from geoagent.images import header_problem, set_pixel_limit
-
-        set_pixel_limit(settings.images.max_pixels)
         readable = []
-        for photo in photos:  # before any heavy import: a typo in a path, junk or a bomb is reported at once
-            problem = photo_problem(photo) or header_problem(photo)
+        for photo in photos:  # before any heavy import: a typo in a path is reported at once
+            problem = photo_problem(photo)
             if problem:
                 print_error(f"{display_path(photo)}: {problem}")
             else:
                 readable.append(photo)
+        if readable:  # then the headers (Pillow, no model yet): junk or a bomb is named before any decode
+            from geoagent.images import header_problem, set_pixel_limit
+
+            set_pixel_limit(settings.images.max_pixels)
+            for photo, problem in [(photo, header_problem(photo)) for photo in readable]:
+                if problem:
+                    print_error(f"{display_path(photo)}: {problem}")
+                    readable.remove(photo)
         if not readable:
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
