@@ -97,6 +97,8 @@ def print_warning(message: object) -> None:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    if category.__name__ == "DecompressionBombWarning":  # Pillow's pathless twin of the refusal that names the file
+        return
     print_warning(message)
 
 
@@ -253,6 +255,14 @@ def locate(
                 print_error(f"{display_path(photo)}: {problem}")
             else:
                 readable.append(photo)
+        if readable:  # then the headers (Pillow, no model yet): junk or a bomb is named before any decode
+            from geoagent.images import header_problem, set_pixel_limit
+
+            set_pixel_limit(settings.images.max_pixels)
+            for photo, problem in [(photo, header_problem(photo)) for photo in readable]:
+                if problem:
+                    print_error(f"{display_path(photo)}: {problem}")
+                    readable.remove(photo)
         if not readable:
             raise typer.Exit(1)
         from geoagent.agent.controller import GeoAgent
@@ -633,7 +643,10 @@ def index_build(
         if append and (nlist or pq_bytes):
             raise ConfigError("--nlist/--pq-bytes: --append keeps the trained quantizer; rebuild without --append to change them")
         settings = load_config(config)
+        from geoagent.images import set_pixel_limit
         from geoagent.retrieval.embedder import Embedder
+
+        set_pixel_limit(settings.images.max_pixels)
         from geoagent.retrieval.index import PhotoEmbedding, build_index, read_source
 
         items = read_source(source, images)  # a missing source or a bad CSV header fails before the model loads

@@ -200,6 +200,21 @@ class CacheConfig(_Section):
         return value
 
 
+#: Pillow's default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3), written out so reading the settings
+#: never imports Pillow; a test keeps the two equal.
+PILLOW_MAX_PIXELS = 89_478_485
+
+
+class ImagesConfig(_Section):
+    """How photos are decoded (one limit for every decode: locate, batch, serve, index build)."""
+
+    max_pixels: int = Field(
+        default=PILLOW_MAX_PIXELS, ge=1,
+        description="Largest image decoded, in pixels (width x height), checked from the file's header before any "
+        "decoding; larger files are refused as possible decompression bombs. Default: Pillow's limit (about 89 Mpx).",
+    )
+
+
 class RetrievalConfig(_Section):
     """Where candidates come from: a reference index, or (index unset) the world gazetteer."""
 
@@ -440,6 +455,7 @@ class Settings(BaseSettings):
     agent: AgentConfig = Field(default_factory=AgentConfig, description="How the agent asks and decides.")
     ranker: RankerConfig = Field(default_factory=RankerConfig, description='GeoRanker, for strategy = "georanker".')
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`geoagent serve`: who may reach the page.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="How photos are decoded: one pixel limit for every decode.")
 
     @model_validator(mode="after")
     def _routes_exist(self) -> Settings:
@@ -588,6 +604,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition; tomllib reads the whole file as such
+        raise ConfigError(f"{path}: not UTF-8 at byte {exc.start} (save the config file as UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except OSError as exc:

@@ -65,17 +65,58 @@ class ExifInfo(BaseModel):
 
 
 def read_exif(path: str | Path) -> ExifInfo | None:
-    """The photo's EXIF (header only; blocking: call it from a worker thread), or None when it carries none of
-    these fields or cannot be read (opening the photo itself reports what is wrong with the file)."""
-    from PIL import Image
-
-    import geoagent.images  # noqa: F401  (registers the HEIC/HEIF opener where pillow-heif is installed)
+    """The photo's EXIF (header only: no pixel is decoded; blocking: call it from a worker thread), or None
+    when it carries none of these fields or cannot be read (opening the photo itself reports what is wrong
+    with the file: not a regular file, too many pixels, ...)."""
+    from geoagent.images import open_header
 
     try:
-        with Image.open(path) as image:
-            return exif_info(image.getexif())
+        with open_header(path) as image:
+            return exif_info(header_exif(image))
     except Exception:  # noqa: BLE001 - Pillow raises many kinds on corrupt files; the visual pipeline reports them
         return None
+
+
+def header_exif(image: Image.Image) -> Image.Exif:
+    """The EXIF block of a lazily opened image, read without decoding its pixels. Pillow's PNG ``getexif()``
+    decodes the whole image to look for an eXIf chunk after the image data; here the chunks are walked
+    instead (their headers only, at most PNG_MAX_CHUNKS of them)."""
+    if image.format == "PNG" and "exif" not in image.info and "Raw profile type exif" not in image.info and image.fp is not None:
+        late = _png_late_exif(image.fp)
+        if late is not None:
+            image.info["exif"] = late
+        else:
+            from PIL import Image as PILImage
+
+            return PILImage.Image.getexif(image)  # the base class reads info only: never loads pixels
+    return image.getexif()
+
+
+PNG_SIGNATURE_BYTES = 8
+PNG_MAX_CHUNKS = 100_000  # a walk past this many chunks gives up (no EXIF) rather than crawl a hostile file
+PNG_MAX_EXIF_BYTES = 4 * 1024 * 1024
+
+
+def _png_late_exif(fh: Any) -> bytes | None:
+    """The payload of a PNG's eXIf chunk wherever it lies (as Pillow stores it: ``Exif\\0\\0`` + data), found
+    by hopping from chunk header to chunk header; None when there is none or the file ends early."""
+    where = fh.tell()
+    try:
+        fh.seek(PNG_SIGNATURE_BYTES)
+        for _ in range(PNG_MAX_CHUNKS):
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                data = fh.read(length) if length <= PNG_MAX_EXIF_BYTES else b""
+                return b"Exif\x00\x00" + data if data and len(data) == length else None
+            if kind == b"IEND":
+                return None
+            fh.seek(length + 4, 1)  # the data and its CRC
+        return None
+    finally:
+        fh.seek(where)
 
 
 def exif_info(exif: Image.Exif) -> ExifInfo | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from geoagent.errors import InputError
 from geoagent.exif import read_exif
-from geoagent.images import downscale, load_image, open_image
+from geoagent.images import PILLOW_MAX_PIXELS, PixelLimitError, downscale, load_image, open_image, set_pixel_limit
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -60,13 +62,24 @@ def test_junk_is_refused_naming_the_file(tmp_path, content, message):
     assert message in str(info.value) or "unreadable" in str(info.value)
 
 
+@pytest.fixture
+def small_pixel_limit() -> Iterator[int]:
+    """images.max_pixels at 100x100 for one test, then back to Pillow's default."""
+    set_pixel_limit(100 * 100)
+    try:
+        yield 100 * 100
+    finally:
+        set_pixel_limit(PILLOW_MAX_PIXELS)
+
+
 @pytest.mark.parametrize("side", [120, 400])  # past Pillow's warning limit only, and past its error limit
-def test_decompression_bombs_are_refused(tmp_path, monkeypatch, side):
+def test_decompression_bombs_are_refused(tmp_path, small_pixel_limit, side):
+    """Over the pixel limit: PixelLimitError (an InputError) naming the file, whichever of Pillow's bands."""
     path = tmp_path / "bomb.png"
     Image.new("L", (side, side)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
-    with pytest.raises(InputError, match="decompression bomb"):
+    with pytest.raises(PixelLimitError, match="decompression bomb") as info:
         open_image(path)
+    assert str(path) in str(info.value)
 
 
 def test_missing_file_is_named(tmp_path):

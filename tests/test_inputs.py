@@ -169,7 +169,7 @@ def test_square_brackets_in_names_and_messages_are_printed_as_they_are(tmp_path)
     assert "skipped empty[bold].jpg: empty file" in proc.stdout
     assert f"into {tmp_path / 'out[dim]'}" in proc.stdout
     missing = run_cli("index", "info", "key [redacted] here", cwd=tmp_path)
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # an unusable index is a usage error
     assert missing.stderr.startswith("error: key [redacted] here: not a GeoAgent index")
 
 

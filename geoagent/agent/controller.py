@@ -22,7 +22,7 @@ from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
 from geoagent.exif import ExifGPS, ExifInfo, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
-from geoagent.images import open_image
+from geoagent.images import in_decode_pool, open_image, set_pixel_limit
 from geoagent.loads import ThreadLoads
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
@@ -94,6 +94,7 @@ class GeoAgent:
 
     def __init__(self, settings: Settings, *, retriever: Retriever | None = None, pool: VLMPool | None = None) -> None:
         self.settings = settings
+        set_pixel_limit(settings.images.max_pixels)  # process-wide, as Pillow's own limit is
         self.prompts = PromptSet(settings.agent.prompts_dir)
         self.pool = pool or VLMPool(settings)
         self._retriever = retriever
@@ -183,7 +184,7 @@ class GeoAgent:
         every one of ``photos`` carries EXIF GPS nothing is needed (no model will run), so nothing is checked.
         """
         readiness = Readiness()
-        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(asyncio.to_thread(_has_gps, p) for p in photos))):
+        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(in_decode_pool(_has_gps, p) for p in photos))):
             return readiness
 
         async def attempt(coroutine: Any) -> None:
@@ -324,13 +325,15 @@ class GeoAgent:
             finally:
                 timings[name] = round(time.perf_counter() - t0, 4)
 
-        exif = await asyncio.to_thread(read_exif, photo)  # metadata first, before any model runs
+        exif = await in_decode_pool(read_exif, photo)  # metadata first, before any model runs
         if cfg.use_exif and exif is not None and exif.gps is not None:
             trace_or_none = trace if explain else None
             return await asyncio.to_thread(_exif_answer, photo, exif, exif.gps, time.perf_counter() - started, trace_or_none)
-        image = await asyncio.to_thread(open_image, photo)
-        query = await asyncio.to_thread(Photo.of, image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
-        candidates, prior, guesses = await self._gather_evidence(image, query, log, trace, timed, vector, on_event)
+        retriever = await self.retriever() if vector is None else None
+        step = "embed" if retriever is not None else "decode"  # the decode is timed with the embedding it feeds
+        query, embedded, pixels = await timed(step, in_decode_pool(self._prepare, photo, retriever))
+        vector = embedded if vector is None else vector
+        candidates, prior, guesses = await self._gather_evidence(query, log, trace, timed, vector, on_event)
 
         guess = consensus(guesses, cfg.reasoning_cluster_km)
         pool = list(candidates)
@@ -352,7 +355,7 @@ class GeoAgent:
             on_event(RerankStarted(strategy=cfg.strategy, pool=pool, skipped=skip))
         scored = None
         if skip is None and cfg.strategy in MODEL_STRATEGIES:
-            scored = await timed("rerank", self._model_votes(image, pool))
+            scored = await timed("rerank", self._model_votes(pixels, pool))
             votes = scored.votes
         elif skip is None:
             task = "pointwise" if cfg.strategy == "pointwise" else "pairwise"
@@ -418,8 +421,7 @@ class GeoAgent:
         return result
 
     async def _gather_evidence(
-        self, image: Any, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray | None = None,
-        on_event: OnEvent | None = None,
+        self, query: Photo, log: QuestionLog, trace: Trace, timed: Any, vector: np.ndarray, on_event: OnEvent | None = None,
     ) -> tuple[list[Candidate], list[CountryScore], list[Guess]]:
         """Retrieval (in threads) while the prior and reasoning are asked; a submap waits for what it needs."""
         cfg = self.settings.agent
@@ -437,8 +439,6 @@ class GeoAgent:
         prior: list[CountryScore] = []
         guesses: list[Guess] = []
         try:
-            if vector is None:
-                vector = await timed("embed", retriever.embed(image))
             if cfg.submap != "none" and prior_task is not None:
                 prior = await prior_task
             if cfg.submap == "kmeans" and reasoning_task is not None:
@@ -532,6 +532,16 @@ class GeoAgent:
         inside_ids = {c.id for c in await retriever.search(vector, k * SUBMAP_BOOST_POOL, countries, clusters)}
         boosted = sorted(wide, key=lambda c: -((c.retrieval_score or 0.0) + cfg.submap_weight * (c.id in inside_ids)))  # type: ignore[operator]
         return boosted[:k]
+
+    def _prepare(self, photo: str | Path, retriever: Retriever | None) -> tuple[Photo, np.ndarray | None, Any]:
+        """Decode the photo, encode it for the models and embed it (with ``retriever``) in one decode slot, so
+        its full-resolution pixels never outlive the slot: at most DECODE_SLOTS photos hold them at once.
+        The pixels themselves are kept only for a model strategy (GeoRanker scores them)."""
+        cfg = self.settings.agent
+        image = open_image(photo)
+        query = Photo.of(image, cfg.max_image_side, str(photo), keep_pixels=cfg.image_layout == "composite")
+        vector = retriever.embedder.embed_images_sync([image])[0] if retriever is not None else None
+        return query, vector, image if cfg.strategy in MODEL_STRATEGIES else None
 
     def _load_reference(self, path: str) -> Photo | None:
         """A reference photo ready to send (blocking); None when it moved or was deleted since indexing: the

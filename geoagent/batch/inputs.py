@@ -61,6 +61,8 @@ class BatchInput:
             self.kind = "folder"
         elif not source.exists():
             raise BatchInputError(f"{shown}: no such folder or file (INPUT: a folder of photos, a CSV with a path column, or a text file of paths)")
+        elif not source.is_file():  # a FIFO or device: reading it could block forever, and it is read twice
+            raise BatchInputError(f"{shown}: not a regular file (INPUT: a folder of photos, a CSV with a path column, or a text file of paths)")
         elif source.suffix.lower() in IMAGE_SUFFIXES:
             raise BatchInputError(f"{shown}: a photo; batch takes a folder, a CSV or a text file of paths (or use `geoagent locate`)")
         elif source.suffix.lower() == ".csv":

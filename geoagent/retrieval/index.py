@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, overload
 
 import numpy as np
 from filelock import FileLock
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from geoagent.errors import ConfigError, InputError
-from geoagent.exif import GPS_LAT, GPS_LON, gps_from_ifd
+from geoagent.exif import GPS_LAT, GPS_LON, gps_from_ifd, header_exif
 from geoagent.files import write_atomic
 from geoagent.geo import reverse_geocode
-from geoagent.images import IMAGE_SUFFIXES, open_image
+from geoagent.images import IMAGE_SUFFIXES, open_header, open_image
 from geoagent.paths import display_path, file_problem, os_error_reason, resolve
 from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, ImageEmbedder, NearDuplicateCalibration, calibrate
 from geoagent.retrieval.embedder import Embedder, EmbedderSpec
@@ -82,6 +82,18 @@ _T = TypeVar("_T")
 
 class IndexMismatchError(ConfigError):
     """The index was built by another embedder than the one configured."""
+
+
+class IndexUnusableError(InputError):
+    """The index given (``--index``, ``[retrieval] index``) cannot be used at all: missing, not an index, or
+    damaged. A usage error (exit 2) that stops the run, never one photo's failure."""
+
+    exit_code = 2
+    per_item = False
+    stops_run = True
+
+
+REBUILD = "rebuild it with `geoagent index build SOURCE --out {directory}`"
 
 
 class IndexEntry(BaseModel):
@@ -141,18 +153,14 @@ class BuildReport:
 
 
 def read_gps(path: Path) -> tuple[tuple[float, float] | None, str | None]:
-    """(lat, lon) from a photo's EXIF GPS block (header only), or None and what is wrong with the file
-    (no problem given: a readable photo without GPS)."""
+    """(lat, lon) from a photo's EXIF GPS block (header only: no pixel decoded, the pixel limit checked), or
+    None and what is wrong with the file (no problem given: a readable photo without GPS)."""
     try:
-        if path.stat().st_size == 0:
-            return None, "empty file"
-        with Image.open(path) as image:
-            gps = image.getexif().get_ifd(0x8825)
-    except UnidentifiedImageError:
-        return None, "not an image (or a format Pillow cannot read)"
-    except PermissionError as exc:
-        return None, os_error_reason(exc)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with open_header(path) as image:
+            gps = header_exif(image).get_ifd(0x8825)
+    except InputError as exc:
+        return None, str(exc).removeprefix(f"{display_path(path)}: ")
+    except (OSError, ValueError, SyntaxError) as exc:  # a corrupt EXIF block past the header
         return None, f"unreadable image ({exc})"
     if not gps or GPS_LAT not in gps or GPS_LON not in gps:
         return None, None
@@ -335,7 +343,7 @@ def current_version(directory: Path) -> Path | None:
         version = directory / pointer.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = os_error_reason(exc) if isinstance(exc, OSError) else "not text"
-        raise InputError(f"{display_path(pointer)}: cannot read the index pointer ({reason})") from None
+        raise IndexUnusableError(f"{display_path(pointer)}: cannot read the index pointer ({reason})") from None
     return version if version.is_dir() else None
 
 
@@ -346,12 +354,14 @@ def id_key(item_id: str) -> int:
 
 class EntryTable(Sequence[IndexEntry]):
     """The entries of an index, parsed when asked for from ``entries.jsonl`` (memory-mapped) by byte offset,
-    so opening an index of millions reads no entry."""
+    so opening an index of millions reads no entry (but the first and the last, to catch a truncated file)."""
 
-    def __init__(self, path: Path, rows: np.ndarray) -> None:
-        self._rows = rows
+    def __init__(self, path: Path, rows: np.ndarray, rebuild: str = REBUILD.format(directory="DIR")) -> None:
+        self._rows, self._path, self._rebuild = rows, path, rebuild
         with open(path, "rb") as fh:
-            self._data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._data: mmap.mmap | bytes = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(fh.fileno()).st_size else b""
+        if len(rows):
+            self[0], self[len(rows) - 1]  # noqa: B018 - parsed only to fail now, at open, if the file was cut short
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -368,12 +378,21 @@ class EntryTable(Sequence[IndexEntry]):
             raise IndexError(row)
         start = int(self._rows["offset"][row])
         end = int(self._rows["offset"][row + 1]) if row + 1 < len(self) else len(self._data)
-        entry = IndexEntry.model_validate_json(self._data[start:end])
+        try:
+            if not 0 <= start < end <= len(self._data):
+                raise ValueError("past the end of the file")
+            entry = IndexEntry.model_validate_json(self._data[start:end])
+        except ValueError:  # pydantic's ValidationError too: a line cut short, edited, or missing
+            raise IndexUnusableError(
+                f"{display_path(self._path)}: damaged index: entry {row + 1} of {len(self)} cannot be read (the file is "
+                f"truncated or was edited); {self._rebuild}"
+            ) from None
         entry.cluster = int(self._rows["cluster"][row])
         return entry
 
     def close(self) -> None:
-        self._data.close()
+        if isinstance(self._data, mmap.mmap):
+            self._data.close()
 
 
 class ReferenceIndex:
@@ -381,25 +400,38 @@ class ReferenceIndex:
 
     def __init__(self, directory: Path, version: Path, manifest: IndexManifest, rows: np.ndarray, table: VectorTable) -> None:
         self.directory, self.version, self.manifest, self.rows, self.table = directory, version, manifest, rows, table
-        self.entries = EntryTable(version / "entries.jsonl", rows)
+        self.entries = EntryTable(version / "entries.jsonl", rows, REBUILD.format(directory=display_path(directory)))
 
     @classmethod
     def open(cls, directory: str | Path) -> ReferenceIndex:
+        """The live version of the index at ``directory``; IndexUnusableError (exit 2) naming the folder or the
+        damaged file, and how to rebuild it."""
         directory = Path(directory).expanduser()
+        shown = display_path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise IndexUnusableError(f"{shown}: a file, not an index folder (build one with `geoagent index build SOURCE --out DIR`)")
         version = current_version(directory)
         if version is None:
-            raise InputError(f"{directory}: not a GeoAgent index (build one with `geoagent index build SOURCE --out {directory}`)")
+            raise IndexUnusableError(f"{shown}: not a GeoAgent index (build one with `geoagent index build SOURCE --out {shown}`)")
+        rebuild = REBUILD.format(directory=shown)
+        part = "manifest.json"
         try:
-            raw = json.loads((version / "manifest.json").read_text())
+            raw = json.loads((version / part).read_text())
             if isinstance(raw, dict) and raw.get("format") != FORMAT_VERSION:
-                raise InputError(f"{directory}: index format {raw.get('format')}, this GeoAgent reads {FORMAT_VERSION}; rebuild it")
+                raise IndexUnusableError(f"{shown}: index format {raw.get('format')}, this GeoAgent reads {FORMAT_VERSION}; rebuild it")
             manifest = IndexManifest.model_validate(raw)
-            rows = np.load(version / "rows.npy", mmap_mode="r")
-            vectors = np.load(version / "vectors.npy", mmap_mode="r")
+            part = "rows.npy"
+            rows = np.load(version / part, mmap_mode="r")
+            part = "vectors.npy"
+            vectors = np.load(version / part, mmap_mode="r")
+            part = "the faiss index"
             index = read_ann(version, manifest.params, manifest.lists_path)
-            centroids = np.load(version / "centroids.npy")
+            part = "centroids.npy"
+            centroids = np.load(version / part)
+            part = "its files"
             if not (len(rows) == len(vectors) == manifest.count and vectors.shape[1] == manifest.dim):
                 raise ValueError(f"{manifest.count} entries, {len(rows)} rows, {len(vectors)} vectors")
+            part = "entries.jsonl"
             reference = cls(directory, version, manifest, rows, VectorTable(
                 vectors=vectors,
                 index=index,
@@ -410,8 +442,10 @@ class ReferenceIndex:
                 centroids=centroids,
                 rerank=manifest.params.rerank or 0,
             ))  # fmt: skip
-        except (OSError, ValidationError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{version}: damaged index ({str(exc).splitlines()[0]}); rebuild it") from None
+        except IndexUnusableError:
+            raise
+        except (OSError, ValueError, RuntimeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
+            raise IndexUnusableError(f"{display_path(version)}: damaged index ({part}: {_damage(exc)}); {rebuild}") from None
         return reference
 
     def candidate(self, row: int, score: float) -> Candidate:
@@ -427,6 +461,20 @@ class ReferenceIndex:
                 f"{self.directory}: built with embedder {self.manifest.embedder.describe()}, but the configuration "
                 f"uses {spec.describe()}; set [retrieval] clip_model/clip_pretrained/seed to match, or rebuild the index"
             )
+
+
+def _damage(exc: Exception) -> str:
+    """What is wrong with an index file, in our words (numpy's advice to allow pickles is no advice here)."""
+    if isinstance(exc, OSError):
+        return os_error_reason(exc)
+    if isinstance(exc, ValidationError):
+        return "fields missing or of the wrong type"
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return "not valid JSON"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "pickle" in text or "magic string" in text or "header" in text.lower():
+        return "not a NumPy array file"
+    return text
 
 
 class IdLookup:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from geoagent.errors import GeoAgentError
+from geoagent.errors import InputError
+from geoagent.images import PixelLimitError, in_decode_pool, open_header
 from geoagent.paths import display_path
 
 FIELD = "photo"  # the multipart field that carries the photo
@@ -161,7 +161,7 @@ async def receive_photo(request: Request, folder: Path, max_bytes: int) -> Uploa
     name = _label(reader.name)
     if reader.received == 0:
         raise UploadError(400, f"{name}: empty file")
-    await asyncio.to_thread(_check_image, reader.target, name)
+    await in_decode_pool(_check_image, reader.target, name)  # decodes are bounded: at most DECODE_SLOTS at once
     return Upload(reader.target, name)
 
 
@@ -173,19 +173,16 @@ def _label(client_name: str) -> str:
 
 def _check_image(path: Path, name: str) -> None:
     """Accept what Pillow identifies (header only, no pixels decoded) within the pixel limit: 415 for what is
-    not an image, 422 for an image refused for its size (a decompression bomb), however Pillow or GeoAgent
-    says so. A corrupt body past the header is the agent's to find when it decodes (also a 422)."""
+    not an image, 422 for an image refused for its size (a decompression bomb). A corrupt body past the header
+    is the agent's to find when it decodes (also a 422)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        with open_header(path):
+            pass
+    except PixelLimitError as exc:
+        raise UploadError(422, f"{name}: {_reason(exc, path)}") from None
+    except InputError:
         raise UploadError(415, f"{name}: not an image (its content is checked, not its name or content type)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, GeoAgentError):  # Pillow's refusal, or ours
-        raise UploadError(422, _too_many_pixels(name)) from None
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise UploadError(422, _too_many_pixels(name, f"{width}x{height}, over the limit of {limit:,} pixels"))
 
 
-def _too_many_pixels(name: str, detail: str = "") -> str:
-    return f"{name}: refused: too many pixels (possible decompression bomb{'; ' + detail if detail else ''})"
+def _reason(exc: Exception, path: Path) -> str:
+    return str(exc).removeprefix(f"{display_path(path)}: ")
