@@ -344,6 +344,7 @@ def batch(
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
+    use_exif: Annotated[bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); a folder of geotagged photos needs neither CLIP nor a server.")] = False,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -353,7 +354,7 @@ def batch(
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from geoagent.config import RetrievalConfig
 
 HF_HOST = "huggingface.co"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a clip_pretrained ending so names a file, not a tag
 
 
 class EmbedderSpec(BaseModel):
@@ -115,8 +116,7 @@ class Embedder:
         else:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if requested not in tags:
-                if "/" in requested or requested.endswith((".pt", ".bin", ".safetensors")):
-                    raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {requested}")
+                check_model_files(config)  # a path to a missing file says so
                 raise ConfigError(
                     f"retrieval.clip_pretrained: '{pretrained}' is not a pretrained tag of {model_name} "
                     f"(known: {', '.join(tags) or 'none'}), a checkpoint file, or 'none'"
@@ -170,6 +170,19 @@ class Embedder:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(self.embed_texts_sync, texts)
+
+
+def check_model_files(config: RetrievalConfig) -> None:
+    """ConfigError when ``config`` names a model config or checkpoint file that is not there. Cheap (no open_clip,
+    no torch): the preflight runs it before loading anything, so a typo in a path is told at once."""
+    model = Path(config.clip_model).expanduser()
+    if config.clip_model.endswith(".json") and not model.is_file():
+        raise ConfigError(f"retrieval.clip_model: no model config at {model}")
+    requested = config.clip_pretrained
+    if requested == "none" or Path(requested).expanduser().is_file():
+        return
+    if "/" in requested or requested.endswith(CHECKPOINT_SUFFIXES):
+        raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {requested}")
 
 
 def embedder_spec(config: RetrievalConfig) -> EmbedderSpec:
