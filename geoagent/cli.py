@@ -26,6 +26,7 @@ from geoagent.config import BackendProfile, Settings, inspect_config, load_confi
 from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.paths import display_path, photo_problem
 from geoagent.ranker import recipe
+from geoagent.words import count
 
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
@@ -279,8 +280,8 @@ def locate(
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
                     print_line(
-                        f"{located} of {len(photos)} photos located; {run_total.requests} VLM requests, "
-                        f"{run_total.cache_hits} cache hits, {run_total.failures} questions failed, "
+                        f"{located} of {count(len(photos), 'photo')} located; {count(run_total.requests, 'VLM request')}, "
+                        f"{count(run_total.cache_hits, 'cache hit')}, {count(run_total.failures, 'question')} failed, "
                         f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens"
                         + ("" if run_total.unpriced_requests else f", ${run_total.cost_usd:.4f}"),
                         stderr,
@@ -594,12 +595,12 @@ def index_build(
         search = report.params.describe() if report.params else "-"
         if append:
             print_line(
-                f"appended {report.appended} photos to {display_path(out)} (now {report.indexed}; {search}; "
+                f"appended {count(report.appended, 'photo')} to {display_path(out)} (now {report.indexed}; {search}; "
                 f"{report.already} already in it), skipped {len(report.skipped)}"
             )
         else:
             print_line(
-                f"indexed {report.indexed} photos into {display_path(out)} ({report.embedded} embedded, "
+                f"indexed {count(report.indexed, 'photo')} into {display_path(out)} ({report.embedded} embedded, "
                 f"{report.reused} reused; {search}), skipped {len(report.skipped)}"
             )
         for name, reason in report.skipped:
@@ -671,12 +672,12 @@ def cache_stats(config: ConfigOption = None) -> None:
     with user_errors():
         settings = load_config(config)
         stats = ResponseCache(settings.cache.dir).stats()
-        print_line(f"{display_path(stats.path)}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
+        print_line(f"{display_path(stats.path)}: {count(stats.entries, 'answer')}, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
             if counts:
                 table = Table(label, "answers")
-                for name, count in sorted(counts.items()):
-                    table.add_row(Text(name), str(count))  # Text: a model name is not markup
+                for name, n in sorted(counts.items()):
+                    table.add_row(Text(name), str(n))  # Text: a model name is not markup
                 stdout.print(table)
 
 
@@ -688,7 +689,7 @@ def cache_clear(config: ConfigOption = None) -> None:
     with user_errors():
         settings = load_config(config)
         removed = ResponseCache(settings.cache.dir).clear()
-        print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
+        print_line(f"removed {count(removed, 'cached answer')} from {display_path(settings.cache.dir)}")
 
 
 @ranker_app.command("train")
@@ -734,7 +735,7 @@ def ranker_train(
             report = train(options, settings, on_step)
         resumed = f", resumed at step {report.resumed_from}" if report.resumed_from else ""
         loss = "-" if report.last_loss is None else f"{report.last_loss:.4f}"
-        print_line(f"trained {report.steps} steps{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
+        print_line(f"trained {count(report.steps, 'step')}{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
 
 
 @contextmanager
