@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from geoagent.types import Match
+from geoagent.words import count
 
 
 def has_rounds(matches: Sequence[Match]) -> bool:
@@ -33,7 +34,7 @@ def tournament_bracket(matches: Sequence[Match], label: Mapping[str, str], pool:
     players = {r: {cid for m in rounds[r] for cid in (m.a, m.b)} for r in numbers}
     ties = sum(m.winner is None for m in matches)
     parts: list[Table | Text] = [
-        Text(f"tournament: {len(matches)} matches in {len(numbers)} rounds, {ties} tie{'s' * (ties != 1)}", style="bold")
+        Text(f"tournament: {count(len(matches), 'match', 'matches')} in {count(len(numbers), 'round')}, {count(ties, 'tie')}", style="bold")
     ]
     for index, r in enumerate(numbers):
         following = players[numbers[index + 1]] if index + 1 < len(numbers) else set()

@@ -27,6 +27,7 @@ from geoagent.errors import ConfigError, GeoAgentError, InputError
 from geoagent.paths import display_path, photo_problem
 from geoagent.ranker import recipe
 from geoagent.terminal import StatusLine
+from geoagent.words import count
 
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
@@ -305,8 +306,8 @@ def locate(
                 run_total = agent.pool.totals()
                 if len(photos) > 1 or stopped:
                     print_line(
-                        f"{located} of {len(photos)} photos located; {run_total.requests} VLM requests, "
-                        f"{run_total.cache_hits} cache hits, {run_total.failures} questions failed, "
+                        f"{located} of {count(len(photos), 'photo')} located; {count(run_total.requests, 'VLM request')}, "
+                        f"{count(run_total.cache_hits, 'cache hit')}, {count(run_total.failures, 'question')} failed, "
                         f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens"
                         + ("" if run_total.unpriced_requests else f", ${run_total.cost_usd:.4f}"),
                         stderr,
@@ -373,6 +374,7 @@ def batch(
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
+    use_exif: Annotated[bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); a folder of geotagged photos needs neither CLIP nor a server.")] = False,
     min_confidence: MinConfidenceOption = None,
     xmp: Annotated[bool, typer.Option("--xmp", help="Write each answer into an XMP sidecar beside its photo (photos without GPS whose answer cleared --min-confidence; never the photo itself; the xmp extra).")] = False,
     xmp_name: Annotated[str, typer.Option("--xmp-name", help="Sidecar names: full (photo.jpg.xmp: digiKam, darktable, Immich) or stem (photo.xmp: Lightroom).")] = "full",
@@ -386,7 +388,7 @@ def batch(
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache, min_confidence=min_confidence,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, min_confidence=min_confidence, use_exif=use_exif,
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
@@ -681,12 +683,12 @@ def index_build(
         search = report.params.describe() if report.params else "-"
         if append:
             print_line(
-                f"appended {report.appended} photos to {display_path(out)} (now {report.indexed}; {search}; "
+                f"appended {count(report.appended, 'photo')} to {display_path(out)} (now {report.indexed}; {search}; "
                 f"{report.already} already in it), skipped {len(report.skipped)}"
             )
         else:
             print_line(
-                f"indexed {report.indexed} photos into {display_path(out)} ({report.embedded} embedded, "
+                f"indexed {count(report.indexed, 'photo')} into {display_path(out)} ({report.embedded} embedded, "
                 f"{report.reused} reused; {search}), skipped {len(report.skipped)}"
             )
         for name, reason in report.skipped:
@@ -774,12 +776,12 @@ def cache_stats(config: ConfigOption = None) -> None:
     with user_errors():
         cache = open_cache(load_config(config).cache)
         stats = asyncio.run(_closing(cache, cache.stats()))
-        print_line(f"{display_path(stats.path)}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
+        print_line(f"{display_path(stats.path)}: {count(stats.entries, 'answer')}, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
             if counts:
                 table = Table(label, "answers")
-                for name, count in sorted(counts.items()):
-                    table.add_row(Text(name), str(count))  # Text: a model name is not markup
+                for name, n in sorted(counts.items()):
+                    table.add_row(Text(name), str(n))  # Text: a model name is not markup
                 stdout.print(table)
 
 
@@ -791,7 +793,7 @@ def cache_clear(config: ConfigOption = None) -> None:
     with user_errors():
         cache = open_cache(load_config(config).cache)
         removed = asyncio.run(_closing(cache, cache.clear()))
-        print_line(f"removed {removed} cached answers from {display_path(cache.label)}")
+        print_line(f"removed {count(removed, 'cached answer')} from {display_path(cache.label)}")
 
 
 @cache_app.command("copy")
@@ -808,7 +810,7 @@ def cache_copy(
         settings = load_config(config)
         caches = open_cache(settings.cache, source), open_cache(settings.cache, destination)
         copied = asyncio.run(_copy(*caches))
-        print_line(f"copied {copied} cached answers from {display_path(caches[0].label)} to {display_path(caches[1].label)}")
+        print_line(f"copied {count(copied, 'cached answer')} from {display_path(caches[0].label)} to {display_path(caches[1].label)}")
 
 
 async def _closing(cache: Any, work: Any) -> Any:
@@ -877,7 +879,7 @@ def ranker_train(
             report = train(options, settings, on_step)
         resumed = f", resumed at step {report.resumed_from}" if report.resumed_from else ""
         loss = "-" if report.last_loss is None else f"{report.last_loss:.4f}"
-        print_line(f"trained {report.steps} steps{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
+        print_line(f"trained {count(report.steps, 'step')}{resumed}, last loss {loss}: adapter in {display_path(report.adapter)}")
 
 
 @contextmanager

@@ -119,6 +119,12 @@ def _png_late_exif(fh: Any) -> bytes | None:
         fh.seek(where)
 
 
+def has_gps(path: str | Path) -> bool:
+    """Whether the photo's EXIF carries a GPS position (blocking: header only)."""
+    exif = read_exif(path)
+    return exif is not None and exif.gps is not None
+
+
 def exif_info(exif: Image.Exif) -> ExifInfo | None:
     """The fields of an already parsed EXIF block; None when it holds none of them."""
     info = ExifInfo(

@@ -12,6 +12,7 @@ from geoagent.bracket import has_rounds, tournament_bracket
 from geoagent.exif import ExifInfo
 from geoagent.geo import country_name, haversine_km, reverse_geocode
 from geoagent.types import LocateResult
+from geoagent.words import count
 
 SHOWN_CANDIDATES = 10
 EXIF_AGREEMENT_KM = 25.0  # the visual answer "agrees" with the EXIF position within city scale (acc@25km)
@@ -109,7 +110,7 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, "
         + (f"${stats.cost_usd:.4f}, " if stats.cost_usd is not None else "")
         + f"{stats.wall_s:.1f} s"
-        + (f", {len(stats.failed_questions)} questions failed" + ("" if explain else " (--explain lists them)") if stats.failed_questions else "")
+        + (f", {count(len(stats.failed_questions), 'question')} failed" + ("" if explain else " (--explain lists them)") if stats.failed_questions else "")
         + "[/]",
         highlight=False,
     )
@@ -132,7 +133,7 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     elif trace.matches:
         ties = sum(m.winner is None for m in trace.matches)
         matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
-                        title=f"{len(trace.matches)} matches, {ties} ties", title_justify="left")
+                        title=f"{count(len(trace.matches), 'match', 'matches')}, {count(ties, 'tie')}", title_justify="left")
         for m in trace.matches:
             votes = ", ".join(label[v] if v is not None else "failed" for v in m.votes)
             matches.add_row(label[m.a], label[m.b], votes, label[m.winner] if m.winner else "tie")
@@ -152,7 +153,7 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         console.print(rewards)
     if result.stats.failed_questions:
         failed = Table("task", "question", "error", box=None, pad_edge=False, title_justify="left",
-                       title=f"{len(result.stats.failed_questions)} questions failed (the agent went on without them)")
+                       title=f"{count(len(result.stats.failed_questions), 'question')} failed (the agent went on without them)")
         for q in result.stats.failed_questions:
             failed.add_row(q.task, Text(q.detail), Text(q.error))
         console.print(failed)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -242,41 +241,49 @@ async def test_noise_answers_fail_the_question_after_exactly_one_repair_within_t
     assert "Traceback" not in str(failed.value)
 
 
-async def test_a_model_the_engine_cannot_load_is_a_500_the_product_reports_after_its_retries(engine, tmp_path):
+async def test_a_model_the_engine_cannot_load_is_a_500_the_product_reports_as_a_retryable_server_error(engine, tmp_path):
     """Asked for a model it cannot find (offline, nothing cached), the engine answers 500 with a plain-text body,
-    not a 404: the product retries it as a server error and then names the status; it does not hang."""
+    not a 404: the product takes it as a server error worth retrying ("gave up after", not a hard failure), names
+    the status, and does not hang.
+
+    One attempt (max_retries 0), on a fresh connection: after an unhandled error the engine's server closes the
+    connection it answered on, and on a busy machine it may close it only after a quick retry was sent on it,
+    which then reads as "connection failed" instead of the 500. Load must not change what this test sees."""
     missing = tmp_path / "no-such-model"
-    pool = VLMPool(engine_settings(engine, missing, max_retries=1))
+    pool = VLMPool(engine_settings(engine, missing, max_retries=0))
     try:
         with pytest.raises(BackendError) as failed:
             await pool.client("engine").ask("hello", [], PairwiseAnswer)
     finally:
         await pool.aclose()
-    assert "HTTP 500" in str(failed.value) and "gave up after 2 attempts" in str(failed.value)
+    assert "gave up after 1 attempt: HTTP 500" in str(failed.value), str(failed.value)
 
 
 async def test_a_hung_engine_costs_a_question_its_budget_in_timeouts_then_answers_again(engine, tiny_qwen2vl):
     """An engine that accepts connections but answers nothing (paused) fails the question after 1 + max_retries
-    timeouts with one clear line; once it resumes, it works through the abandoned requests and answers again."""
+    timeouts with one clear line; once it resumes, it works through the abandoned requests and answers again.
+
+    Load cannot change the outcome: while paused the engine answers nothing however long it takes, so the short
+    timeout only decides how soon the question gives up; the request after the resume gets the generous one (it
+    waits behind the abandoned requests, which take what they take on a busy machine)."""
     timeout_s, max_retries = 0.5, 1
     pool = VLMPool(engine_settings(engine, tiny_qwen2vl, timeout_s=timeout_s, max_retries=max_retries))
-    client = pool.client("engine")
+    patient = VLMPool(engine_settings(engine, tiny_qwen2vl))
     before = engine.requests_received()
     engine.pause()
-    started = time.perf_counter()
     try:
         with pytest.raises(BackendError) as failed:
-            await client.ask("hello", [], PairwiseAnswer)
+            await pool.client("engine").ask("hello", [], PairwiseAnswer)
     finally:
         engine.resume()
-        elapsed = time.perf_counter() - started
     try:
-        engine.wait_received(before + 1 + max_retries)  # the abandoned requests still run on the engine
-        completion = await client.backend.complete(chat_request([]))
+        engine.wait_received(before + 1 + max_retries, timeout_s=TIMEOUT_S)  # the abandoned requests still run on the engine
+        completion = await patient.client("engine").backend.complete(chat_request([]))
     finally:
         await pool.aclose()
+        await patient.aclose()
     assert f"gave up after {1 + max_retries} attempts: no answer within {timeout_s:g} s" in str(failed.value)
-    assert (1 + max_retries) * timeout_s <= elapsed < (1 + max_retries) * timeout_s + 5
+    assert failed.value.stats is not None and failed.value.stats.requests == 1 + max_retries
     assert completion.usage.prompt_tokens > 0
 
 

@@ -144,6 +144,19 @@ def test_hostile_text_is_shown_as_text_and_never_runs(tmp_path, browser):
     page.close()
 
 
+def test_the_panel_says_1_candidate_not_1_candidates(tmp_path, browser):
+    """Counts agree with their nouns: an answer with one candidate and one reasoning guess (an EXIF answer has
+    one candidate) reads "1 candidate - 1 reasoning guess" in the panel."""
+    trace = Trace(strategy="none", guesses=[Guess(lat=44, lon=12, country="IT", confidence=0.5, clues=["a sign"], sample=0)])
+    target = write_map(tmp_path / "one.html", locate_map([result(n=1, trace=trace)]))
+    page = browser.new_page()
+    page.goto(target.as_uri())
+    wait_until(page, "window.geoagentMap !== undefined")
+    panel = page.locator(".geoagent-panel").inner_text()
+    assert "1 candidate - 1 reasoning guess" in panel and "1 candidates" not in panel, panel
+    page.close()
+
+
 def test_batch_map_draws_every_located_photo_of_the_journal(tmp_path, browser):
     """`batch --map` draws each located photo in the journal (earlier runs' too) with its candidates; a failed photo
     has nothing to draw. Here every photo is journalled already, so the batch only writes its outputs."""

@@ -284,6 +284,8 @@ def test_the_page_locates_an_uploaded_photo_in_a_real_browser(served, world, tmp
         assert page.locator("#error").is_hidden()
         exif_shown = page.locator("#exif").is_visible()
         assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth > 0")  # the photo is shown
+        # The icon is inline: the browser has no reason to ask /favicon.ico (and get a 404).
+        assert page.eval_on_selector("link[rel=icon]", "link => link.href").startswith("data:image/svg+xml,")
     assert not [e for e in page.geoagent_errors if "Content Security Policy" in e], page.geoagent_errors
     expected = served.post("/api/locate?explain=true", served.photo(photo)).json()  # answered from the cache now
     assert candidates == len(expected["candidates"]) and guesses == len(expected["trace"]["guesses"]) > 0

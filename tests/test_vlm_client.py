@@ -135,7 +135,7 @@ async def test_retry_after_is_honoured(route, standin, marker_images, tmp_path):
         assert await ask_codes(pool, marker_images, 1) == [100]
     finally:
         await pool.aclose()
-    assert time.perf_counter() - started >= 1.0
+    assert time.perf_counter() - started >= 1.0  # a lower bound: the wait asked for was kept (load only adds to it)
     assert [r.status for r in server.chat_requests()] == [429, 200]
 
 
@@ -144,12 +144,12 @@ async def test_a_hung_request_times_out_and_is_retried(route, standin, marker_im
     """Every network call has a timeout: a hang costs one timeout, not forever."""
     server = standin(config=StandinConfig(faults=Faults(hang=1.0, max_per_question=1)))
     pool = VLMPool(settings_for(route, server, tmp_path, timeout_s=0.5))
-    started = time.perf_counter()
     try:
         assert await ask_codes(pool, marker_images, 1) == [100]
     finally:
         await pool.aclose()
-    assert time.perf_counter() - started < 10
+    # The answer came from a second request: the first was abandoned at its timeout (the stand-in would have
+    # answered it only after hang_s, 30 s, and then there would be no retry), whatever the machine's load.
     assert len(server.chat_requests()) == 2
 
 
@@ -226,13 +226,14 @@ async def test_unreachable_server_fails_fast_and_says_where(route, standin, mark
     settings = settings_for(route, server, tmp_path)
     server.__exit__(None, None, None)  # nothing listens on that port any more
     pool = VLMPool(settings)
-    started = time.perf_counter()
     try:
-        with pytest.raises(BackendError, match=r"cannot connect to http://127.0.0.1:\d+.*; is .*running there\?"):
+        with pytest.raises(BackendError, match=r"cannot connect to http://127.0.0.1:\d+.*; is .*running there\?") as info:
             await ask_codes(pool, marker_images, 1)
     finally:
         await pool.aclose()
-    assert time.perf_counter() - started < 3
+    # Every attempt of the budget was made and counted (1 + max_retries), no more: how long that takes is the
+    # backoff's business (benchmarks/first_failure.py times the user's view), not this test's.
+    assert info.value.stats is not None and info.value.stats.requests == 1 + settings.backends["test"].max_retries
 
 
 async def test_a_named_but_unset_key_variable_is_a_config_error(standin, tmp_path):
@@ -377,25 +378,33 @@ async def test_an_hour_long_retry_after_is_capped(standin, marker_images, tmp_pa
     pool = VLMPool(settings_for("openai", server, tmp_path, retry_after_max_s=0.5))
     started = time.perf_counter()
     try:
-        assert await asyncio.wait_for(ask_codes(pool, marker_images, 1), timeout=10) == [100]
+        # Waiting the hour would hit this guard; the capped wait (0.5 s) is far below it, however busy the machine.
+        assert await asyncio.wait_for(ask_codes(pool, marker_images, 1), timeout=120) == [100]
     finally:
         await pool.aclose()
-    assert 0.5 <= time.perf_counter() - started < 5
+    assert time.perf_counter() - started >= 0.5  # the cap is a wait, not none (a lower bound: load only adds to it)
     assert [r.status for r in server.chat_requests()] == [429, 200]
 
 
 async def test_cancelling_one_asker_leaves_the_others_their_shared_answer(standin, marker_images, tmp_path):
     """Identical questions share one request; the first asker giving up does not cancel it for the rest."""
-    server = standin(config=StandinConfig(latency_s=0.3))
+    # No fixed sleeps (a busy machine stretches them past the request): the first asker is cancelled once both
+    # askers are seen waiting on the one request, which the stand-in holds for 3 s.
+    server = standin(config=StandinConfig(latency_s=3.0))
     pool = VLMPool(settings_for("ollama", server, tmp_path))
     client = pool.for_task("default")
+
+    def waiting() -> int:
+        return sum(shared.waiting for shared in client._inflight.values())
+
     try:
         first = asyncio.create_task(client.ask("code?", marker_images[:1], MarkerAnswer))
-        await asyncio.sleep(0.05)
         second = asyncio.create_task(client.ask("code?", marker_images[:1], MarkerAnswer))
-        await asyncio.sleep(0.05)
+        while waiting() < 2 and not second.done():
+            await asyncio.sleep(0.01)
+        assert not second.done(), "the request ended before both askers shared it"
         first.cancel()
-        answer = await asyncio.wait_for(second, timeout=5)
+        answer = await asyncio.wait_for(second, timeout=120)
     finally:
         await pool.aclose()
     assert first.cancelled() and answer.value.code == 100
@@ -419,10 +428,9 @@ async def test_a_server_that_goes_down_fails_the_uncached_questions_at_once(stan
         with pytest.raises(BackendError, match="cannot connect"):
             await client.ask("code?", marker_images[1:2], MarkerAnswer)
         assert client.totals.requests == 3  # retried within the budget: a restarting server comes back
-        started = time.perf_counter()
         with pytest.raises(BackendError, match="cannot connect"):
             await client.ask("code?", marker_images[2:3], MarkerAnswer)
-        assert time.perf_counter() - started < 0.1 and client.totals.requests == 3
+        assert client.totals.requests == 3  # no request (and so no retry, no backoff) for the second question
         assert await ask_codes(pool, marker_images, 1) == [100]  # cached
     finally:
         await pool.aclose()
@@ -430,32 +438,38 @@ async def test_a_server_that_goes_down_fails_the_uncached_questions_at_once(stan
 
 def test_litellm_is_imported_once_off_the_event_loop(tmp_path):
     """Importing litellm takes seconds: it happens in a worker thread during the preflight's check, so the event
-    loop keeps ticking (in a fresh process, where litellm is not imported yet)."""
+    loop keeps running (in a fresh process, where litellm is not imported yet). Checked by the thread that
+    imported it, seen by an import hook, not by timing the loop."""
     import subprocess
     import sys
 
     script = """
-import asyncio, sys, time
+import asyncio, importlib.machinery, sys, threading
 from geoagent.config import Settings
 from geoagent.vlm import VLMPool
 
+importers = []  # for each time litellm's code ran: was it on the main thread (the event loop's)?
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name != "litellm":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+        def exec_module(module):  # called by an import only (a find_spec looking for the package is not one)
+            importers.append(threading.current_thread() is threading.main_thread())
+            execute(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Watch())
+
 async def main():
     pool = VLMPool(Settings(backends={"h": {"kind": "litellm", "model": "openai/x", "base_url": "http://127.0.0.1:9/v1"}}, tasks={"default": "h"}))
-    gaps, last, done = [], time.perf_counter(), False
-    async def tick():
-        nonlocal last
-        while not done:
-            await asyncio.sleep(0.01)
-            now = time.perf_counter(); gaps.append(now - last); last = now
-    ticker = asyncio.create_task(tick())
-    started = time.perf_counter()
     await pool.client("h").backend.check()
-    done = True; await ticker
-    print("litellm" in sys.modules, round(time.perf_counter() - started, 2), round(max(gaps), 3))
+    await pool.client("h").backend.check()
+    print("litellm" in sys.modules, importers)
 asyncio.run(main())
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    imported, took, longest_gap = proc.stdout.split()
-    assert imported == "True", proc.stderr
-    # On the loop the longest gap would be the whole import; in a thread only GIL hand-offs remain (longer on a busy machine).
-    assert float(longest_gap) < float(took) / 2, (took, longest_gap)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.stdout.split(maxsplit=1) == ["True", "[False]\n"], proc.stdout + proc.stderr  # once, off the main thread

@@ -20,13 +20,14 @@ from geoagent.agent.reasoning import consensus, neighbour_block, reason
 from geoagent.agent.rerank import MODEL_STRATEGIES, STRATEGIES, Comparator, Photo
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, InputError, PhotoError, RunStopped, UnreachableError
-from geoagent.exif import ExifGPS, ExifInfo, read_exif
+from geoagent.exif import ExifGPS, ExifInfo, has_gps, read_exif
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.images import in_decode_pool, open_image, set_pixel_limit
 from geoagent.loads import ThreadLoads
 from geoagent.paths import display_path
 from geoagent.prompts import PromptSet
 from geoagent.retrieval.duplicates import EXACT_COPY_SIMILARITY, resolve_threshold
+from geoagent.retrieval.embedder import check_model_files
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import Candidate, CountryScore, Guess, LocateResult, LocateStats, Trace
 from geoagent.vlm import CallStats, VLMPool
@@ -179,12 +180,16 @@ class GeoAgent:
     async def preflight(self, photos: Sequence[str | Path] = ()) -> Readiness:
         """Everything that would stop every photo, found at once: missing weights, unset keys, unusable servers.
 
+        Two rounds: the cheap checks first (backends reachable, keys set, models present, a checkpoint file
+        there), then the heavy loads (CLIP, the gazetteer, a ranker). A problem found in the first round is
+        reported without importing PyTorch: a down server is told in a second, not after the model loads.
+
         A server that is down (or refuses us) is only a warning while the cache holds answers of its model: a
         rerun is answered from the cache, and only the questions it cannot answer fail. With ``use_exif``, when
         every one of ``photos`` carries EXIF GPS nothing is needed (no model will run), so nothing is checked.
         """
         readiness = Readiness()
-        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(in_decode_pool(_has_gps, p) for p in photos))):
+        if photos and self.settings.agent.use_exif and all(await asyncio.gather(*(in_decode_pool(has_gps, p) for p in photos))):
             return readiness
 
         async def attempt(coroutine: Any) -> None:
@@ -195,16 +200,19 @@ class GeoAgent:
 
         if self.pool.cache is not None:  # first: the backends' checks read it
             await attempt(self.pool.cache.check())
-        checks = [attempt(self._check_retriever(readiness)), attempt(self._check_calibration(readiness))]
+        cheap = [attempt(asyncio.to_thread(check_model_files, self.settings.retrieval)), attempt(self._check_calibration(readiness))]
+        heavy: list[Callable[[], Awaitable[Any]]] = [lambda: self._check_retriever(readiness)]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
             by_model = agent.strategy in MODEL_STRATEGIES
             tasks = [] if by_model else ["pointwise" if agent.strategy == "pointwise" else "pairwise"]
             tasks += [task for task, on in (("prior", agent.country_prior), ("reasoning", agent.reasoning)) if on]
             if by_model:  # the rerank task is the ranker's: its weights, not a VLM backend
-                checks.append(attempt(self.ranker()))
-            checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
-        await asyncio.gather(*checks)
+                heavy.append(self.ranker)
+            cheap += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
+        await asyncio.gather(*cheap)
+        if not readiness.problems:  # otherwise every photo would fail: say so before loading any model
+            await asyncio.gather(*(attempt(load()) for load in heavy))
         return readiness
 
     async def _check_calibration(self, readiness: Readiness) -> None:
@@ -589,11 +597,6 @@ def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> Loc
         failed_questions=log.failed,
         stages=stages,
     )
-
-
-def _has_gps(photo: str | Path) -> bool:
-    exif = read_exif(photo)
-    return exif is not None and exif.gps is not None
 
 
 def _exif_answer(photo: str | Path, exif: ExifInfo, gps: ExifGPS, wall_s: float, trace: Trace | None) -> LocateResult:

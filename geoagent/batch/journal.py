@@ -37,9 +37,10 @@ class Journal:
     never write one journal.
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, created: bool = False) -> None:
         self.path = path
         self._fd = fd
+        self._created = created  # this open made the file (a failed run then leaves none behind)
         self._size = 0
         self._lines = 0
         self._last_line: dict[str, int] = {}  # key -> number (0-based) of its latest line: that line counts
@@ -60,7 +61,7 @@ class Journal:
             raise BatchInputError(f"{shown}: a folder; --out names the file to write") from None
         except OSError as exc:
             raise BatchInputError(f"{shown}: cannot write the journal ({os_error_reason(exc)})") from None
-        journal = cls(path, fd)
+        journal = cls(path, fd, created)
         try:
             journal._lock()
             if created:
@@ -75,6 +76,16 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)  # releases the lock
             self._fd = -1
+
+    def discard_if_unused(self) -> bool:
+        """Delete the file when this open created it and nothing was written to it (a run that failed before its
+        first photo leaves no empty journal behind); True if it did."""
+        if not self._created or self._size or self._fd < 0:
+            return False
+        self.path.unlink(missing_ok=True)
+        files.fsync_dir(self.path.parent)
+        self.close()
+        return True
 
     def __enter__(self) -> Journal:
         return self

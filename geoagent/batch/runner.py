@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from geoagent.batch.engines import DEFAULT_ENGINE, load_engine
+from geoagent.batch.engines import DEFAULT_ENGINE, BaseEngine, load_engine
 from geoagent.batch.formats import OutputPlan, write_output
 from geoagent.batch.inputs import BatchInput, BatchItem
 from geoagent.batch.journal import Journal, failure_line
 from geoagent.config import Settings
 from geoagent.errors import GeoAgentError, PhotoError, RunStopped, UnreachableError
+from geoagent.exif import has_gps
 from geoagent.paths import display_path
 from geoagent.vlm.types import CallStats
 
@@ -95,33 +96,75 @@ async def run_batch(
     engine_class = load_engine(engine)  # an unknown name fails before anything is read
     inputs = BatchInput(source)
     with Journal.open(plan.journal) as journal:
-        report = BatchReport(plan.journal, torn_bytes=journal.torn_bytes)
-        if journal.torn_bytes:
-            on_warning(f"{display_path(plan.journal)}: cut off a torn last line ({journal.torn_bytes} bytes); that photo is redone")
-        run = _Run(journal, inputs, report, retry_failed, on_progress, on_error)
         try:
-            first = await anext(run.pending, None)
-            if first is not None:
-                async with engine_class(settings, explain=explain) as worker:
-                    readiness = await worker.preflight()
-                    for warning in readiness.warnings:
-                        on_warning(warning)
-                    if readiness.problems:
-                        report.problems = readiness.problems
-                        return report
-                    run.engine_totals = worker.totals
-                    try:
-                        async for item, outcome in worker.run(_chain(first, run.pending)):
-                            await run.record(item, outcome)
-                    except RunStopped as exc:
-                        report.stopped = str(exc)
-                    report.vlm = worker.totals()
-        finally:
-            await run.close()
-        await asyncio.to_thread(journal.compact)
-        report.journal_located, report.journal_failed = journal.located, journal.failures
-        report.output = await asyncio.to_thread(write_output, plan, journal.entries)
+            return await _run_batch(settings, journal, inputs, plan, engine_class, retry_failed, explain, on_progress, on_error, on_warning)
+        except BaseException:
+            journal.discard_if_unused()  # a run that failed before its first line leaves no empty journal
+            raise
+
+
+async def _run_batch(
+    settings: Settings,
+    journal: Journal,
+    inputs: BatchInput,
+    plan: OutputPlan,
+    engine_class: type[BaseEngine],
+    retry_failed: bool,
+    explain: bool,
+    on_progress: Callable[[BatchProgress], None] | None,
+    on_error: Callable[[str], None],
+    on_warning: Callable[[str], None],
+) -> BatchReport:
+    report = BatchReport(plan.journal, torn_bytes=journal.torn_bytes)
+    if journal.torn_bytes:
+        on_warning(f"{display_path(plan.journal)}: cut off a torn last line ({journal.torn_bytes} bytes); that photo is redone")
+    run = _Run(journal, inputs, report, retry_failed, on_progress, on_error)
+    try:
+        first = await anext(run.pending, None)
+        if first is not None:
+            async with engine_class(settings, explain=explain) as worker:
+                run.engine_totals = worker.totals
+                gate = _Preflight(worker, settings.agent.use_exif, report, on_warning)
+                try:
+                    async for item, outcome in worker.run(gate.items(_chain(first, run.pending))):
+                        await run.record(item, outcome)
+                except RunStopped as exc:
+                    report.stopped = str(exc)
+                report.vlm = worker.totals()
+    finally:
+        await run.close()
+    if report.problems and not (report.located or report.failed):
+        journal.discard_if_unused()
+        return report  # nothing was located: no output written either
+    await asyncio.to_thread(journal.compact)
+    report.journal_located, report.journal_failed = journal.located, journal.failures
+    report.output = await asyncio.to_thread(write_output, plan, journal.entries)
     return report
+
+
+class _Preflight:
+    """The engine's preflight, run before the first photo that needs a model. With ``use_exif`` a photo whose
+    EXIF carries GPS needs none, so a folder of geotagged photos runs without CLIP or a server; once a photo
+    needs them and the preflight finds a problem, no further photo is handed to the engine."""
+
+    def __init__(self, engine: BaseEngine, use_exif: bool, report: BatchReport, on_warning: Callable[[str], None]) -> None:
+        self.engine, self.use_exif, self.report, self.on_warning = engine, use_exif, report, on_warning
+        self.passed = False
+
+    async def items(self, items: AsyncIterator[BatchItem]) -> AsyncIterator[BatchItem]:
+        async for item in items:
+            if not self.passed and await self._needs_models(item):
+                readiness = await self.engine.preflight()
+                for warning in readiness.warnings:
+                    self.on_warning(warning)
+                if readiness.problems:
+                    self.report.problems = readiness.problems
+                    return
+                self.passed = True
+            yield item
+
+    async def _needs_models(self, item: BatchItem) -> bool:
+        return not (self.use_exif and item.path is not None and await asyncio.to_thread(has_gps, item.path))
 
 
 class _Run:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from geoagent.config import RetrievalConfig
 
 HF_HOST = "huggingface.co"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a clip_pretrained ending so names a file, not a tag
 
 
 class EmbedderSpec(BaseModel):
@@ -177,7 +178,7 @@ def pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
 
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if tag not in tags:
-        if "/" in tag or tag.endswith((".pt", ".bin", ".safetensors")):
+        if "/" in tag or tag.endswith(CHECKPOINT_SUFFIXES):
             raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {tag}")
         raise ConfigError(
             f"retrieval.clip_pretrained: '{tag}' is not a pretrained tag of {model_name} "
@@ -189,6 +190,19 @@ def pretrained_cfg(model_name: str, tag: str) -> dict[str, Any]:
 def clip_name(config: RetrievalConfig) -> str:
     """The CLIP model as a person names it (a model-config JSON by its stem), without importing open_clip."""
     return Path(config.clip_model).stem if config.clip_model.endswith(".json") else config.clip_model
+
+
+def check_model_files(config: RetrievalConfig) -> None:
+    """ConfigError when ``config`` names a model config or checkpoint file that is not there. Cheap (no open_clip,
+    no torch): the preflight runs it before loading anything, so a typo in a path is told at once."""
+    model = Path(config.clip_model).expanduser()
+    if config.clip_model.endswith(".json") and not model.is_file():
+        raise ConfigError(f"retrieval.clip_model: no model config at {model}")
+    requested = config.clip_pretrained
+    if requested == "none" or Path(requested).expanduser().is_file():
+        return
+    if "/" in requested or requested.endswith(CHECKPOINT_SUFFIXES):
+        raise ConfigError(f"retrieval.clip_pretrained: no checkpoint file at {requested}")
 
 
 def embedder_spec(config: RetrievalConfig) -> EmbedderSpec:

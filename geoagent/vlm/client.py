@@ -24,6 +24,7 @@ from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key, open_cach
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
 from geoagent.vlm.pricing import Price, price_for
 from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
+from geoagent.words import count
 
 if TYPE_CHECKING:
     from geoagent.config import BackendProfile, Settings
@@ -283,7 +284,7 @@ class VLMClient:
         except TransientError as exc:
             raise BackendError(
                 f"backend '{self.name}' ({self.profile.model} at {self.backend.url}): gave up after "
-                f"{stats.requests} attempts: {exc}"
+                f"{count(stats.requests, 'attempt')}: {exc}"
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -37,6 +37,11 @@ var GeoAgentMap = (function () {
     return lat.toFixed(4) + ", " + lon.toFixed(4);
   }
 
+  /* "1 candidate", "3 candidates": a count with its noun agreeing (plural: when adding "s" is wrong). */
+  function count(n, noun, plural) {
+    return n + " " + (n === 1 ? noun : plural || noun + "s");
+  }
+
   function num(value, digits) {
     return value === null || value === undefined ? "-" : Number(value).toFixed(digits);
   }
@@ -202,15 +207,15 @@ var GeoAgentMap = (function () {
       el("div", p.image, box);
       el("div", (p.abstained ? "unknown (below the minimum confidence); best guess: " : "answer: ")
          + placeText(p.place, p.country_name, p.country) + " (" + coords(p.lat, p.lon) + ")", box);
-      el("div", confidenceText(p) + " - " + p.candidates.length + " candidates - "
-         + p.guesses.length + " reasoning guesses", box);
+      el("div", confidenceText(p) + " - " + count(p.candidates.length, "candidate") + " - "
+         + count(p.guesses.length, "reasoning guess", "reasoning guesses"), box);
       if (p.exif) el("div", "EXIF GPS " + coords(p.exif.lat, p.exif.lon) + ", " + num(p.exif.distance_km, 1) + " km from the answer", box);
       if (p.prior.length) {
         el("h2", "prior countries", box);
         priorList(p.prior, box);
       }
     } else {
-      el("div", photos.length + " photos" + (data.detailed_photos < photos.length
+      el("div", count(photos.length, "photo") + (data.detailed_photos < photos.length
          ? "; candidates and guesses for the first " + data.detailed_photos : ""), box);
     }
     el("h2", "key", box);
@@ -234,7 +239,7 @@ var GeoAgentMap = (function () {
   function errorPanel(data, box) {
     el("h1", data.title, box);
     data.error_layers.forEach(function (layer) {
-      el("div", layer.label + ": " + layer.errors.length + " photos drawn"
+      el("div", layer.label + ": " + count(layer.errors.length, "photo") + " drawn"
          + (layer.failed ? ", " + layer.failed + " without a prediction" : ""), box);
     });
     el("h2", "truth (black dot) to prediction, by error", box);

@@ -15,6 +15,9 @@ function countryName(code) {
   }
 }
 
+// "1 candidate", "3 candidates": a count with its noun agreeing.
+const count = (n, noun) => `${n} ${n === 1 ? noun : noun + "s"}`;
+
 function element(tag, text, className) {
   const node = document.createElement(tag);
   if (text !== undefined && text !== null) node.textContent = String(text);
@@ -52,7 +55,7 @@ const handlers = {
   candidates(event) {
     remember(event.candidates);
     const top = event.candidates[0];
-    step(`Retrieved ${event.candidates.length} candidates from the reference photos` + (top ? `; closest: ${label(top.id)}` : ""));
+    step(`Retrieved ${count(event.candidates.length, "candidate")} from the reference photos` + (top ? `; closest: ${label(top.id)}` : ""));
   },
   prior(event) {
     const shown = event.prior.slice(0, 5).map((p) => `${countryName(p.country)} ${Math.round(p.p * 100)}%`);
@@ -68,7 +71,7 @@ const handlers = {
   rerank(event) {
     remember(event.pool);
     if (event.skipped) step(`Reranking ${event.skipped === "off" ? "is off" : "skipped: " + event.skipped}`);
-    else step(`Comparing ${event.pool.length} candidates (${event.strategy})`);
+    else step(`Comparing ${count(event.pool.length, "candidate")} (${event.strategy})`);
   },
   match(event) {
     const m = event.match;
@@ -138,7 +141,7 @@ function showExplanation(result, where, exif) {
   const cost = stats.cost_usd !== undefined && stats.cost_usd !== null ? `, $${fmt(stats.cost_usd, 4)}` : "";
   why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
   const failed = stats.failed_questions || [];
-  if (failed.length) why.appendChild(element("li", `${failed.length} questions failed; the agent went on without them`));
+  if (failed.length) why.appendChild(element("li", `${count(failed.length, "question")} failed; the agent went on without them`));
   $("explanation").hidden = false;
 }
 
