@@ -359,6 +359,49 @@ def test_the_adaptive_rule_by_hand():
     assert judge._decisive("b", a, b)  # a 0.03 lead is no evidence either way: one answer is the verdict
 
 
+async def test_an_answer_overturning_the_evidence_needs_confirmation_whichever_ask_gave_it():
+    """Issue 18 point 4: in adaptive mode an answer against a clear evidence lead stands only when the other order
+    confirms it. Before, a first ask that failed let the second answer win unconfirmed while a first answer saying
+    the same needed confirmation: now the outcome does not depend on which ask failed."""
+    from dataclasses import dataclass, field
+
+    from geoagent.agent.rerank import Comparator
+    from geoagent.types import Candidate
+
+    @dataclass
+    class Scripted(Comparator):
+        """Answers each ask from a script (None: the ask failed), ``a`` always shown first."""
+
+        script: list[str | None] = field(default_factory=list)
+
+        def _a_first(self, a: Candidate, b: Candidate) -> bool:
+            return True
+
+        async def _choose(self, first: Candidate, second: Candidate) -> str | None:
+            return self.script.pop(0)
+
+    a, b = (Candidate(id=i, lat=0, lon=0, source="index") for i in "ab")
+
+    async def match(*script: str | None):
+        judge = Scripted(None, None, None, None, photos={}, base={"a": 0.50, "b": 0.40}, debias="adaptive", adaptive_margin=0.05, script=list(script))  # type: ignore[arg-type]
+        played = await judge.compare(a, b)
+        assert judge.script == [], "every scripted ask was asked"
+        return played.winner, played.shown_first
+
+    # b overturns a's 0.10 lead on one answer: no winner (the evidence decides), whichever ask failed
+    assert await match("b", None) == (None, ["a", "b"])
+    assert await match(None, "b", None) == (None, ["a", "b", "a"])
+    # confirmed by the other order: b stands, whichever ask produced the first answer
+    assert await match("b", "b") == ("b", ["a", "b"])
+    assert await match(None, "b", "b") == ("b", ["a", "b", "a"])
+    # contradicted: a tie
+    assert await match(None, "b", "a") == (None, ["a", "b", "a"])
+    # an answer agreeing with the evidence needs no confirmation, however it came
+    assert await match("a") == ("a", ["a"])
+    assert await match(None, "a") == ("a", ["a", "b"])
+    assert await match(None, None) == (None, ["a", "b"])
+
+
 async def test_early_exit_skips_reranking_that_cannot_move_the_answer(world, world_server, world_retriever, tmp_path):
     """Every candidate within the consensus bandwidth of the top one: no comparison is asked, and stats say why."""
     result = await locate_one(world, world_server, world_retriever, tmp_path, world.queries[0].path, strategy="tournament", consensus_bandwidth_km=20_000)
