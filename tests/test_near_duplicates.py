@@ -50,24 +50,26 @@ def _offset(km: float, bearing: float) -> tuple[float, float]:
     return lat + km / 111.2 * math.cos(bearing), lon + km / (111.2 * math.cos(math.radians(lat))) * math.sin(bearing)
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    """Nine photos of one town (different scenes 0.3-1.5 km from its centre) and one of a town 55 km west, indexed."""
+def indexed_gallery(root: Path, spots: dict[str, tuple[int, float, float]], lone: str) -> Gallery:
+    """Scenes saved with GPS as ``root/photos/NAME.jpg`` (NAME -> (scene seed, km from the town, bearing)), indexed."""
     from geoagent.config import RetrievalConfig
     from geoagent.retrieval.embedder import Embedder
 
-    root = tmp_path_factory.mktemp("gallery")
     photos = {}
-    for i in range(9):
-        path, coordinate = root / "photos" / f"town-{i}.jpg", _offset(0.3 + 0.15 * i, 2 * math.pi * i / 9)
-        save_with_gps(scene(i, palette_seed=PALETTE), path, *coordinate, quality=92)
+    for name, (seed, km, bearing) in spots.items():
+        path, coordinate = root / "photos" / f"{name}.jpg", _offset(km, bearing)
+        save_with_gps(scene(seed, palette_seed=PALETTE), path, *coordinate, quality=92)
         photos[path] = coordinate
-    lone = root / "photos" / "lone.jpg"
-    photos[lone] = _offset(LONE_KM, -math.pi / 2)
-    save_with_gps(scene(100, palette_seed=PALETTE), lone, *photos[lone], quality=92)
     embedder = Embedder.load(RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none"))
     build_index(root / "photos", root / "index", embedder)
-    return Gallery(root, root / "index", photos, lone, Retriever(embedder, ReferenceIndex.open(root / "index")))
+    return Gallery(root, root / "index", photos, root / "photos" / f"{lone}.jpg", Retriever(embedder, ReferenceIndex.open(root / "index")))
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    """Nine photos of one town (different scenes 0.3-1.5 km from its centre) and one of a town 55 km west, indexed."""
+    spots = {f"town-{i}": (i, 0.3 + 0.15 * i, 2 * math.pi * i / 9) for i in range(9)} | {"lone": (100, LONE_KM, -math.pi / 2)}
+    return indexed_gallery(tmp_path_factory.mktemp("gallery"), spots, "lone")
 
 
 async def locate(gallery: Gallery, photo: Path, retriever: Retriever | None = None, **agent: object) -> LocateResult:
@@ -202,20 +204,10 @@ def test_locate_json_marks_the_copy_and_not_the_look_alike(gallery, tmp_path):
 @pytest.fixture(scope="module")
 def one_town(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
     """Nine photos of one town, every one within 1 km of every other (0.05-0.45 km from its centre), indexed."""
-    from geoagent.config import RetrievalConfig
-    from geoagent.retrieval.embedder import Embedder
-
-    root = tmp_path_factory.mktemp("one-town")
-    photos = {}
-    for i in range(9):
-        path, coordinate = root / "photos" / f"street-{i}.jpg", _offset(0.05 + 0.05 * i, 2 * math.pi * i / 9)
-        save_with_gps(scene(i, palette_seed=PALETTE), path, *coordinate, quality=92)
-        photos[path] = coordinate
-    assert max(haversine_km(*p, *q) for p in photos.values() for q in photos.values()) < 1.0
-    embedder = Embedder.load(RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none"))
-    build_index(root / "photos", root / "index", embedder)
-    first = next(iter(photos))
-    return Gallery(root, root / "index", photos, first, Retriever(embedder, ReferenceIndex.open(root / "index")))
+    spots = {f"street-{i}": (i, 0.05 + 0.05 * i, 2 * math.pi * i / 9) for i in range(9)}
+    town = indexed_gallery(tmp_path_factory.mktemp("one-town"), spots, "street-0")
+    assert max(haversine_km(*p, *q) for p in town.photos.values() for q in town.photos.values()) < 1.0
+    return town
 
 
 async def test_a_one_town_gallery_still_recognises_a_copy(one_town, tmp_path):
