@@ -30,6 +30,7 @@ from geoagent.ranker import recipe
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
 EXIT_BUG = 70
+MISSING_SHOWN = 20  # eval: missing photos named one a line on stderr before the rest are counted
 
 
 class _App(typer.Typer):
@@ -435,7 +436,7 @@ def evaluate(
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from geoagent.eval.datasets import load_dataset
+    from geoagent.eval.datasets import load_dataset, missing_photos
     from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
 
     with user_errors():
@@ -443,6 +444,11 @@ def evaluate(
         data = load_dataset(dataset, images)
         for name, reason in data.skipped:
             print_line(f"skipped {name}: {reason}", stderr)
+        missing = missing_photos(data)
+        for item in missing[:MISSING_SHOWN]:
+            print_line(f"missing {display_path(item.path)}: no such file (counted as a failed photo)", stderr)
+        if len(missing) > MISSING_SHOWN:
+            print_line(f"... and {len(missing) - MISSING_SHOWN} more missing photos (report.json lists every failure)", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
