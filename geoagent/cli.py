@@ -374,6 +374,7 @@ def batch(
                 f"{report.journal_located} located, {report.journal_failed} failed in {display_path(report.journal)} "
                 f"(this run: {report.located} located, {report.failed} failed, {report.skipped} already journalled"
                 + (f", {report.duplicates} named twice" if report.duplicates else "")
+                + (f", {report.stale} stale failures dropped (no longer in INPUT)" if report.stale else "")
                 + f"; {report.vlm.requests} VLM requests, {report.vlm.cache_hits} cache hits)"
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
