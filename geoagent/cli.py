@@ -380,9 +380,9 @@ def batch(
                 stderr,
             )
         if map_file is not None and not report.problems:
-            from geoagent.maps.html import journal_results, locate_map, write_map
+            from geoagent.maps.html import journal_results, write_locate_page, write_map
 
-            write_map(map_file, locate_map(journal_results(report.journal), thumbnails=False))
+            write_map(map_file, lambda fh: write_locate_page(fh, journal_results(report.journal), thumbnails=False))
             print_line(f"wrote {display_path(map_file)}", stderr)
         if report.stopped:
             print_error(report.stopped)

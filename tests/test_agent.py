@@ -426,3 +426,60 @@ async def test_a_kmeans_submap_without_reasoning_keeps_the_clusters_of_the_prior
     wanted = {result.prior[0].country}
     expected = {int(c) for c, country in zip(table.cluster, table.country) if country in wanted}  # by brute force
     assert result.trace is not None and {int(c) for c in result.trace.submap["clusters"]} == expected
+
+
+async def test_locate_many_holds_results_for_the_photos_in_flight_not_for_the_run(world, world_retriever, standin, tmp_path):
+    """Issue 18 point 6: over 200 photos whose first is slow (the stand-in holds every question about it until
+    the photos after it have had time to finish), results still come in input order, yet no more than
+    REORDER_WINDOW x photos_in_flight() photos are ever started and not yet yielded: finished results wait
+    for the slow one in a bounded window instead of piling up for the whole run."""
+    import asyncio
+    import threading
+
+    from geoagent.agent.controller import REORDER_WINDOW
+    from standin.markers import read_marker
+
+    slow = world.queries[0]
+    release = threading.Event()
+
+    class SlowFirst(WorldJudge):
+        def __call__(self, seen):
+            if seen.images and read_marker(seen.images[0]) == slow.marker:
+                release.wait(30)  # until the consumer has seen how far the others got
+            return super().__call__(seen)
+
+    server = standin(judge=SlowFirst(world.truth))
+
+    class Counting(GeoAgent):
+        started = 0
+
+        async def locate(self, photo, **kwargs):
+            self.started += 1
+            return await super().locate(photo, **kwargs)
+
+    photos = [str(slow.path)] + [str(world.queries[1 + i % (len(world.queries) - 1)].path) for i in range(199)]
+    agent = Counting(world_settings(world, server, tmp_path, strategy="tournament", top_k=3, max_concurrent_photos=2), retriever=world_retriever)
+    window = REORDER_WINDOW * agent.photos_in_flight()
+    peak, yielded, order = 0, 0, []
+
+    async def unblock_when_stalled():
+        """Let the slow photo answer once the others stop starting (the window is full) or all 199 have started."""
+        last = -1
+        while agent.started != last and agent.started < len(photos):
+            last = agent.started
+            await asyncio.sleep(0.5)
+        release.set()
+
+    watcher = asyncio.create_task(unblock_when_stalled())
+    try:
+        async for photo, outcome in agent.locate_many(photos):
+            peak = max(peak, agent.started - yielded)
+            yielded += 1
+            order.append(photo)
+            assert isinstance(outcome, LocateResult), outcome
+    finally:
+        release.set()
+        await watcher
+        await agent.aclose()
+    assert order == photos  # input order kept
+    assert peak <= window < len(photos), (peak, window)
