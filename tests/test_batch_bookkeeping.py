@@ -83,9 +83,11 @@ def test_a_batch_that_fails_at_once_leaves_no_file(world, standin, tmp_path):
     assert not (tmp_path / "e.jsonl").exists()
 
 
-def test_out_never_overwrites_input_or_a_file_that_is_not_ours(world, tmp_path):
+def test_out_never_overwrites_input_or_a_file_that_is_not_ours(world, standin, tmp_path):
     """F10: --out naming the input CSV, or an existing CSV/GeoJSON that is not an output of its journal, is one
-    line, exit 2, the file untouched (checked before any model loads)."""
+    line, exit 2, the file untouched (checked before any model loads; with a working config, as a user has)."""
+    server = standin(judge=WorldJudge(world.truth))
+    (tmp_path / "geoagent.toml").write_text(write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", strategy="none").read_text())
     photos = tmp_path / "photos.csv"
     photos.write_text(f"path\n{world.queries[0].path}\n")
     before = photos.read_bytes()
@@ -105,6 +107,10 @@ def test_out_never_overwrites_input_or_a_file_that_is_not_ours(world, tmp_path):
     # an existing journal beside it does not make a foreign file ours
     (tmp_path / "notes.journal.jsonl").write_text("")
     assert batch(str(photos), "--out", str(tmp_path / "notes.csv"), cwd=tmp_path).returncode == 2
+    # GeoAgent's own output of its journal is rewritten as before
+    for _ in range(2):
+        proc = batch(str(photos), "--out", str(tmp_path / "r.csv"), cwd=tmp_path)
+        assert proc.returncode == 0 and "wrote" in proc.stderr, proc.stderr
 
 
 STRANGE_NAMES = [b"a\xff.jpg", b"a\\xff.jpg", b"b\n.jpg", b"b\\n.jpg"]  # shown alike in pairs
