@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_world_config
-from geoagent.batch.inputs import RAW_FIELD, BatchInput, photo_key
+from geoagent.batch.inputs import RAW_FIELD, BatchInput, BatchInputError, photo_key
 from geoagent.batch.journal import Journal, failure_line
 from standin import WorldJudge
 
@@ -62,7 +62,7 @@ def test_a_journal_with_a_zero_filled_tail_resumes(tmp_path):
         j.record("c", '{"image":"c","lat":3.0,"lon":4.0}', failed=False)
     assert path.read_bytes() == kept + b'{"image":"c","lat":3.0,"lon":4.0}\n'
     path.write_bytes(kept + b"\0\0x")  # zeros then something else: not a torn write, not ours to cut
-    with pytest.raises(Exception, match="not a geoagent batch journal"):
+    with pytest.raises(BatchInputError, match="not a geoagent batch journal"):
         Journal.open(path)
 
 
@@ -157,3 +157,11 @@ def test_an_empty_csv_or_list_says_so(tmp_path):
     (tmp_path / "l.txt").write_text("# nothing yet\n")
     assert BatchInput(tmp_path / "t.csv").nothing_to_do().endswith("no rows (a CSV INPUT names its photos in a path column, one a row)")
     assert "no paths" in BatchInput(tmp_path / "l.txt").nothing_to_do()
+
+
+def test_a_journal_path_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """--out naming a FIFO is one line, exit 2, never a read that waits for a writer."""
+    fifo = tmp_path / "r.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(BatchInputError, match="not a regular file"):
+        Journal.open(fifo)

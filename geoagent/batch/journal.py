@@ -64,6 +64,8 @@ class Journal:
         if not os.path.lexists(path):
             _check_creatable(path)
             return cls(path, -1)
+        if path.exists() and not path.is_file():  # a FIFO or a device: reading it could block for ever
+            raise BatchInputError(f"{shown}: not a regular file; --out names the journal file to write")
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
