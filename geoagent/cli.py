@@ -32,6 +32,7 @@ from geoagent.words import count
 #: Exit code of an unexpected exception (EX_SOFTWARE in sysexits.h): a bug, told apart from 1 ("some photos
 #: failed") and 2 (usage or configuration).
 EXIT_BUG = 70
+MISSING_SHOWN = 20  # eval: missing photos named one a line on stderr before the rest are counted
 
 
 class _App(typer.Typer):
@@ -416,6 +417,7 @@ def batch(
                 f"{report.journal_located} located, {report.journal_failed} failed in {display_path(report.journal)} "
                 f"(this run: {report.located} located, {report.failed} failed, {report.skipped} already journalled"
                 + (f", {report.duplicates} named twice" if report.duplicates else "")
+                + (f", {report.stale} stale failures dropped (no longer in INPUT)" if report.stale else "")
                 + f"; {report.vlm.requests} VLM requests, {report.vlm.cache_hits} cache hits)"
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
@@ -423,9 +425,9 @@ def batch(
         if xmp and not report.problems:
             _write_sidecars(settings, report.journal, xmp_name, dry_run)
         if map_file is not None and not report.problems:
-            from geoagent.maps.html import journal_results, locate_map, write_map
+            from geoagent.maps.html import journal_results, write_locate_page, write_map
 
-            write_map(map_file, locate_map(journal_results(report.journal), thumbnails=False))
+            write_map(map_file, lambda fh: write_locate_page(fh, journal_results(report.journal), thumbnails=False))
             print_line(f"wrote {display_path(map_file)}", stderr)
         if report.stopped:
             print_error(report.stopped)
@@ -509,7 +511,7 @@ def evaluate(
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from geoagent.eval.datasets import load_dataset
+    from geoagent.eval.datasets import load_dataset, missing_photos
     from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_calibrations, write_outputs
 
     with user_errors():
@@ -517,6 +519,11 @@ def evaluate(
         data = load_dataset(dataset, images)
         for name, reason in data.skipped:
             print_line(f"skipped {name}: {reason}", stderr)
+        missing = missing_photos(data)
+        for item in missing[:MISSING_SHOWN]:
+            print_line(f"missing {display_path(item.path)}: no such file (counted as a failed photo)", stderr)
+        if len(missing) > MISSING_SHOWN:
+            print_line(f"... and {len(missing) - MISSING_SHOWN} more missing photos (report.json lists every failure)", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
         columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache, min_confidence=min_confidence))

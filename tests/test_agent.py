@@ -359,6 +359,49 @@ def test_the_adaptive_rule_by_hand():
     assert judge._decisive("b", a, b)  # a 0.03 lead is no evidence either way: one answer is the verdict
 
 
+async def test_an_answer_overturning_the_evidence_needs_confirmation_whichever_ask_gave_it():
+    """Issue 18 point 4: in adaptive mode an answer against a clear evidence lead stands only when the other order
+    confirms it. Before, a first ask that failed let the second answer win unconfirmed while a first answer saying
+    the same needed confirmation: now the outcome does not depend on which ask failed."""
+    from dataclasses import dataclass, field
+
+    from geoagent.agent.rerank import Comparator
+    from geoagent.types import Candidate
+
+    @dataclass
+    class Scripted(Comparator):
+        """Answers each ask from a script (None: the ask failed), ``a`` always shown first."""
+
+        script: list[str | None] = field(default_factory=list)
+
+        def _a_first(self, a: Candidate, b: Candidate) -> bool:
+            return True
+
+        async def _choose(self, first: Candidate, second: Candidate) -> str | None:
+            return self.script.pop(0)
+
+    a, b = (Candidate(id=i, lat=0, lon=0, source="index") for i in "ab")
+
+    async def match(*script: str | None):
+        judge = Scripted(None, None, None, None, photos={}, base={"a": 0.50, "b": 0.40}, debias="adaptive", adaptive_margin=0.05, script=list(script))  # type: ignore[arg-type]
+        played = await judge.compare(a, b)
+        assert judge.script == [], "every scripted ask was asked"
+        return played.winner, played.shown_first
+
+    # b overturns a's 0.10 lead on one answer: no winner (the evidence decides), whichever ask failed
+    assert await match("b", None) == (None, ["a", "b"])
+    assert await match(None, "b", None) == (None, ["a", "b", "a"])
+    # confirmed by the other order: b stands, whichever ask produced the first answer
+    assert await match("b", "b") == ("b", ["a", "b"])
+    assert await match(None, "b", "b") == ("b", ["a", "b", "a"])
+    # contradicted: a tie
+    assert await match(None, "b", "a") == (None, ["a", "b", "a"])
+    # an answer agreeing with the evidence needs no confirmation, however it came
+    assert await match("a") == ("a", ["a"])
+    assert await match(None, "a") == ("a", ["a", "b"])
+    assert await match(None, None) == (None, ["a", "b"])
+
+
 async def test_early_exit_skips_reranking_that_cannot_move_the_answer(world, world_server, world_retriever, tmp_path):
     """Every candidate within the consensus bandwidth of the top one: no comparison is asked, and stats say why."""
     result = await locate_one(world, world_server, world_retriever, tmp_path, world.queries[0].path, strategy="tournament", consensus_bandwidth_km=20_000)
@@ -383,3 +426,60 @@ async def test_a_kmeans_submap_without_reasoning_keeps_the_clusters_of_the_prior
     wanted = {result.prior[0].country}
     expected = {int(c) for c, country in zip(table.cluster, table.country) if country in wanted}  # by brute force
     assert result.trace is not None and {int(c) for c in result.trace.submap["clusters"]} == expected
+
+
+async def test_locate_many_holds_results_for_the_photos_in_flight_not_for_the_run(world, world_retriever, standin, tmp_path):
+    """Issue 18 point 6: over 200 photos whose first is slow (the stand-in holds every question about it until
+    the photos after it have had time to finish), results still come in input order, yet no more than
+    REORDER_WINDOW x photos_in_flight() photos are ever started and not yet yielded: finished results wait
+    for the slow one in a bounded window instead of piling up for the whole run."""
+    import asyncio
+    import threading
+
+    from geoagent.agent.controller import REORDER_WINDOW
+    from standin.markers import read_marker
+
+    slow = world.queries[0]
+    release = threading.Event()
+
+    class SlowFirst(WorldJudge):
+        def __call__(self, seen):
+            if seen.images and read_marker(seen.images[0]) == slow.marker:
+                release.wait(30)  # until the consumer has seen how far the others got
+            return super().__call__(seen)
+
+    server = standin(judge=SlowFirst(world.truth))
+
+    class Counting(GeoAgent):
+        started = 0
+
+        async def locate(self, photo, **kwargs):
+            self.started += 1
+            return await super().locate(photo, **kwargs)
+
+    photos = [str(slow.path)] + [str(world.queries[1 + i % (len(world.queries) - 1)].path) for i in range(199)]
+    agent = Counting(world_settings(world, server, tmp_path, strategy="tournament", top_k=3, max_concurrent_photos=2), retriever=world_retriever)
+    window = REORDER_WINDOW * agent.photos_in_flight()
+    peak, yielded, order = 0, 0, []
+
+    async def unblock_when_stalled():
+        """Let the slow photo answer once the others stop starting (the window is full) or all 199 have started."""
+        last = -1
+        while agent.started != last and agent.started < len(photos):
+            last = agent.started
+            await asyncio.sleep(0.5)
+        release.set()
+
+    watcher = asyncio.create_task(unblock_when_stalled())
+    try:
+        async for photo, outcome in agent.locate_many(photos):
+            peak = max(peak, agent.started - yielded)
+            yielded += 1
+            order.append(photo)
+            assert isinstance(outcome, LocateResult), outcome
+    finally:
+        release.set()
+        await watcher
+        await agent.aclose()
+    assert order == photos  # input order kept
+    assert peak <= window < len(photos), (peak, window)

@@ -50,8 +50,18 @@ def test_copeland_is_the_share_of_games_won_with_a_tie_counting_half():
     # a: beat b, tied c           -> (1 + 0.5) / 2 = 0.75
     # b: lost to a, beat c, lost  -> (0 + 1 + 0) / 3 = 1/3
     # c: tied a, lost, beat b     -> (0.5 + 0 + 1) / 3 = 0.5
-    # d: played nothing           -> 0 (no division by zero)
-    assert shares == pytest.approx({"a": 0.75, "b": 1 / 3, "c": 0.5, "d": 0.0})
+    # d: played nothing           -> 0.5, neutral (no division by zero)
+    assert shares == pytest.approx({"a": 0.75, "b": 1 / 3, "c": 0.5, "d": 0.5})
+
+
+def test_a_candidate_whose_every_match_failed_is_neutral_for_copeland_and_bradley_terry():
+    """Issue 18 point 4: a match whose every ask failed says nothing. A candidate with no answered match sits in
+    the middle for both vote models (between the winner and the loser of the one answered match), never at the
+    bottom as if it had lost everything (a photo that makes the model fail must not sink its candidate)."""
+    failed = [Match(a="c", b="a", winner=None, votes=[None, None]), Match(a="b", b="c", winner=None, votes=[None])]
+    matches = [match("a", "b", "a"), *failed]
+    for votes in (copeland(["a", "b", "c"], matches), bradley_terry(["a", "b", "c"], matches)):
+        assert votes == pytest.approx({"a": 1.0, "b": 0.0, "c": 0.5})
 
 
 # --- Bradley-Terry ----------------------------------------------------------------------------------

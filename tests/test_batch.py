@@ -388,7 +388,11 @@ def test_a_later_line_supersedes_and_compaction_keeps_one_line_per_photo(tmp_pat
 
 
 def test_a_journal_is_written_by_one_batch_at_a_time(tmp_path):
-    with Journal.open(tmp_path / "j.jsonl"):
+    """Locked from its first line; two batches that both started before the file existed cannot both create it."""
+    with Journal.open(tmp_path / "j.jsonl") as first, Journal.open(tmp_path / "j.jsonl") as second:
+        first.record("a", failure_line("a", "boom"), failed=True)
+        with pytest.raises(BatchInputError, match="another geoagent batch is writing this journal"):
+            second.record("b", failure_line("b", "boom"), failed=True)
         with pytest.raises(BatchInputError, match="another geoagent batch is writing this journal"):
             Journal.open(tmp_path / "j.jsonl")
 

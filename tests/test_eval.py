@@ -186,3 +186,28 @@ def test_prompts_list_shows_each_template_content_hash(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert listed_hashes(proc.stdout) == content_hashes(edited)
     assert differing(listed_hashes(proc.stdout), content_hashes(DEFAULT_PROMPTS_DIR)) == {"prior"}
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_a_failed_photo_leaves_strict_json_and_bad_rows_are_named(standin, world, tmp_path):
+    """Issue 18 minor points: with a photo that fails, report.json is strict JSON (an infinite median is null, never a
+    bare Infinity); a missing photo is named on stderr (and counted as failed); a row with an empty path is skipped
+    and named, never read as the CSV's own folder."""
+    server = standin(judge=WorldJudge(world.truth))
+    config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="none")
+    good = world.queries[0]
+    dataset = tmp_path / "set.csv"
+    dataset.write_text(f"path,lat,lon\n{good.path},{good.lat},{good.lon}\ngone.jpg,1,2\n,3,4\n")
+    proc = run_cli("eval", str(dataset), "--config", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"missing {tmp_path / 'gone.jpg'}: no such file" in proc.stderr
+    assert "skipped set.csv line 4: no path in this row" in proc.stderr
+    with (tmp_path / "out" / "report.json").open() as fh:
+        report = json.load(fh, parse_constant=_refuse_constant)
+    column = next(iter(report["columns"].values()))
+    assert report["photos"] == 2 and column["answered"] == 1 and [f["path"] for f in column["failures"]] == [str(tmp_path / "gone.jpg")]
+    assert column["metrics"]["failures"] == 1
+    assert any(value is None for value in column["metrics"].values())  # an infinite median or mean is null

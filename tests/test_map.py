@@ -298,3 +298,39 @@ def test_draw_options_replace_the_basemap_and_drop_the_panel_for_the_serve_page(
     assert browser.blocked[asked:] and all(u.startswith("https://tiles.invalid/") for u in browser.blocked[asked:])
     assert count(page, ".geoagent-panel") == 1
     assert not [e for e in page.geoagent_errors if e.startswith("uncaught")], page.geoagent_errors
+
+
+def test_the_streamed_page_is_the_page_of_the_whole_data(monkeypatch):
+    """A locate or batch map is written photo by photo; the page is byte for byte the one rendered from the whole
+    MapData (details for the first DETAILED_PHOTOS only, details shown only up to DETAILS_SHOWN_UP_TO photos)."""
+    from geoagent.maps.html import render_map
+
+    monkeypatch.setattr(map_data, "DETAILED_PHOTOS", 3)
+    for n in (0, 1, map_data.DETAILS_SHOWN_UP_TO + 2):
+        results = [result(image=f"{i}.jpg", place=HOSTILE) for i in range(n)]
+        assert locate_map(results, title=HOSTILE, thumbnails=False) == render_map(map_data.locate_map_data(results, title=HOSTILE, thumbnails=False))
+
+
+def test_a_batch_map_of_10000_journal_lines_is_drawn_in_bounded_memory(tmp_path):
+    """Issue 18 point 6: `batch --map` streams the journal into the page, a line at a time: drawing 10,000 lines
+    takes no more peak Python memory than drawing 1,000 plus a few MB (the journal's key index); holding every
+    result and the page as one string took tens of MB more."""
+    import tracemalloc
+
+    from geoagent.maps.html import journal_results, write_locate_page
+
+    line = result(n=3).model_dump_json()
+    peaks = {}
+    for lines in (1000, 10_000):
+        journal = tmp_path / f"{lines}.jsonl"
+        with journal.open("w") as fh:
+            for i in range(lines):
+                fh.write(line.replace('"image":"q.jpg"', f'"image":"/photos/{i:06d}.jpg"', 1) + "\n")
+        tracemalloc.start()
+        try:
+            write_map(tmp_path / f"{lines}.html", lambda out: write_locate_page(out, journal_results(journal), thumbnails=False))
+            peaks[lines] = tracemalloc.get_traced_memory()[1] / 2**20
+        finally:
+            tracemalloc.stop()
+        assert len(page_data((tmp_path / f"{lines}.html").read_text())["photos"]) == lines
+    assert peaks[10_000] - peaks[1000] < 4, peaks

@@ -50,24 +50,26 @@ def _offset(km: float, bearing: float) -> tuple[float, float]:
     return lat + km / 111.2 * math.cos(bearing), lon + km / (111.2 * math.cos(math.radians(lat))) * math.sin(bearing)
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    """Nine photos of one town (different scenes 0.3-1.5 km from its centre) and one of a town 55 km west, indexed."""
+def indexed_gallery(root: Path, spots: dict[str, tuple[int, float, float]], lone: str) -> Gallery:
+    """Scenes saved with GPS as ``root/photos/NAME.jpg`` (NAME -> (scene seed, km from the town, bearing)), indexed."""
     from geoagent.config import RetrievalConfig
     from geoagent.retrieval.embedder import Embedder
 
-    root = tmp_path_factory.mktemp("gallery")
     photos = {}
-    for i in range(9):
-        path, coordinate = root / "photos" / f"town-{i}.jpg", _offset(0.3 + 0.15 * i, 2 * math.pi * i / 9)
-        save_with_gps(scene(i, palette_seed=PALETTE), path, *coordinate, quality=92)
+    for name, (seed, km, bearing) in spots.items():
+        path, coordinate = root / "photos" / f"{name}.jpg", _offset(km, bearing)
+        save_with_gps(scene(seed, palette_seed=PALETTE), path, *coordinate, quality=92)
         photos[path] = coordinate
-    lone = root / "photos" / "lone.jpg"
-    photos[lone] = _offset(LONE_KM, -math.pi / 2)
-    save_with_gps(scene(100, palette_seed=PALETTE), lone, *photos[lone], quality=92)
     embedder = Embedder.load(RetrievalConfig(clip_model=TINY_CLIP, clip_pretrained="none"))
     build_index(root / "photos", root / "index", embedder)
-    return Gallery(root, root / "index", photos, lone, Retriever(embedder, ReferenceIndex.open(root / "index")))
+    return Gallery(root, root / "index", photos, root / "photos" / f"{lone}.jpg", Retriever(embedder, ReferenceIndex.open(root / "index")))
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    """Nine photos of one town (different scenes 0.3-1.5 km from its centre) and one of a town 55 km west, indexed."""
+    spots = {f"town-{i}": (i, 0.3 + 0.15 * i, 2 * math.pi * i / 9) for i in range(9)} | {"lone": (100, LONE_KM, -math.pi / 2)}
+    return indexed_gallery(tmp_path_factory.mktemp("gallery"), spots, "lone")
 
 
 async def locate(gallery: Gallery, photo: Path, retriever: Retriever | None = None, **agent: object) -> LocateResult:
@@ -197,3 +199,37 @@ def test_locate_json_marks_the_copy_and_not_the_look_alike(gallery, tmp_path):
         assert answer["match"] == "near_duplicate" and haversine_km(answer["lat"], answer["lon"], *gallery.photos[gallery.lone]) < 1e-3
     assert similar.get("match") is None and similar["candidates"]  # absent: JSON leaves out empty fields
     assert "━" not in proc.stderr and "0/3" not in proc.stderr  # stderr is no terminal here: no progress bar
+
+
+@pytest.fixture(scope="module")
+def one_town(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    """Nine photos of one town, every one within 1 km of every other (0.05-0.45 km from its centre), indexed."""
+    spots = {f"street-{i}": (i, 0.05 + 0.05 * i, 2 * math.pi * i / 9) for i in range(9)}
+    town = indexed_gallery(tmp_path_factory.mktemp("one-town"), spots, "street-0")
+    assert max(haversine_km(*p, *q) for p in town.photos.values() for q in town.photos.values()) < 1.0
+    return town
+
+
+async def test_a_one_town_gallery_still_recognises_a_copy(one_town, tmp_path):
+    """Issue 18 point 8: with no reference over 1 km from another, calibration compares each photo with the other
+    photos of the town (a different photo of the same street is no copy), so the index gets a threshold, says how it
+    was measured, and a half-size quality-60 copy of an indexed photo is answered as its near-duplicate."""
+    measured = ReferenceIndex.open(one_town.index).manifest.near_duplicates
+    assert measured is not None and measured.threshold is not None and measured.distinct_km == 0
+    assert len(measured.distinct) == len(one_town.photos) and measured.separated
+    info = str(index_summary(ReferenceIndex.open(one_town.index))["near_duplicates"])
+    assert "a reference is the answer from similarity" in info and "different photos of one place were compared" in info
+    for photo, coordinate in list(one_town.photos.items())[:3]:
+        result = await locate(one_town, reencoded_half_size(photo, tmp_path / f"copy-{photo.name}"))
+        assert result.match == "near_duplicate", photo.name
+        assert km_from(result, coordinate) < 1e-3, photo.name
+    (tmp_path / "geoagent.toml").write_text(f'[retrieval]\nclip_model = "{TINY_CLIP}"\nclip_pretrained = "none"\nindex = "{one_town.index}"\n')
+    proc = run_cli("locate", str(tmp_path / f"copy-{one_town.lone.name}"), "--strategy", "none", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["match"] == "near_duplicate", proc.stderr
+
+
+def test_a_gallery_of_one_photo_says_no_threshold_can_be_set_and_keeps_exact_copies():
+    """No other photo to compare with: the calibration says so in one line, and exact copies still win."""
+    lonely = NearDuplicateCalibration(threshold=None, sampled=1, copies={"reencoded": [0.99]}, distinct=[], distinct_bound=None)
+    assert lonely.describe().startswith("no threshold can be set") and str(EXACT_COPY_SIMILARITY) in lonely.describe()
+    assert resolve_threshold(None, lonely, indexed=True) == EXACT_COPY_SIMILARITY

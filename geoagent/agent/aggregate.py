@@ -44,11 +44,15 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return (values - values.min()) / span if span > 0 else np.zeros_like(values)
 
 
+NEUTRAL_SHARE = 0.5  # Copeland's share for a candidate with no answered match: neither won nor lost
+
+
 def copeland(ids: Sequence[str], matches: Iterable[Match]) -> dict[str, float]:
-    """Share of matches won (ties half), in [0, 1]."""
+    """Share of matches won (ties half), in [0, 1]. A candidate with no answered match (every ask failed, or
+    none was asked) is neutral, as in :func:`bradley_terry`: a half share, not the 0 of losing every match."""
     wins, games = _outcomes(ids, matches)
     played = games.sum(axis=1)
-    share = np.divide(wins.sum(axis=1), played, out=np.zeros(len(ids)), where=played > 0)
+    share = np.divide(wins.sum(axis=1), played, out=np.full(len(ids), NEUTRAL_SHARE), where=played > 0)
     return dict(zip(ids, share.tolist()))
 
 

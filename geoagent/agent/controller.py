@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +41,9 @@ REFERENCE_PHOTO_CACHE = 512  # encoded reference photos kept across queries (ref
 SUBMAP_BOOST_POOL = 4  # with a submap weight, retrieve this many times top_k before re-weighting
 MIN_PHOTOS_IN_FLIGHT = 2  # even against a one-slot server: one photo's retrieval overlaps another's questions
 PHOTOS_PER_SLOT = 2  # photos in flight per request slot when max_concurrent_photos is unset
+#: locate_many: photos started ahead of the next result to yield, per photo in flight (in input order, a slow photo
+#: holds back those that finished after it: this bounds how many)
+REORDER_WINDOW = 4
 UNREACHABLE_PHOTOS_BEFORE_STOP = 3  # photos in a row lost to an unreachable server before the run stops
 EXIF_CONFIDENCE = 1.0  # an answer from the photo's own GPS is as sure as its metadata is honest
 ANSWERED_FROM_EXIF = "answered from the photo's EXIF GPS (agent.use_exif)"
@@ -272,16 +276,22 @@ class GeoAgent:
         return max(MIN_PHOTOS_IN_FLIGHT, PHOTOS_PER_SLOT * slots)
 
     async def locate_many(
-        self, photos: Sequence[str | Path], *, explain: bool = False
+        self, photos: Iterable[str | Path], *, explain: bool = False
     ) -> AsyncIterator[tuple[str, LocateResult | GeoAgentError]]:
         """Results in input order, several photos in flight at once; a photo that fails yields its error and the
         rest go on.
+
+        At most ``REORDER_WINDOW`` times :meth:`photos_in_flight` photos are started ahead of the next one to be
+        yielded (``photos`` is read only that far), so one slow photo holds back that many finished results at
+        most: memory is bounded by the photos in flight, not by the run.
 
         Raises RunStopped, after yielding every photo that finished, when the rest would fail the same way:
         a backend refused the credentials or lacks the model, or its server was unreachable for
         ``UNREACHABLE_PHOTOS_BEFORE_STOP`` photos in a row.
         """
-        limit = asyncio.Semaphore(self.photos_in_flight())
+        slots = self.photos_in_flight()
+        window = REORDER_WINDOW * slots
+        limit = asyncio.Semaphore(slots)
         stopped: asyncio.Future[RunStopped] = asyncio.get_running_loop().create_future()
         guard = RunGuard()
 
@@ -298,19 +308,29 @@ class GeoAgent:
                     stopped.set_result(RunStopped(reason))
                 return outcome if guard.keeps(outcome) else None
 
-        tasks = [asyncio.create_task(one(p)) for p in photos]
+        source = iter(photos)
+        started: deque[tuple[str | Path, asyncio.Task[LocateResult | GeoAgentError | None]]] = deque()
         try:
-            for photo, task in zip(photos, tasks):
-                if not stopped.done():
-                    await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-                if task.done() and not task.cancelled() and (outcome := task.result()) is not None:
-                    yield str(photo), outcome
+            while not stopped.done():
+                while len(started) < window and (photo := next(source, None)) is not None:
+                    started.append((photo, asyncio.create_task(one(photo))))
+                if not started:
+                    break
+                photo, task = started[0]
+                await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    started.popleft()
+                    if (outcome := task.result()) is not None:
+                        yield str(photo), outcome
             if stopped.done():
+                for photo, task in list(started):  # what had finished when the run stopped, in input order
+                    if task.done() and (outcome := task.result()) is not None:
+                        yield str(photo), outcome
                 raise stopped.result()
         finally:
-            for task in tasks:
+            for _, task in started:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(task for _, task in started), return_exceptions=True)
 
     async def locate(
         self, photo: str | Path, *, explain: bool = False, vector: np.ndarray | None = None, on_event: OnEvent | None = None

@@ -127,7 +127,9 @@ class Comparator:
         (seeded by the pair, so reruns hit the cache) — a random slot turns the model's first-position bias into
         noise instead of a systematic lean — and the other order only when the answer is not decisive (see
         :meth:`_decisive`). Disagreement is a tie, and so is a comparison whose every ask failed; when one of two
-        asks failed, the other decides.
+        asks failed, the other decides — except, in adaptive mode, an answer that overturns a clear evidence lead:
+        it stands only when an ask in the other order confirms it, whichever ask produced it (a first ask that
+        failed is asked once more for that confirmation), else the tie goes to the evidence.
         """
         if self.debias == "adaptive":
             first, second = (a, b) if self._a_first(a, b) else (b, a)
@@ -136,6 +138,9 @@ class Comparator:
             if not self._decisive(votes[0], a, b):
                 orders.append((second, first))
                 votes.append(await self._choose(second, first))
+                if votes[0] is None and votes[1] is not None and not self._decisive(votes[1], a, b):
+                    orders.append((first, second))  # the lone answer overturns the evidence: confirm it as a first one would be
+                    votes.append(await self._choose(first, second))
         elif self.debias:
             orders = [(a, b), (b, a)]
             votes = list(await asyncio.gather(self._choose(a, b), self._choose(b, a)))
@@ -144,6 +149,8 @@ class Comparator:
             votes = [await self._choose(a, b)]
         answered = {vote for vote in votes if vote is not None}
         winner = answered.pop() if len(answered) == 1 else None
+        if self.debias == "adaptive" and winner is not None and not self._decisive(winner, a, b) and votes.count(winner) < 2:
+            winner = None  # overturns a clear evidence lead on one answer: unconfirmed, the evidence decides
         match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders], round=round_number)
         self.matches.append(match)
         if self.on_event is not None:

@@ -3,12 +3,17 @@
 ``--out r.jsonl``: the journal is the output. ``--out r.csv`` or ``--out r.geojson``: the journal is kept
 beside it as ``r.journal.jsonl`` (shared by both, so one converts to the other without re-running) and the
 file is written from the journal, atomically, at the end. ``--out r.jsonl --format csv`` writes ``r.csv``.
+
+``--out`` never overwrites INPUT, nor a CSV or GeoJSON that is not GeoAgent's own output of that journal (see
+:func:`check_output`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ JOURNAL_SUFFIX = ".journal.jsonl"  # the journal beside a CSV or GeoJSON output
 CSV_COLUMNS = ("image", "lat", "lon", "country", "place", "confidence", "calibrated", "abstained", "vlm_calls", "error")
 FAILURES_MEMBER = "failures"  # the GeoJSON foreign member listing the photos that failed (RFC 7946 section 6.1)
 POSITION = ("lon", "lat")  # RFC 7946: longitude first
+#: How the files this module writes begin: an existing --out that begins otherwise is someone else's file.
+HEADS: dict[Format, bytes] = {"csv": (",".join(CSV_COLUMNS) + "\n").encode(), "geojson": b'{"type":"FeatureCollection","features":['}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,49 @@ def plan_output(out: Path, fmt: str | None) -> OutputPlan:
             raise BatchInputError(f"--out {display_path(out)} is a .{by_suffix} file but --format is {chosen}: make them agree")
         return OutputPlan(out.with_suffix(JOURNAL_SUFFIX), chosen, out)
     return OutputPlan(out, chosen, None if chosen == "jsonl" else out.with_suffix(SUFFIXES[chosen]))
+
+
+def check_output(plan: OutputPlan, source: Path) -> None:
+    """Refuse, before any work, outputs that would overwrite a file that is not ours: INPUT itself (as the
+    journal or the output), or an existing CSV/GeoJSON that is not an output of this journal (the journal is
+    missing, or the file does not begin as GeoAgent writes it). An existing journal is checked when opened."""
+    for path in (plan.journal, plan.target):
+        if path is not None and _same_file(path, source):
+            raise BatchInputError(f"--out {display_path(path)}: that is INPUT; name another file for the output")
+    target = plan.target
+    if target is None:
+        return
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # writing it will say what is wrong, at the end, with the journal kept
+    if stat.S_ISDIR(mode):
+        raise BatchInputError(f"--out {display_path(target)}: a folder; --out names the file to write")
+    if not (stat.S_ISREG(mode) and plan.journal.is_file() and _begins_as_ours(target, plan.format)):
+        raise BatchInputError(
+            f"--out {display_path(target)}: exists and is not GeoAgent's output of {display_path(plan.journal)}; "
+            "name another file, or remove it"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _begins_as_ours(path: Path, fmt: Format) -> bool:
+    head = HEADS.get(fmt)
+    if head is None:
+        return False
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(head)) == head
+    except OSError:
+        return False
 
 
 def write_output(plan: OutputPlan, entries: Callable[[], Iterator[dict[str, Any]]]) -> Path | None:

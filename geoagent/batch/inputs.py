@@ -1,12 +1,16 @@
 """What a batch reads: a folder of photos (recursive), a CSV with a ``path`` column, or a text file of paths,
 one line each. Read lazily, one item at a time, so the input's size never decides the memory used.
 
-Every item carries a stable key, its absolute path as :func:`~geoagent.paths.display_path` shows it: the
-journal names a photo by it, so a rerun knows which photos are done whatever the working folder.
+Every item carries a stable key made from its absolute path, so a rerun knows which photos are done whatever the
+working folder, and the path as :func:`~geoagent.paths.display_path` shows it (``image`` in every output). For
+most names the two are the same text. A name whose shown form is not the name itself (bytes that are not UTF-8, a
+control character, a backslash: ``a\xff.jpg`` is shown alike for the byte and for the four characters) is keyed
+by its bytes instead, so no two photos ever share a key.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import os
 from collections.abc import Iterator
@@ -22,6 +26,22 @@ PATH_COLUMN = "path"
 COMMENT = "#"  # a line of a text file of paths starting with it is skipped
 SNIFF_BYTES = 8192  # how much of a text file is checked for NUL bytes (a binary file given by mistake)
 NOT_UTF8_ROW = "not valid UTF-8 (save the CSV as UTF-8)"
+RAW_KEY = "\0"  # starts the key of a photo keyed by its path's bytes (no shown path holds a NUL)
+RAW_FIELD = "image_bytes"  # the journal field holding those bytes, base64 (URL-safe), after ``image``
+
+
+def photo_key(path: str | os.PathLike[str]) -> str:
+    """The journal key of a photo at ``path`` (absolute): the path itself when it is shown as it is, else
+    :data:`RAW_KEY` and its bytes in base64, lossless whatever the name holds."""
+    text = os.fspath(path)
+    if display_path(text) == text and ("\\" not in text or os.sep == "\\"):
+        return text
+    return RAW_KEY + base64.urlsafe_b64encode(os.fsencode(text)).decode("ascii")
+
+
+def raw_bytes(key: str) -> str | None:
+    """The base64 path bytes a key holds (the journal's ``image_bytes``), None for a key that is the path."""
+    return key[len(RAW_KEY) :] if key.startswith(RAW_KEY) else None
 
 
 class BatchInputError(InputError):
@@ -33,22 +53,29 @@ class BatchInputError(InputError):
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One photo to locate: its journal key, its absolute path, and why it cannot be located when the input
-    already says so (a CSV row without a path): such an item is journalled as failed, never located."""
+    """One photo to locate: its journal key, its absolute path, why it cannot be located when the input
+    already says so (a CSV row without a path: such an item is journalled as failed, never located), and how
+    outputs name it (``shown``; None: the key is the name)."""
 
     key: str
     path: Path | None
     problem: str | None = None
+    shown: str | None = None
 
     @classmethod
     def of(cls, path: Path) -> BatchItem:
         absolute = Path(os.path.abspath(path))  # lexically: a symlink is its own photo, not its target
-        return cls(display_path(absolute), absolute)
+        return cls(photo_key(absolute), absolute, shown=display_path(absolute))
+
+    @property
+    def image(self) -> str:
+        """The photo as outputs and messages name it."""
+        return self.key if self.shown is None else self.shown
 
     @property
     def error(self) -> str:
         """The line the journal records for an item with a problem."""
-        return f"{self.key}: {self.problem}"
+        return f"{self.image}: {self.problem}"
 
 
 class BatchInput:
@@ -71,6 +98,16 @@ class BatchInput:
         else:
             self.kind = "list"
             self._check_text()
+
+    def nothing_to_do(self) -> str:
+        """What to say when INPUT names no photo at all (a usage error: most likely the wrong folder or file)."""
+        shown = display_path(self.source)
+        if self.kind == "folder":
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            return f"{shown}: no photos in this folder or its subfolders (looked for {suffixes})"
+        if self.kind == "csv":
+            return f"{shown}: no rows (a CSV INPUT names its photos in a {PATH_COLUMN} column, one a row)"
+        return f"{shown}: no paths (a text file of paths names one photo a line; # starts a comment)"
 
     def items(self) -> Iterator[BatchItem]:
         """The photos, in a stable order (a folder: sorted names, depth first)."""

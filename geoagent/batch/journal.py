@@ -1,9 +1,12 @@
 """The batch journal: an append-only JSON Lines file, one line per photo, the single source of truth for resume.
 
-A line is a photo's ``LocateResult`` JSON, or ``{"image": KEY, "error": MESSAGE}`` for a photo that failed;
-``image`` comes first in both and is the photo's key. Each line is written with one ``write`` and fsynced
-before the next photo's, so a crash (``kill -9``, power loss, Ctrl-C) leaves every finished photo on disk and
-at most one torn last line, which opening cuts off (that photo is redone). Only newline-terminated lines count.
+A line is a photo's ``LocateResult`` JSON, or ``{"image": PATH, "error": MESSAGE}`` for a photo that failed;
+``image`` comes first in both. A photo's key is its ``image``, or, for a name that is not shown as it is (see
+:mod:`geoagent.batch.inputs`), the bytes of its path in ``image_bytes``, the second field. Each line is written
+with one ``write`` and fsynced before the next photo's, so a crash (``kill -9``, power loss, Ctrl-C) leaves every
+finished photo on disk and at most one torn last line — or a zero-filled tail, where a filesystem grew the file
+but lost the data on power loss — which opening cuts off (that photo is redone). Only newline-terminated lines
+count. The file is created with its first line: a batch that fails before any leaves no journal behind.
 
 A later line for the same key supersedes an earlier one (``--retry-failed`` appends the new outcome of a photo
 that had failed); :meth:`Journal.compact` then rewrites the file atomically with one line per photo.
@@ -19,10 +22,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from geoagent import files
-from geoagent.batch.inputs import BatchInputError
+from geoagent.batch.inputs import RAW_FIELD, RAW_KEY, BatchInputError, raw_bytes
 from geoagent.paths import display_path, os_error_reason
 
 LINE_START = b'{"image":'  # how every journal line begins (LocateResult's first field, and failures by design)
+ZERO_CHUNK = 1 << 16  # bytes read at a time when checking that a tail is all zeros
 
 try:
     import fcntl
@@ -34,38 +38,41 @@ class Journal:
     """An open journal: what it holds (key -> whether the photo failed), appending and compaction.
 
     Open it with :meth:`open`; it holds an exclusive lock on the file until :meth:`close`, so two batches
-    never write one journal.
+    never write one journal. A journal that does not exist yet is created (and locked) by its first line.
     """
 
-    def __init__(self, path: Path, fd: int, created: bool = False) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
-        self._created = created  # this open made the file (a failed run then leaves none behind)
         self._size = 0
         self._lines = 0
         self._last_line: dict[str, int] = {}  # key -> number (0-based) of its latest line: that line counts
         self._failed: set[str] = set()  # keys whose latest line is a failure
+        self._legacy: set[str] = set()  # keys of lines an older GeoAgent keyed by a shown path that may not be the name
+        self._claimed: set[str] = set()  # legacy keys a photo of this run was matched to
         self.superseded = 0  # lines a later line of the same key replaces (compaction drops them)
         self.torn_bytes = 0  # the size of the torn last line cut off when opening (0: none)
         self._write_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path) -> Journal:
-        """Open or create the journal at ``path``, lock it, read what it holds and cut off a torn last line."""
+        """Open the journal at ``path``, lock it, read what it holds and cut off a torn last line; a journal not
+        there yet is only checked to be writable (its first :meth:`record` creates it)."""
         shown = display_path(path)
+        if path.is_dir():
+            raise BatchInputError(f"{shown}: a folder; --out names the file to write")
+        if not os.path.lexists(path):
+            _check_creatable(path)
+            return cls(path, -1)
+        if path.exists() and not path.is_file():  # a FIFO or a device: reading it could block for ever
+            raise BatchInputError(f"{shown}: not a regular file; --out names the journal file to write")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            created = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        except IsADirectoryError:
-            raise BatchInputError(f"{shown}: a folder; --out names the file to write") from None
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
             raise BatchInputError(f"{shown}: cannot write the journal ({os_error_reason(exc)})") from None
-        journal = cls(path, fd, created)
+        journal = cls(path, fd)
         try:
             journal._lock()
-            if created:
-                files.fsync_dir(path.parent)  # the new file's name survives a crash too
             journal._read()
         except BaseException:
             os.close(fd)
@@ -76,16 +83,6 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)  # releases the lock
             self._fd = -1
-
-    def discard_if_unused(self) -> bool:
-        """Delete the file when this open created it and nothing was written to it (a run that failed before its
-        first photo leaves no empty journal behind); True if it did."""
-        if not self._created or self._size or self._fd < 0:
-            return False
-        self.path.unlink(missing_ok=True)
-        files.fsync_dir(self.path.parent)
-        self.close()
-        return True
 
     def __enter__(self) -> Journal:
         return self
@@ -105,6 +102,27 @@ class Journal:
         return key in self._failed
 
     @property
+    def failed_keys(self) -> frozenset[str]:
+        return frozenset(self._failed)
+
+    def key_for(self, key: str, image: str) -> str:
+        """The key under which the journal holds the photo keyed ``key`` and shown as ``image``: ``key``, or
+        the shown path for a line written before photos were keyed by their bytes (each such line is matched to
+        the first photo of this run claiming it: the one the older run located, the next it counted as named
+        twice)."""
+        if key in self._last_line or raw_bytes(key) is None or image not in self._legacy or image in self._claimed:
+            return key
+        self._claimed.add(image)
+        return image
+
+    def drop(self, keys: set[str] | frozenset[str]) -> None:
+        """Forget these photos (their lines go at the next :meth:`compact`)."""
+        for key in keys & self._last_line.keys():
+            del self._last_line[key]
+            self._failed.discard(key)
+            self.superseded += 1
+
+    @property
     def failures(self) -> int:
         return len(self._failed)
 
@@ -113,7 +131,10 @@ class Journal:
         return len(self._last_line) - len(self._failed)
 
     def entries(self) -> Iterator[dict[str, Any]]:
-        """Each photo's latest line, parsed, in file order (a superseded line is skipped)."""
+        """Each photo's latest line, parsed, in file order (a superseded or dropped line is skipped), read as
+        they are used: the journal is never held in memory whole."""
+        if self._fd < 0:
+            return
         for number, (key, _raw, entry) in enumerate(self._scan()):
             if self._last_line.get(key) == number:
                 yield entry
@@ -129,6 +150,8 @@ class Journal:
         if not data.startswith(LINE_START) or data.count(b"\n") != 1:
             raise ValueError(f"not a journal line: {line[:80]!r}")
         with self._write_lock:
+            if self._fd < 0:
+                self._create()
             try:
                 view = memoryview(data)
                 while view:
@@ -145,7 +168,7 @@ class Journal:
         it). True when there was something to drop."""
         if not self.superseded:
             return False
-        kept = (raw.decode("utf-8") for number, (key, raw, _entry) in enumerate(self._scan()) if self._last_line[key] == number)
+        kept = (raw.decode("utf-8") for number, (key, raw, _entry) in enumerate(self._scan()) if self._last_line.get(key) == number)
         write_atomic(self.path, lambda fh: fh.writelines(kept))
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         os.close(self._fd)
@@ -156,6 +179,19 @@ class Journal:
         return True
 
     # --- internals -------------------------------------------------------------------------------------
+
+    def _create(self) -> None:
+        """Create the file for its first line (never over one another batch created meanwhile) and lock it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except FileExistsError:
+            raise BatchInputError(f"{display_path(self.path)}: another geoagent batch is writing this journal") from None
+        except OSError as exc:
+            raise BatchInputError(f"{display_path(self.path)}: cannot write the journal ({os_error_reason(exc)})") from None
+        self._fd = fd
+        self._lock()
+        files.fsync_dir(self.path.parent)  # the new file's name survives a crash too
 
     def _lock(self) -> None:
         if fcntl is None:
@@ -169,6 +205,7 @@ class Journal:
         self._size = self._lines = self.superseded = 0
         self._last_line.clear()
         self._failed.clear()
+        self._legacy.clear()
 
     def _note(self, key: str, failed: bool) -> None:
         if key in self._last_line:
@@ -186,7 +223,9 @@ class Journal:
             with open(self.path, "rb") as fh:
                 fh.seek(self._size)
                 tail = fh.read(len(LINE_START))
-            if not (tail.startswith(LINE_START) or LINE_START.startswith(tail)):
+                fh.seek(self._size)
+                zeros = _all_zeros(fh)
+            if not (tail.startswith(LINE_START) or LINE_START.startswith(tail) or zeros):
                 raise BatchInputError(
                     f"{display_path(self.path)} line {self._lines + 1}: not a geoagent batch journal (--out names a journal to resume, or a new file)"
                 )
@@ -208,10 +247,13 @@ class Journal:
                         f"{display_path(self.path)} line {number}: not a geoagent batch journal line "
                         "(--out names a journal to resume, or a new file)"
                     )
+                key = entry_key(entry)
                 if note:
                     self._size += len(raw)
-                    self._note(entry["image"], "error" in entry)
-                yield entry["image"], raw, entry
+                    self._note(key, "error" in entry)
+                    if RAW_FIELD not in entry and "\\" in key:
+                        self._legacy.add(key)
+                yield key, raw, entry
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -221,7 +263,45 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         entry = json.loads(raw)
     except ValueError:
         return None
-    return entry if isinstance(entry, dict) and isinstance(entry.get("image"), str) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get(RAW_FIELD, ""), str):
+        return None
+    return entry
+
+
+def entry_key(entry: dict[str, Any]) -> str:
+    """The key of a parsed journal line: its path's bytes where it keeps them, else its ``image``."""
+    raw = entry.get(RAW_FIELD)
+    return entry["image"] if raw is None else RAW_KEY + raw
+
+
+def keyed_line(key: str, body: str) -> str:
+    """A journal line from ``body`` (a JSON object whose first field is ``image``): ``body`` itself, or with
+    ``image_bytes`` second when ``key`` holds the path's bytes."""
+    raw = raw_bytes(key)
+    if raw is None:
+        return body
+    entry = json.loads(body)
+    return json.dumps({"image": entry.pop("image"), RAW_FIELD: raw, **entry}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _all_zeros(fh: IO[bytes]) -> bool:
+    """True when the rest of ``fh`` is NUL bytes only: space a filesystem gave the file, data lost on power loss."""
+    while chunk := fh.read(ZERO_CHUNK):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
+def _check_creatable(path: Path) -> None:
+    """Fail now, not at the first photo, when the journal could not be created: its nearest existing folder
+    is no folder or cannot be written."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BatchInputError(f"{display_path(path)}: cannot write the journal ({display_path(folder)} is not a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BatchInputError(f"{display_path(path)}: cannot write the journal (permission denied)")
 
 
 def write_atomic(target: Path, write: Callable[[IO[str]], object]) -> Path:
@@ -232,6 +312,7 @@ def write_atomic(target: Path, write: Callable[[IO[str]], object]) -> Path:
         raise BatchInputError(f"{display_path(target)}: cannot write ({os_error_reason(exc)})") from None
 
 
-def failure_line(key: str, message: str) -> str:
-    """The journal line of a photo that failed (compact, ``image`` first, as every journal line)."""
-    return json.dumps({"image": key, "error": message}, ensure_ascii=False, separators=(",", ":"))
+def failure_line(key: str, message: str, image: str | None = None) -> str:
+    """The journal line of a photo that failed (compact, ``image`` first, as every journal line; ``image``
+    defaults to the key)."""
+    return keyed_line(key, json.dumps({"image": key if image is None else image, "error": message}, ensure_ascii=False, separators=(",", ":")))

@@ -1,5 +1,10 @@
 """One batch run: read INPUT lazily, skip what the journal holds, hand the rest to an engine, journal each
-outcome as it comes, then compact the journal and write the output format."""
+outcome as it comes, then compact the journal and write the output format.
+
+Failures the journal holds for items no longer in INPUT (a photo since removed, a CSV line since fixed: its
+``t.csv line N`` key names nothing now) are stale: once INPUT has been read to its end they are dropped from the
+journal (and from the exit code), so fixing the input and rerunning ends with exit 0.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ from itertools import islice
 from pathlib import Path
 
 from geoagent.batch.engines import DEFAULT_ENGINE, BaseEngine, load_engine
-from geoagent.batch.formats import OutputPlan, write_output
-from geoagent.batch.inputs import BatchInput, BatchItem
-from geoagent.batch.journal import Journal, failure_line
+from geoagent.batch.formats import OutputPlan, check_output, write_output
+from geoagent.batch.inputs import BatchInput, BatchInputError, BatchItem
+from geoagent.batch.journal import Journal, failure_line, keyed_line
 from geoagent.config import Settings
 from geoagent.errors import GeoAgentError, PhotoError, RunStopped, UnreachableError
 from geoagent.exif import has_gps
@@ -60,6 +65,7 @@ class BatchReport:
     skipped: int = 0  # already in the journal
     duplicates: int = 0  # named again in INPUT
     torn_bytes: int = 0  # a torn last line cut off the journal (that photo was redone)
+    stale: int = 0  # failures dropped from the journal: their items are no longer in INPUT
     stopped: str | None = None  # why the run stopped early
     problems: list[GeoAgentError] = field(default_factory=list)  # preflight: nothing was located
     journal_located: int = 0
@@ -95,12 +101,9 @@ async def run_batch(
     """
     engine_class = load_engine(engine)  # an unknown name fails before anything is read
     inputs = BatchInput(source)
-    with Journal.open(plan.journal) as journal:
-        try:
-            return await _run_batch(settings, journal, inputs, plan, engine_class, retry_failed, explain, on_progress, on_error, on_warning)
-        except BaseException:
-            journal.discard_if_unused()  # a run that failed before its first line leaves no empty journal
-            raise
+    check_output(plan, source)
+    with Journal.open(plan.journal) as journal:  # created by its first line: a run that fails before leaves none
+        return await _run_batch(settings, journal, inputs, plan, engine_class, retry_failed, explain, on_progress, on_error, on_warning)
 
 
 async def _run_batch(
@@ -121,6 +124,8 @@ async def _run_batch(
     run = _Run(journal, inputs, report, retry_failed, on_progress, on_error)
     try:
         first = await anext(run.pending, None)
+        if first is None and run.seen == 0:
+            raise BatchInputError(inputs.nothing_to_do())
         if first is not None:
             async with engine_class(settings, explain=explain) as worker:
                 run.engine_totals = worker.totals
@@ -134,8 +139,11 @@ async def _run_batch(
     finally:
         await run.close()
     if report.problems and not (report.located or report.failed):
-        journal.discard_if_unused()
         return report  # nothing was located: no output written either
+    if run.read_to_end:  # failures of items no longer in INPUT (a fixed CSV line, a removed photo) are stale
+        stale = journal.failed_keys - run.failed_in_input
+        journal.drop(stale)
+        report.stale = len(stale)
     await asyncio.to_thread(journal.compact)
     report.journal_located, report.journal_failed = journal.located, journal.failures
     report.output = await asyncio.to_thread(write_output, plan, journal.entries)
@@ -189,6 +197,9 @@ class _Run:
         self.done_before = journal.located if retry_failed else len(journal)
         self.done = self.done_before
         self.total: int | None = None
+        self.seen = 0  # items read from INPUT
+        self.read_to_end = False  # INPUT was read to its end: what it does not name is stale
+        self.failed_in_input: set[str] = set()  # journal keys of INPUT's items the journal holds as failed
         self.engine_totals: Callable[[], CallStats] = CallStats
         self._counting = asyncio.create_task(asyncio.to_thread(self._count)) if on_progress else None
         self.pending = self._pending()
@@ -203,13 +214,22 @@ class _Run:
         """INPUT's items not yet journalled (or journalled as failed, with retry_failed), each key once."""
         submitted: set[str] = set()
         for item in self.inputs.items():
+            self.seen += 1
+            key = self.journal.key_for(item.key, item.image)
             if item.key in submitted:
                 self.report.duplicates += 1
-            elif item.key in self.journal and not (self.retry_failed and self.journal.failed(item.key)):
+                continue
+            failed = self.journal.failed(key)
+            if key in self.journal and not (self.retry_failed and failed):
                 self.report.skipped += 1
+                if failed:
+                    self.failed_in_input.add(key)
             else:
                 submitted.add(item.key)
+                if failed and key == item.key:
+                    self.failed_in_input.add(key)  # retried: it counts until a new outcome replaces it
                 yield item
+        self.read_to_end = True
 
     async def _pending(self) -> AsyncIterator[BatchItem]:
         """The items to locate, read in a worker thread a few at a time; items whose problem the input
@@ -220,7 +240,7 @@ class _Run:
                 if item.problem is None:
                     yield item
                 else:
-                    await self._journal(item.key, failure_line(item.key, item.error), failed=True, message=item.error)
+                    await self._journal(item.key, failure_line(item.key, item.error, item.image), failed=True, message=item.error)
 
     async def record(self, item: BatchItem, outcome: object) -> None:
         if isinstance(outcome, GeoAgentError):
@@ -228,13 +248,14 @@ class _Run:
                 self.report.unfinished += 1  # the server's fault, not the photo's: left for the rerun
                 self.on_error(f"{outcome} (not journalled: a rerun tries it again)")
                 return
-            await self._journal(item.key, failure_line(item.key, str(outcome)), failed=True, message=str(outcome))
+            await self._journal(item.key, failure_line(item.key, str(outcome), item.image), failed=True, message=str(outcome))
             return
-        result = outcome.model_copy(update={"image": item.key})  # type: ignore[attr-defined]
-        await self._journal(item.key, result.model_dump_json(exclude_none=result.trace is None), failed=False)
+        result = outcome.model_copy(update={"image": item.image})  # type: ignore[attr-defined]
+        await self._journal(item.key, keyed_line(item.key, result.model_dump_json(exclude_none=result.trace is None)), failed=False)
 
     async def _journal(self, key: str, line: str, *, failed: bool, message: str = "") -> None:
         await asyncio.to_thread(self.journal.record, key, line, failed)
+        (self.failed_in_input.add if failed else self.failed_in_input.discard)(key)
         if failed:
             self.report.failed += 1
             self.on_error(message)

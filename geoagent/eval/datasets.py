@@ -82,7 +82,11 @@ def _csv_items(path: Path, rows: Iterator[CsvRow], images: Path | None, ref_colu
         if images is not None:
             yield EvalItem(images / row.cells["IMG_ID"], *coordinate)
             continue
-        photo, problem = resolve(path.parent / (row.cells.get("path") or "").strip())
+        value = (row.cells.get("path") or "").strip()
+        if not value:  # an empty path would name the CSV's own folder
+            yield Skipped(name, "no path in this row")
+            continue
+        photo, problem = resolve(path.parent / value)
         if photo is None:
             yield Skipped(name, problem or "unusable path")
             continue
@@ -164,6 +168,11 @@ def load_dataset(source: Path, images: Path | None = None, limit: int | None = N
     """A dataset collected; with ``limit``, reading stops after that many usable photos (the rest of a
     large CSV is never read)."""
     return _collect(dataset_name(source), iter_dataset(source, images), limit)
+
+
+def missing_photos(dataset: Dataset) -> list[EvalItem]:
+    """The dataset's photos whose file is not there (each is evaluated as a failed photo, and named on stderr)."""
+    return [item for item in dataset.items if not item.path.is_file()]
 
 
 def _collect(name: str, rows: Iterator[EvalItem | Skipped], limit: int | None = None) -> Dataset:

@@ -253,11 +253,23 @@ def _cell(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as None: JSON has no Infinity (a failed photo's error is infinite,
+    so a column's median can be), and a bare ``Infinity`` makes report.json unreadable to strict parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str, Any]:
     """report.json, report.md, predictions.csv and accuracy.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     report = run.report(partial=partial)
-    write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
+    write_atomic(out / "report.json", json.dumps(strict_json(report), indent=2, allow_nan=False).encode())
     write_atomic(out / "report.md", report_markdown(report).encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import io
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import IO
 
 from geoagent.errors import InputError
 from geoagent.eval.metrics import Prediction
-from geoagent.maps.data import MapData, eval_map_data, locate_map_data
+from geoagent.maps import data as map_data
+from geoagent.maps.data import MapData, eval_map_data, map_photo
 from geoagent.paths import display_path
 from geoagent.types import LocateResult
 
@@ -90,22 +92,59 @@ def _with_inlined_images(css: str) -> str:
     return css
 
 
-def render_map(data: MapData) -> str:
-    """The self-contained page for ``data``."""
-    return PAGE.substitute(
+_DATA_SLOT = "\0geoagent-data\0"  # where the page's data goes (no template text holds a NUL)
+_PHOTOS = '"photos":[]'  # the photos array in MapData's JSON (a string value's quotes are escaped: only the key matches)
+
+
+def _write_page(fh: IO[str], title: str, write_data: Callable[[IO[str]], None]) -> None:
+    """The self-contained page, its data JSON written into the page by ``write_data(fh)``."""
+    before, after = PAGE.substitute(
         csp=CONTENT_SECURITY_POLICY,
-        title=html.escape(data.title),
+        title=html.escape(title),
         leaflet_css=_with_inlined_images(static_text(LEAFLET_FILES[1])),
         style=static_text(STYLE_FILE),
-        data=script_json(data.model_dump_json()),
+        data=_DATA_SLOT,
         leaflet_js=_SOURCE_MAP.sub("", static_text(LEAFLET_FILES[0])),
         script=static_text(SCRIPT_FILE),
-    )
+    ).split(_DATA_SLOT)
+    fh.write(before)
+    write_data(fh)
+    fh.write(after)
+
+
+def render_map(data: MapData) -> str:
+    """The self-contained page for ``data``."""
+    page = io.StringIO()
+    _write_page(page, data.title, lambda fh: fh.write(script_json(data.model_dump_json())))
+    return page.getvalue()
+
+
+def _write_locate_data(fh: IO[str], results: Iterable[LocateResult], title: str, thumbnails: bool) -> None:
+    """The MapData JSON of ``results`` written photo by photo as they are read (the JSON ``locate_map_data``
+    gives, never the whole of it in memory): the first DETAILED_PHOTOS in full, the rest as predictions."""
+    cache: dict[str, str | None] | None = {} if thumbnails else None
+    count = detailed = 0
+    head, _ = MapData(title=title).model_dump_json().split(_PHOTOS, 1)
+    fh.write(script_json(head) + '"photos":[')
+    for result in results:
+        photo = map_photo(result, detailed=count < map_data.DETAILED_PHOTOS, thumbnails=cache)
+        fh.write(("," if count else "") + script_json(photo.model_dump_json()))
+        count, detailed = count + 1, detailed + photo.detailed
+    _, tail = MapData(title=title, details_shown=count <= map_data.DETAILS_SHOWN_UP_TO, detailed_photos=detailed).model_dump_json().split(_PHOTOS, 1)
+    fh.write("]" + script_json(tail))
+
+
+def write_locate_page(fh: IO[str], results: Iterable[LocateResult], *, title: str = "GeoAgent", thumbnails: bool = True) -> None:
+    """The page for one or more answers, written to ``fh`` as ``results`` are read (a batch journal of any length
+    is drawn in bounded memory). ``thumbnails``: inline the reference photos of index candidates."""
+    _write_page(fh, title, lambda out: _write_locate_data(out, results, title, thumbnails))
 
 
 def locate_map(results: Iterable[LocateResult], *, title: str = "GeoAgent", thumbnails: bool = True) -> str:
-    """The page for one or more answers (``thumbnails``: inline the reference photos of index candidates)."""
-    return render_map(locate_map_data(results, title=title, thumbnails=thumbnails))
+    """The page for one or more answers, as text (see :func:`write_locate_page`)."""
+    page = io.StringIO()
+    write_locate_page(page, results, title=title, thumbnails=thumbnails)
+    return page.getvalue()
 
 
 def eval_map(predictions: Mapping[str, Sequence[Prediction]], *, title: str = "GeoAgent eval") -> str:
@@ -122,19 +161,23 @@ def check_map_path(path: Path) -> None:
         raise InputError(f"--map {shown}: folder {display_path(path.parent)} does not exist")
 
 
-def write_map(path: Path, page: str) -> Path:
-    """Write the page all or nothing (a crash leaves the old file or the new one, never half)."""
+def write_map(path: Path, page: str | Callable[[IO[str]], None]) -> Path:
+    """Write the page all or nothing (a crash leaves the old file or the new one, never half): ``page`` as text,
+    or written by ``page(file)`` (:func:`write_locate_page` streams a batch's map)."""
     from geoagent.batch.journal import write_atomic
 
-    return write_atomic(path, lambda fh: fh.write(page))
+    return write_atomic(path, page if callable(page) else lambda fh: fh.write(page))
 
 
-def journal_results(journal: Path) -> list[LocateResult]:
-    """The located photos of a batch journal, in journal order (failed photos have nothing to draw).
+def journal_results(journal: Path) -> Iterator[LocateResult]:
+    """The located photos of a batch journal, in journal order, read a line at a time (failed photos have
+    nothing to draw).
 
     The journal does not keep reference photo paths, so a batch map has no thumbnails; its reasoning guesses
     are there when the batch ran with ``--explain`` (the journal then keeps each trace)."""
     from geoagent.batch.journal import Journal
 
     with Journal.open(journal) as opened:
-        return [LocateResult.model_validate(entry) for entry in opened.entries() if "error" not in entry]
+        for entry in opened.entries():
+            if "error" not in entry:
+                yield LocateResult.model_validate(entry)

@@ -5,7 +5,8 @@ A cosine threshold only means something for one CLIP model (random weights put e
 ``index build`` measures it on the gallery itself: for a sample of its photos it embeds copies made the way
 photos get copied (re-encoded at JPEG quality 60; also halved in size; also cropped by 5% a side) and finds
 each photo's most similar reference taken more than ``DISTINCT_KM`` away (one that would move the answer if
-it were taken for a copy). The threshold lies halfway between the highest such distinct similarity and the
+it were taken for a copy) — or, in a gallery of one place where no sampled photo has a reference that far, its most
+similar other reference at any distance (a different photo of the same street is still not a copy). The threshold lies halfway between the highest such distinct similarity and the
 lowest copy similarity of the kinds of copy that all scored above it. A kind whose copies overlap the
 distinct pairs cannot be told apart by this model and is left out (``separated`` lists the kinds kept); when
 none is kept, only copies closer than any measured distinct pair count (halfway from it to 1).
@@ -78,23 +79,27 @@ COPIES: dict[str, Callable[[Image.Image], Image.Image]] = {
 class NearDuplicateCalibration(BaseModel):
     """What ``index build`` measured, stored in the index manifest."""
 
-    threshold: float | None  # None: no sampled photo has a reference DISTINCT_KM away (nothing to tell apart)
+    threshold: float | None  # None: the gallery has no other photo to compare with (only exact copies count)
     sampled: int  # gallery photos copied
     copies: dict[str, list[float]]  # kind of copy -> each sampled photo's similarity to its copy
     distinct: list[float]  # each sampled photo's similarity to its most similar reference > distinct_km away
-    distinct_km: float = DISTINCT_KM
+    distinct_km: float = DISTINCT_KM  # 0: no sampled photo had a reference this far; the nearest others were used
     distinct_bound: float | None = None  # how similar a different photo may plausibly get (beyond the sample)
     separated: list[str] = []  # kinds whose every copy lies above distinct_bound
 
     def describe(self) -> str:
         """One line for ``index build`` and ``index info``."""
         if self.threshold is None:
-            return f"no threshold: no sampled photo has a reference over {self.distinct_km:g} km away ({self.sampled} sampled)"
+            return (
+                f"no threshold can be set: no sampled photo has another reference to compare its copies with ({self.sampled} sampled); "
+                f"only exact copies win, from similarity {EXACT_COPY_SIMILARITY}"
+            )
         lowest = ", ".join(f"{kind} {min(values):.4f}" for kind, values in self.copies.items() if values)
         told = ", ".join(self.separated) or "none, so only exact copies"
         return (
             f"a reference is the answer from similarity {self.threshold:g} (lowest copy: {lowest}; different photos up to "
             f"{max(self.distinct):.4f}, plausibly {self.distinct_bound:.4f}; {self.sampled} photos sampled; copies told apart: {told})"
+            + ("" if self.distinct_km else f"; no reference lies over {DISTINCT_KM:g} km from another, so different photos of one place were compared")
         )
 
 
@@ -155,27 +160,34 @@ def calibrate(
         for kind, block in zip(COPIES, np.split(embedded, len(COPIES))):
             copies[kind] = [round(float(s), SIMILARITY_DIGITS) for s in (block * originals).sum(axis=1)]
     distinct: list[float] = []
+    nearest_other: list[float] = []  # each photo's most similar other reference, whatever its distance
     if kept:
         scores, ids = faiss.knn(originals, np.ascontiguousarray(vectors, dtype=np.float32), min(NEIGHBOURS_SEARCHED, len(vectors)), faiss.METRIC_INNER_PRODUCT)
         for row, found, sims in zip(kept, ids, scores):
-            valid = found >= 0
+            valid = (found >= 0) & (found != row)
             far = haversine_km(lat[row], lon[row], lat[found[valid]], lon[found[valid]]) > DISTINCT_KM
             if far.any():
                 distinct.append(round(float(sims[valid][far].max()), SIMILARITY_DIGITS))
+            if valid.any():
+                nearest_other.append(round(float(sims[valid].max()), SIMILARITY_DIGITS))
+    distinct_km = DISTINCT_KM
+    if not distinct:  # one place: every other photo is a different photo, however near
+        distinct, distinct_km = nearest_other, 0.0
     threshold, bound, separated = choose_threshold(copies, distinct)
     return NearDuplicateCalibration(
-        threshold=threshold, sampled=len(kept), copies=copies, distinct=distinct, distinct_bound=bound, separated=separated
+        threshold=threshold, sampled=len(kept), copies=copies, distinct=distinct, distinct_km=distinct_km, distinct_bound=bound, separated=separated
     )
 
 
 def resolve_threshold(setting: Setting, calibration: NearDuplicateCalibration | None, indexed: bool) -> float | None:
     """The similarity from which the top reference is the answer, or None for no override: ``setting`` when
     it is a number; none when it is "off" or the candidates are no photos (the gazetteer); else the index's
-    calibrated threshold, or ``EXACT_COPY_SIMILARITY`` for an index built before calibration."""
+    calibrated threshold, or ``EXACT_COPY_SIMILARITY`` for an index built before calibration or one whose
+    calibration could set no threshold (a gallery of one photo)."""
     if setting == "off" or not indexed:
         return None
     if setting is not None:
         return float(setting)
-    if calibration is None:
+    if calibration is None or calibration.threshold is None:
         return EXACT_COPY_SIMILARITY
     return calibration.threshold
