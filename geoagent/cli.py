@@ -652,9 +652,9 @@ def config_show(config: ConfigOption = None) -> None:
             raise typer.Exit(ConfigError.exit_code)
 
 
-def _effective_base_url(profile: BackendProfile) -> str | None:
+def _effective_base_url(profile: BackendProfile) -> str | list[str] | None:
     """The URL a profile talks to: its base_url, or when unset (null) its backend's default, if it has one."""
-    if profile.base_url:
+    if profile.base_url or profile.servers:
         return profile.base_url
     import importlib
 
@@ -764,11 +764,15 @@ def check(config: ConfigOption = None) -> None:
             pool = VLMPool(settings)
             results: list[tuple[str, Health | GeoAgentError]] = []
             try:
-                for name in routed:
-                    try:
-                        results.append((name, await pool.client(name).backend.check(probe_chat=True)))
-                    except GeoAgentError as exc:
-                        results.append((name, exc))
+                for name in routed:  # every server of the profile, and whether they serve the same weights
+                    client = pool.client(name)
+                    found = await client.check(probe_chat=True)
+                    results += [(name, outcome) for _, outcome in found]
+                    if not all(isinstance(outcome, GeoAgentError) for _, outcome in found):
+                        try:
+                            await client.identity()
+                        except GeoAgentError as exc:
+                            results.append((name, exc))
             finally:
                 await pool.aclose()
             return results

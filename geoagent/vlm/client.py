@@ -7,21 +7,20 @@ costs at most ``1 + max_retries`` requests, its repair re-ask included.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import time
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from geoagent.errors import AnswerError, BackendError, GeoAgentError, UnreachableError
-from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
+from geoagent.errors import AnswerError, BackendError, ConfigError, GeoAgentError, UnreachableError
+from geoagent.vlm.backend import Health, TransientError, VLMBackend
 from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
+from geoagent.vlm.pool import Server, ServerPool, ServerStatus
 from geoagent.vlm.pricing import Price, price_for
 from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
 
@@ -33,8 +32,9 @@ REPAIR_PROMPT = (
     "this JSON schema, and nothing else:\n{schema}"
 )
 
-#: Failures another attempt may fix. A refused connection is one: a restarting server comes back.
-RETRYABLE = (TransientError, UnreachableError)
+#: Failures another attempt may fix. A refused connection is not among them: the server pool fails over from it,
+#: or waits for a server to come back (it sent nothing, so it costs no attempt).
+RETRYABLE = (TransientError,)
 
 
 class _WaitRetryAfter:
@@ -75,29 +75,40 @@ class VLMClient:
         self.name = name
         self.profile = profile
         self.cache = cache
-        self.backend: VLMBackend = create_backend(name, profile)
+        #: The profile's servers (one, or several of the same model), each with its own request slots.
+        self.servers = ServerPool(name, profile)
         self.totals = CallStats()
-        #: Set when the server is known to be unusable: questions the cache cannot answer fail at once with it.
-        self.unavailable: BackendError | None = None
-        #: Requests of this profile in flight at once: any async context manager (the Ray engine puts a
-        #: cluster-wide one here, so the limit holds across workers).
-        self.limit: AbstractAsyncContextManager[Any] = asyncio.Semaphore(profile.max_concurrency)
         self._inflight: dict[str, _Shared] = {}
         self._identity: str | None = None
         self._identity_lock = asyncio.Lock()
         self._price: Price | None = None
         self._priced = False
 
-    async def identity(self) -> str:
-        """What the server says the model is (an Ollama digest, say), so a re-pulled model misses the old answers.
+    @property
+    def backend(self) -> VLMBackend:
+        """The first server's backend (the only one, for a profile of one server)."""
+        return self.servers.servers[0].backend
 
-        Asked once; while the server is down, the identity it last reported (kept in the cache) stands in.
+    async def check(self, *, probe_chat: bool = False) -> list[tuple[Server, Health | GeoAgentError]]:
+        """Every server's check (see :meth:`ServerPool.check`)."""
+        return await self.servers.check(probe_chat=probe_chat)
+
+    def status(self) -> list[ServerStatus]:
+        return self.servers.status()
+
+    async def identity(self) -> str:
+        """What the servers say the model is (an Ollama digest, say), so a re-pulled model misses the old answers;
+        the same whichever server answers (servers that disagree are refused: ConfigError).
+
+        Asked once; while the servers are down, the identity last reported (kept in the cache) stands in.
         """
         async with self._identity_lock:
             if self._identity is None:
                 kind, url, model = self.profile.kind, self.backend.url, self.profile.model
                 try:
-                    found = await self.backend.model_identity()
+                    found = await self.servers.identity()
+                except ConfigError:
+                    raise
                 except GeoAgentError:
                     found = await asyncio.to_thread(self.cache.identity_sync, kind, url, model) if self.cache else None
                 else:
@@ -192,8 +203,6 @@ class VLMClient:
                 if hit is not None:
                     stats.cache_hits = 1
                     return Answer[schema](value=schema.model_validate(hit.answer), stats=stats, cached=True)  # type: ignore[valid-type]
-            if self.unavailable is not None:
-                raise copy.copy(self.unavailable)  # a copy: each failed question carries its own stats
             completion = await self._complete(request, stats)
             try:
                 value = parse_answer(completion.text, schema)
@@ -243,20 +252,26 @@ class VLMClient:
         return 1 + self.profile.max_retries
 
     async def _complete(self, request: ChatRequest, stats: CallStats) -> Completion:
-        """Send with retries from the question's remaining budget; each attempt waits for a concurrency slot,
-        backoff sleeps hold none."""
+        """Send with retries from the question's remaining budget; each attempt waits for a server's request slot,
+        backoff sleeps hold none. A retry goes to another server where the profile has several."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._budget - stats.requests),
             wait=_WaitRetryAfter(self.profile.retry_backoff_s, self.profile.retry_backoff_max_s, self.profile.retry_after_max_s),
             retry=retry_if_exception_type(RETRYABLE),
             reraise=True,
         )
+        tried: list[Server] = []
         try:
             async for attempt in retrying:
                 with attempt:
-                    async with self.limit:
-                        stats.requests += 1
-                        completion = await self.backend.complete(request)
+                    sent = True
+                    try:
+                        completion = await self.servers.complete(request, tried)
+                    except UnreachableError:
+                        sent = False  # no server took the connection: nothing was sent
+                        raise
+                    finally:
+                        stats.requests += sent
                     stats.prompt_tokens += completion.usage.prompt_tokens
                     stats.completion_tokens += completion.usage.completion_tokens
                     price = await self.price()
@@ -265,18 +280,16 @@ class VLMClient:
                     else:
                         stats.cost_usd += price.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
                     return completion
-        except UnreachableError as exc:
-            self.unavailable = exc  # the rest of the run answers from the cache, or fails at once
-            raise
         except TransientError as exc:
+            where = tried[-1].url if tried else self.backend.url
             raise BackendError(
-                f"backend '{self.name}' ({self.profile.model} at {self.backend.url}): gave up after "
+                f"backend '{self.name}' ({self.profile.model} at {where}): gave up after "
                 f"{stats.requests} attempts: {exc}"
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
-        await self.backend.aclose()
+        await self.servers.aclose()
 
 
 class VLMPool:
@@ -298,6 +311,10 @@ class VLMPool:
 
     def totals(self) -> CallStats:
         return sum((client.totals for client in self._clients.values()), CallStats())
+
+    def server_status(self) -> dict[str, list[ServerStatus]]:
+        """Each profile in use and its servers: up, or taken out (since when, why) and probed again."""
+        return {name: client.status() for name, client in self._clients.items()}
 
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))
