@@ -461,9 +461,10 @@ async def test_a_server_down_since_the_start_fails_questions_at_once_and_is_stil
 
 
 async def test_an_outage_longer_than_outage_wait_fails_the_waiting_question(standin, marker_images, tmp_path):
-    """A question waits for a server that went down mid-run at most outage_wait_s, then fails naming the server."""
+    """A question waits for a server that went down mid-run at most outage_wait_s, then fails naming the server,
+    even when it is the one probing it (probes due more often than outage_wait_s do not renew its wait)."""
     server = standin()
-    settings = settings_for("ollama", server, tmp_path, probe_backoff_s=0.05, outage_wait_s=0.3)
+    settings = settings_for("ollama", server, tmp_path, probe_backoff_s=0.05, probe_backoff_max_s=0.1, outage_wait_s=0.5)
     pool = VLMPool(settings)
     try:
         assert await ask_codes(pool, marker_images, 1) == [100]

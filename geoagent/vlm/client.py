@@ -316,6 +316,10 @@ class VLMPool:
         """Each profile in use and its servers: up, or taken out (since when, why) and probed again."""
         return {name: client.status() for name, client in self._clients.items()}
 
+    def server_status_json(self) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`server_status` as JSON data, for a page that says "model server down" and "back"."""
+        return {name: [server.model_dump(mode="json") for server in servers] for name, servers in self.server_status().items()}
+
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))
         if self.cache is not None:

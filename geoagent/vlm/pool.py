@@ -130,8 +130,9 @@ class ServerPool:
         that failed this question last, ``tried[-1]``, while another serves). A refused connection takes its
         server out and the request goes to another, or waits for one to come back; raises UnreachableError
         when none does in time. Other failures are raised (a TransientError for the client to retry)."""
+        give_up_at: list[float] = []  # set when this request first finds every server out
         while True:
-            server, probe = await self._lease(tried[-1] if tried else None)
+            server, probe = await self._lease(tried[-1] if tried else None, give_up_at)
             tried.append(server)
             server.outstanding += 1
             try:
@@ -160,9 +161,9 @@ class ServerPool:
             self.in_service(server)
             return completion
 
-    async def _lease(self, avoid: Server | None) -> tuple[Server, bool]:
-        """A server to send to, and whether the request is its probe; waits while every server is out."""
-        give_up_at: float | None = None
+    async def _lease(self, avoid: Server | None, give_up_at: list[float]) -> tuple[Server, bool]:
+        """A server to send to, and whether the request is its probe; waits while every server is out, until
+        ``give_up_at`` (set on the first wait: one deadline however many probes this request makes)."""
         while True:
             now = time.monotonic()
             serving = [s for s in self.servers if not s.breaker.out]
@@ -174,15 +175,15 @@ class ServerPool:
                 server = min(due, key=lambda s: s.breaker.retry_at)
                 server.breaker.probing = True
                 return server, True
-            if give_up_at is None:
+            if not give_up_at:
                 patient = any(s.breaker.patient for s in self.servers)
-                give_up_at = now + (self.profile.outage_wait_s if patient else 0.0)
-            if now >= give_up_at:
+                give_up_at.append(now + (self.profile.outage_wait_s if patient else 0.0))
+            if now >= give_up_at[0]:
                 raise self._down_error()
-            wake = min((s.breaker.retry_at for s in self.servers if not s.breaker.probing), default=give_up_at)
+            wake = min((s.breaker.retry_at for s in self.servers if not s.breaker.probing), default=give_up_at[0])
             changed = self._changed
             with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(0.0, min(wake, give_up_at) - now))
+                await asyncio.wait_for(changed.wait(), max(0.0, min(wake, give_up_at[0]) - now))
 
     def _notify(self) -> None:
         self._changed.set()

@@ -124,6 +124,7 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
         return JSONResponse({
             "version": __version__, "strategy": agent.settings.agent.strategy, "field": "photo",
             "max_upload_bytes": options.max_upload_bytes, "tiles": options.tiles, "attribution": TILES_ATTRIBUTION,
+            "model_servers": agent.pool.server_status_json(),
         })  # fmt: skip
 
     async def locate(upload: Upload, explain: bool, on_event: OnEvent | None = None) -> LocateResult:
