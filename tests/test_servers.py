@@ -6,17 +6,12 @@ a model server (an HTML page) or not a URL at all."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -25,9 +20,8 @@ from geoagent.agent.controller import GeoAgent
 from geoagent.config import Settings
 from geoagent.errors import ConfigError
 from geoagent.vlm import VLMPool
+from standin.process import StandinProcess, start_standins
 
-TESTS = Path(__file__).parent
-READY = "standin listening at "  # what `python -m standin` prints once it listens
 LATENCY_S = 0.1  # each stand-in's answer time
 CAPACITY = 2  # requests each stand-in serves at once
 
@@ -36,45 +30,15 @@ class MarkerAnswer(BaseModel):
     code: int
 
 
-class StandinProcess:
-    """``python -m standin`` in its own process; :meth:`ready` waits for its URL (start several, then wait)."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "standin", *args], cwd=TESTS, env=env, stdout=subprocess.PIPE, text=True
-        )  # fmt: skip
-        self.url = ""
-
-    def ready(self) -> StandinProcess:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.startswith(READY), f"the stand-in did not start: {line!r}"
-        self.url = line[len(READY) :].strip()
-        return self
-
-    def chat_requests(self) -> int:
-        return int(httpx.get(self.url + "/standin/stats", timeout=5).json()["chat_requests"])
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def standins() -> Iterator[Callable[..., list[StandinProcess]]]:
     """Start ``count`` stand-in processes (capacity 2, 100 ms each unless told); all stop after the test."""
     started: list[StandinProcess] = []
 
     def start(count: int, *extra: str) -> list[StandinProcess]:
-        servers = [StandinProcess("--latency-s", str(LATENCY_S), "--capacity", str(CAPACITY), *extra) for _ in range(count)]
+        servers = start_standins(count, "--latency-s", str(LATENCY_S), "--capacity", str(CAPACITY), *extra)
         started.extend(servers)
-        return [server.ready() for server in servers]
+        return servers
 
     yield start
     for server in started:
@@ -107,7 +71,7 @@ async def test_four_servers_share_the_questions_evenly(standins, marker_images, 
     assert codes == [100 + i for i in range(40)] * 3
     shares = [s.chat_requests() for s in servers]
     assert sum(shares) == 120 and all(abs(share - 30) <= 0.15 * 30 for share in shares), shares
-    assert all(httpx.get(s.url + "/standin/stats").json()["max_busy"] <= CAPACITY for s in servers)
+    assert all(s.stats()["max_busy"] <= CAPACITY for s in servers)
 
 
 async def test_a_server_killed_mid_run_loses_nothing_and_the_others_absorb_its_work(standins, marker_images, tmp_path):
