@@ -1,7 +1,9 @@
-"""Ask a VLM a question and get a validated answer: cache -> concurrency limit -> retry -> backend.
+"""Ask a VLM a question and get a validated answer: cache -> retry -> server pool (routing, each server's
+concurrency limit, take-out and probing: :mod:`geoagent.vlm.pool`) -> backend.
 
 This is the only retry layer in GeoAgent; the clients' own retries are turned off in the backends. A question
-costs at most ``1 + max_retries`` requests, its repair re-ask included.
+costs at most ``1 + max_retries`` requests, its repair re-ask included; a refused connection sends nothing and
+costs none (the pool fails over from it, or waits for a server to come back).
 """
 
 from __future__ import annotations
