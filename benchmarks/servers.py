@@ -6,7 +6,8 @@ Four stand-in servers (tests/standin), each in its own process with a capacity o
 100 ms per request; the profile gives each server 2 slots (``base_url = [...]``). For each server count, 240
 distinct questions go through the real client (cache, retry, routing, the ollama client): the wall time is
 compared with the capacity bound, ``questions x 0.1 s / (2 x servers)``, the time the servers alone would
-need; the ratio is the routing's overhead (1.0: none). Shares are each server's count of chat requests.
+need; the ratio is the routing's overhead (1.0: none) plus the machine's own cost, measured apart by the same
+questions against four servers that answer at once. Shares are each server's count of chat requests.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ async def timed_run(urls: list[str], cache: Path, images: list, tag: str) -> flo
 async def main() -> None:
     images = [encode_image(marked_scene(100 + i), 768) for i in range(20)]
     servers = start_standins(4, "--latency-s", str(LATENCY_S), "--capacity", str(CAPACITY))
+    instant = start_standins(4, "--latency-s", "0", "--capacity", str(CAPACITY))
     rows = []
     try:
         with tempfile.TemporaryDirectory() as scratch:
+            # The machine's own cost of the questions (client, HTTP, the stand-ins' decoding), servers taking no time
+            floor = await timed_run([s.url for s in instant], Path(scratch) / "floor", images, "floor")
             for count in (1, 2, 4):
                 used = servers[:count]
                 before = [s.chat_requests() for s in used]
@@ -67,7 +71,7 @@ async def main() -> None:
                 shares = [s.chat_requests() - b for s, b in zip(used, before, strict=True)]
                 rows.append((count, elapsed, QUESTIONS * LATENCY_S / (CAPACITY * count), shares))
     finally:
-        for server in servers:
+        for server in servers + instant:
             server.stop()
     base = rows[0][1]
     lines = [
@@ -78,6 +82,7 @@ async def main() -> None:
     ]
     for count, elapsed, bound, shares in rows:
         lines.append(f"| {count} | {elapsed:.2f} | {bound:.2f} | {elapsed / bound:.2f} | {base / elapsed:.2f}x | {', '.join(map(str, shares))} |")
+    lines += ["", f"The same {QUESTIONS} questions over 4 servers answering at once (0 ms): {floor:.2f} s, the machine's own cost"]
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "benchmarks" / "results" / "servers.md"

@@ -101,8 +101,9 @@ class BackendProfile(_Section):
     )
     outage_wait_s: float = Field(
         default=60.0, ge=0,
-        description="How long a question waits for a server that went down mid-run to come back (probed with "
-        "backoff) before it fails; a server down since the start is probed but not waited for.",
+        description="How long questions wait for servers that went down mid-run to come back (probed with backoff), "
+        "counted from when they went down; past that they fail at once while the probes go on. A server down since "
+        "the start is probed but not waited for.",
     )
     probe_backoff_s: float = Field(default=0.5, gt=0, description="First wait before a server taken out is probed again; doubles per failed probe.")
     probe_backoff_max_s: float = Field(default=10.0, gt=0, description="The longest wait between two probes of a server taken out.")

@@ -4,10 +4,12 @@ A profile names one server or several (``base_url = [...]``, ``[[backends.NAME.s
 a backend talks to one of them. Each server has a :class:`Breaker`, the one mechanism for a server that stops
 answering: a refused connection (or, with several servers, ``take_out_after`` failures in a row) takes it
 out; after a backoff one question is let through as a probe (half-open); its success puts the server back
-for everyone, its failure doubles the backoff. While every server is out, a question waits for a probe to
-succeed, up to ``outage_wait_s`` when the servers were up before (an outage), not at all when none has
-answered since the start. A refused connection sent nothing, so failing over from it costs no request of
-the question's budget; a request that was sent and failed is the client's to retry (the one retry layer).
+for everyone, its failure doubles the backoff. While every server is out, questions wait for a probe to
+succeed while the outage is younger than ``outage_wait_s`` (servers that were up before: an Ollama restart);
+after that, or when no server has answered since the start, they fail at once, except one that finds a probe
+due (it makes it) or in flight (it waits for its answer). A refused connection sent nothing, so failing over
+from it costs no request of the question's budget; a request that was sent and failed is the client's to
+retry (the one retry layer).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Breaker:
         self.probing = False
         self.patient = True  # questions wait for it to come back (False: down since the start)
         self.down_since: float | None = None
+        self.down_at = 0.0  # monotonic time it went out
         self.back_since: float | None = None
         self._initial, self._maximum = backoff_s, backoff_max_s
         self._delay = backoff_s
@@ -75,7 +78,7 @@ class Breaker:
         if self.out:
             self._delay = min(self._delay * 2, self._maximum)
         else:
-            self._delay, self.down_since, self.patient = self._initial, time.time(), patient
+            self._delay, self.down_since, self.down_at, self.patient = self._initial, time.time(), time.monotonic(), patient
         self.error, self.probing = error, False
         self.retry_at = time.monotonic() + self._delay * random.uniform(1 - PROBE_JITTER, 1 + PROBE_JITTER)
 
@@ -130,9 +133,8 @@ class ServerPool:
         that failed this question last, ``tried[-1]``, while another serves). A refused connection takes its
         server out and the request goes to another, or waits for one to come back; raises UnreachableError
         when none does in time. Other failures are raised (a TransientError for the client to retry)."""
-        give_up_at: list[float] = []  # set when this request first finds every server out
         while True:
-            server, probe = await self._lease(tried[-1] if tried else None, give_up_at)
+            server, probe = await self._lease(tried[-1] if tried else None)
             tried.append(server)
             server.outstanding += 1
             try:
@@ -161,9 +163,11 @@ class ServerPool:
             self.in_service(server)
             return completion
 
-    async def _lease(self, avoid: Server | None, give_up_at: list[float]) -> tuple[Server, bool]:
-        """A server to send to, and whether the request is its probe; waits while every server is out, until
-        ``give_up_at`` (set on the first wait: one deadline however many probes this request makes)."""
+    async def _lease(self, avoid: Server | None) -> tuple[Server, bool]:
+        """A server to send to, and whether the request is its probe. While every server is out it waits: for
+        a probe in flight to tell, and while the outage is younger than ``outage_wait_s`` (servers that were
+        up before), for the next probe; past that it gives up at once, but a question that finds a probe due
+        still makes it, so the first question after the server is back is answered."""
         while True:
             now = time.monotonic()
             serving = [s for s in self.servers if not s.breaker.out]
@@ -175,15 +179,16 @@ class ServerPool:
                 server = min(due, key=lambda s: s.breaker.retry_at)
                 server.breaker.probing = True
                 return server, True
-            if not give_up_at:
-                patient = any(s.breaker.patient for s in self.servers)
-                give_up_at.append(now + (self.profile.outage_wait_s if patient else 0.0))
-            if now >= give_up_at[0]:
+            patient_until = max((s.breaker.down_at + self.profile.outage_wait_s for s in self.servers if s.breaker.patient), default=now)
+            probing = any(s.breaker.probing for s in self.servers)
+            if now >= patient_until and not probing:
                 raise self._down_error()
-            wake = min((s.breaker.retry_at for s in self.servers if not s.breaker.probing), default=give_up_at[0])
+            wake = min((s.breaker.retry_at for s in self.servers if not s.breaker.probing), default=patient_until)
             changed = self._changed
             with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(0.0, min(wake, give_up_at[0]) - now))
+                # past the patient time only a probe in flight is waited for: its answer wakes us
+                timeout = None if now >= patient_until else max(0.0, min(wake, patient_until) - now)
+                await asyncio.wait_for(changed.wait(), timeout)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -193,8 +198,8 @@ class ServerPool:
         out = [s for s in self.servers if s.breaker.error is not None]
         if len(out) == 1 and isinstance(out[0].breaker.error, UnreachableError):
             return copy.copy(out[0].breaker.error)  # a copy: each failed question carries its own stats
-        reasons = "; ".join(f"{s.url}: {s.breaker.error}" for s in out)
-        return UnreachableError(f"backend '{self.name}': none of its {len(self.servers)} servers answers ({reasons})")
+        reasons = "; ".join(str(s.breaker.error).removeprefix(f"backend '{self.name}': ") for s in out)
+        return UnreachableError(f"backend '{self.name}': none of its {len(self.servers)} servers answers: {reasons}")
 
     # --- state --------------------------------------------------------------------------------------
 
