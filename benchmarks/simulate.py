@@ -109,7 +109,7 @@ def main() -> None:
     variants = {label: agent for label, agent in VARIANTS.items() if not args.only or label in args.only}
     run, elapsed, references = simulate(knobs, variants, seed=args.seed, places_per_country=args.places_per_country)
     report = write_outputs(run, args.out / "simulation")
-    text = render(report, knobs, args, elapsed, len(run.items), references)
+    text = render(report, knobs, args, elapsed, len(run.items), references) + comparisons(run)
     (args.out / "simulation.md").write_text(text)
     print(text)
 
@@ -129,11 +129,47 @@ def render(report: dict, knobs: Knobs, args: argparse.Namespace, elapsed: float,
         "| --- |" + " ---: |" * len(ROWS),
     ]
     for label in labels:
-        m = report["columns"][label]["metrics"]
+        column = report["columns"][label]
+        m = column["metrics"]
         calls = (m["vlm_calls"] / m["n"]) if m["n"] else 0
-        values = [m.get(r) for r in ROWS[:-1]] + [round(calls, 1)]
-        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:g}" for v in values) + " |")
+        cells = [_with_interval(m.get(r), column["intervals"].get(r), r != "median_km") for r in ROWS[:-1]] + [f"{calls:.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies are shown with their 95% bootstrap interval over the query photos (2,000 resamples, seed 0)."]
     return "\n".join(lines) + "\n\nFull per-column metrics: benchmarks/results/simulation/report.md\n"
+
+
+def _with_interval(value: float | None, interval: list[float | None] | None, show: bool) -> str:
+    if value is None:
+        return "-"
+    if not show or not interval or interval[0] is None or interval[1] is None:
+        return f"{value:g}"
+    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+#: The claims the docs make from this table, each checked as a paired difference on the same photos.
+CLAIMS = [
+    ("allpairs", "allpairs, Copeland"), ("tournament, adaptive (default)", "tournament, both orders"),
+    ("tournament, adaptive (default)", "tournament, one order"), ("pointwise", "retrieval only"),
+    ("tournament, adaptive (default)", "retrieval only"),
+]  # fmt: skip
+
+
+def comparisons(run: EvalRun) -> str:
+    """Top-1 after reranking, one variant minus another on the same photos: the difference, its 95% interval and
+    McNemar's exact p; "not significant" where the interval contains 0."""
+    from geoagent.eval.stats import paired
+
+    lines = ["", "Paired comparisons of top1_after (same photos, 95% bootstrap interval, McNemar's exact test):", "",
+             "| comparison | difference | 95% interval | p | verdict |", "| --- | ---: | --- | ---: | --- |"]  # fmt: skip
+    for first, second in CLAIMS:
+        if first not in run.predictions or second not in run.predictions:
+            continue
+        d = next((d for d in paired(run.predictions[second], run.predictions[first]) if d.metric == "top1_after"), None)
+        if d is None or d.difference is None:
+            continue
+        verdict = "significant" if d.significant else "not significant"
+        lines.append(f"| {first} − {second} | {d.difference:+.4f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_value:.3g} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

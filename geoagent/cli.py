@@ -55,7 +55,7 @@ app = _App(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-cache_app = typer.Typer(help="Inspect or clear the response cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, clear or copy the response cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect reference indexes of geotagged photos.", no_args_is_help=True)
 prompts_app = typer.Typer(help="The prompt templates in use.", no_args_is_help=True)
@@ -164,6 +164,9 @@ def apply_flags(settings: Settings, **flags: Any) -> Settings:
         settings.cache.enabled = False
     if flags.get("use_exif"):
         settings.agent.use_exif = True
+    if flags.get("min_confidence") is not None:
+        with _flag("--min-confidence"):
+            settings.agent.min_confidence = flags["min_confidence"]
     return settings
 
 
@@ -186,6 +189,11 @@ def _options(
 
 
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+MinConfidenceOption = Annotated[
+    float | None,
+    typer.Option("--min-confidence", min=0.0, max=1.0, show_default=False,
+                 help="Answer \"unknown\" below this confidence (no coordinate; the best guess stays a candidate)."),
+]
 # The flags of every command that locates photos (locate, batch).
 BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every task to this backend profile.")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
@@ -221,13 +229,14 @@ def locate(
         bool, typer.Option("--use-exif", help="Answer from a photo's EXIF GPS when it has one (no model runs); others are located visually.")
     ] = False,
     map_file: MapOption = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Where was each photo taken? Exit 0 if every photo was answered, 1 if some failed, 2 on usage or config
     errors or when the VLM server is down for photos the cache cannot answer."""
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, use_exif=use_exif, min_confidence=min_confidence,
         )
         _check_map(map_file)
         readable = []
@@ -305,14 +314,16 @@ def locate(
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps the page to this computer.")] = "127.0.0.1",
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a --host other computers can reach; a token is then required (printed in the page's URL).")] = False,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
     config: ConfigOption = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest photo accepted, in MB.")] = 25,
     tiles: Annotated[str, typer.Option("--tiles", help="Map tile URL template (default: OpenStreetMap's), or 'none': no basemap, no request leaves the page.", show_default=False)] = "",
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """A local web page: drop a photo, watch the agent work, see the answer on a map (needs the web extra)."""
     with user_errors():
-        settings = load_config(config)
+        settings = apply_flags(load_config(config), min_confidence=min_confidence)
         from geoagent.web import require_web
 
         require_web()
@@ -320,7 +331,8 @@ def serve(
         from geoagent.web.server import serve as serve_page
 
         options = WebOptions(
-            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES
+            max_upload_bytes=int(max_upload_mb * 1e6), host=host, tiles=None if tiles == "none" else tiles or DEFAULT_TILES,
+            allow_remote=allow_remote,
         )
         code = asyncio.run(serve_page(settings, options, port, say=print_line, warn=print_warning, error=print_error))
         if code:
@@ -344,6 +356,10 @@ def batch(
     no_cache: NoCacheOption = False,
     prompts: PromptsOption = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of every located photo in the journal: one self-contained HTML file (guesses with --explain).", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
+    xmp: Annotated[bool, typer.Option("--xmp", help="Write each answer into an XMP sidecar beside its photo (photos without GPS whose answer cleared --min-confidence; never the photo itself; the xmp extra).")] = False,
+    xmp_name: Annotated[str, typer.Option("--xmp-name", help="Sidecar names: full (photo.jpg.xmp: digiKam, darktable, Immich) or stem (photo.xmp: Lightroom).")] = "full",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --xmp: list the sidecars it would write, write none (photos are still located and journalled).")] = False,
 ) -> None:
     """Locate many photos, each journalled as it finishes; rerun the same command to resume after a crash.
     Exit 0 if every photo is located, 1 if some failed, 2 on usage or config errors or a run that stopped."""
@@ -353,10 +369,18 @@ def batch(
     with user_errors():
         settings = apply_flags(
             load_config(config), backend=backend, model=model, index=index, top_k=top_k,
-            strategy=strategy, prompts=prompts, no_cache=no_cache,
+            strategy=strategy, prompts=prompts, no_cache=no_cache, min_confidence=min_confidence,
         )
         plan = plan_output(out, out_format)
         _check_map(map_file)
+        if xmp_name not in ("full", "stem"):
+            raise ConfigError(f"--xmp-name: '{xmp_name}' is not full (photo.jpg.xmp) or stem (photo.xmp)")
+        if dry_run and not xmp:
+            raise ConfigError("--dry-run lists the XMP sidecars --xmp would write: use it with --xmp")
+        if xmp:
+            from geoagent.batch.xmp import require_xmp
+
+            require_xmp()  # before any photo is located
         with _progress_bar() as on_progress:
             try:
                 report = asyncio.run(run_batch(
@@ -377,6 +401,8 @@ def batch(
                 + (f"; wrote {display_path(report.output)}" if report.output else ""),
                 stderr,
             )
+        if xmp and not report.problems:
+            _write_sidecars(settings, report.journal, xmp_name, dry_run)
         if map_file is not None and not report.problems:
             from geoagent.maps.html import journal_results, locate_map, write_map
 
@@ -388,6 +414,28 @@ def batch(
             print_line("answers received so far are cached and finished photos journalled: start the server and rerun to finish", stderr)
         if report.exit_code:
             raise typer.Exit(report.exit_code)
+
+
+def _write_sidecars(settings: Settings, journal: Path, name: str, dry_run: bool) -> None:
+    """``batch --xmp``: a sidecar per answered photo without GPS of its own, from the journal; one summary line."""
+    from geoagent.batch.journal import Journal
+    from geoagent.batch.xmp import write_sidecars
+
+    _, profile = settings.profile("pairwise")
+    with Journal.open(journal) as opened:
+        done = write_sidecars(opened.entries(), name=name, dry_run=dry_run, model=profile.model,  # type: ignore[arg-type]
+                              strategy=settings.agent.strategy, say=lambda line: print_line(line, stderr))  # fmt: skip
+    verb = "would write" if dry_run else "wrote"
+    reasons: dict[str, int] = {}
+    for _photo, why in done.skipped:
+        key = "kept a sidecar's own GPS" if "already holds GPS" in why else why
+        reasons[key] = reasons.get(key, 0) + 1
+    print_line(
+        f"XMP: {verb} {len(done.written)} sidecars, {len(done.unchanged)} unchanged"
+        + "".join(f", {count} {why}" for why, count in reasons.items() if why != "not located")
+        + (f", {len(done.invalid)} not valid XMP (left untouched)" if done.invalid else ""),
+        stderr,
+    )
 
 
 @contextmanager
@@ -431,12 +479,15 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, predictions.csv, accuracy.png here.")] = None,
     no_cache: NoCacheOption = False,
     map_file: Annotated[Path | None, typer.Option("--map", help="Also write a map of the errors (truth to prediction, per column): one self-contained HTML file.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the bootstrap behind every 95% interval (the same seed, the same intervals).")] = 0,
+    calibrate: Annotated[Path | None, typer.Option("--calibrate", help="Fit a confidence calibrator on the answers and write it here (one column), or to FILE.LABEL.json per column; use it with [agent] calibration.", show_default=False)] = None,
+    min_confidence: MinConfidenceOption = None,
 ) -> None:
     """Compare configurations and prompt versions side by side on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from geoagent.eval.datasets import load_dataset
-    from geoagent.eval.runner import EvalRun, build_columns, markdown_table, write_outputs
+    from geoagent.eval.runner import EvalRun, build_columns, differences_table, markdown_table, write_calibrations, write_outputs
 
     with user_errors():
         _check_map(map_file)
@@ -445,8 +496,8 @@ def evaluate(
             print_line(f"skipped {name}: {reason}", stderr)
         if not data.items:
             raise InputError(f"{dataset}: no usable photos")
-        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache))
-        run = EvalRun(data, columns, limit, on_warning=print_warning)
+        columns = build_columns(list(configs or []), list(prompts or []), lambda s: apply_flags(s, no_cache=no_cache, min_confidence=min_confidence))
+        run = EvalRun(data, columns, limit, on_warning=print_warning, seed=seed)
         total = len(run.items) * len(columns)
         bar_columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         interrupted = False
@@ -465,12 +516,15 @@ def evaluate(
                 from geoagent.maps.html import eval_map, write_map
 
                 write_map(map_file, eval_map(run.predictions, title=f"{data.name}: errors"))
-        _print_report(report, markdown_table)
+        _print_report(report, markdown_table, differences_table)
         if out:
-            plot = ", accuracy.png" if (out / "accuracy.png").exists() else ""  # only with the [plot] extra
+            plot = "".join(f", {name}" for name in ("accuracy.png", "calibration.png") if (out / name).exists())  # the [plot] extra
             print_line(f"wrote {out}/report.json, report.md, predictions.csv{plot}")
         if map_file is not None:
             print_line(f"wrote {display_path(map_file)}")
+        if calibrate is not None and not interrupted and not run.stopped:
+            for path in write_calibrations(run, calibrate):
+                print_line(f"wrote {display_path(path)} (use it with [agent] calibration = \"{path}\")")
         for label, reason in run.stopped.items():
             print_error(f"column {label}: {reason}")
         if interrupted:
@@ -481,13 +535,20 @@ def evaluate(
             raise typer.Exit(2)
 
 
-def _print_report(report: dict[str, Any], markdown_table: Any) -> None:
+def _print_report(report: dict[str, Any], markdown_table: Any, differences_table: Any) -> None:
+    """The report's tables on the terminal: the metrics with their 95% intervals, then the paired differences."""
     labels = list(report["columns"])
-    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos", box=None)
+    table = Table("metric", *labels, title=f"{report['dataset']}: {report['photos']} photos (95% intervals)", box=None)
     for line in markdown_table(report).splitlines()[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        table.add_row(*cells)
+        table.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
     stdout.print(table)
+    differences = differences_table(report).splitlines()
+    if differences:
+        header = [cell.strip() for cell in differences[2].strip("|").split("|")]
+        versus = Table(*header, title=differences[0].removeprefix("## "), box=None)
+        for line in differences[4:]:
+            versus.add_row(*(cell.strip() for cell in line.strip("|").split("|")))
+        stdout.print(versus)
 
 
 @prompts_app.command("list")
@@ -633,17 +694,33 @@ def index_info(
 
 
 @config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the configuration in effect (file + environment + defaults) as JSON. Keys are never shown.
+def config_show(
+    config: ConfigOption = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="toml (to save as geoagent.toml) or json (for scripts).", case_sensitive=False)
+    ] = "toml",
+) -> None:
+    """Print the configuration in effect (file + environment + defaults). Keys are never shown.
 
+    TOML reads back as the same settings (unset keys are comments); JSON shows each backend's effective base_url.
     A broken configuration is shown too, without its bad keys, each named on stderr (exit 2)."""
     with user_errors():
+        format = format.lower()
+        if format not in ("toml", "json"):
+            raise ConfigError(f"--format: '{format}' is not one of toml, json")
         report = inspect_config(config)
         if report.settings is not None:
-            shown = json.loads(report.settings.model_dump_json())
-            for name, profile in report.settings.backends.items():
-                shown["backends"][name]["base_url"] = _effective_base_url(profile)
-            stdout.print_json(data=shown)
+            if format == "json":
+                shown = json.loads(report.settings.model_dump_json())
+                for name, profile in report.settings.backends.items():
+                    shown["backends"][name]["base_url"] = _effective_base_url(profile)
+                stdout.print_json(data=shown)
+            else:
+                from geoagent.config_toml import settings_toml
+
+                defaults = {("backends", name, "base_url"): _effective_base_url(p) for name, p in report.settings.backends.items()}
+                sys.stdout.write(settings_toml(report.settings, {k: v for k, v in defaults.items() if v}))
+                sys.stdout.flush()
         for problem in report.problems:
             print_error(problem)
         if report.problems:
@@ -664,12 +741,12 @@ def _effective_base_url(profile: BackendProfile) -> str | list[str] | None:
 
 @cache_app.command("stats")
 def cache_stats(config: ConfigOption = None) -> None:
-    """How many answers the cache holds, by task and model."""
-    from geoagent.vlm.cache import ResponseCache
+    """How many answers the cache holds, by task and model (SQLite file or Redis server)."""
+    from geoagent.vlm.cache import open_cache
 
     with user_errors():
-        settings = load_config(config)
-        stats = ResponseCache(settings.cache.dir).stats()
+        cache = open_cache(load_config(config).cache)
+        stats = asyncio.run(_closing(cache, cache.stats()))
         print_line(f"{display_path(stats.path)}: {stats.entries} answers, {stats.size_bytes / 1e6:.2f} MB")
         for label, counts in (("task", stats.by_task), ("model", stats.by_model)):
             if counts:
@@ -682,12 +759,52 @@ def cache_stats(config: ConfigOption = None) -> None:
 @cache_app.command("clear")
 def cache_clear(config: ConfigOption = None) -> None:
     """Delete every cached answer."""
-    from geoagent.vlm.cache import ResponseCache
+    from geoagent.vlm.cache import open_cache
+
+    with user_errors():
+        cache = open_cache(load_config(config).cache)
+        removed = asyncio.run(_closing(cache, cache.clear()))
+        print_line(f"removed {removed} cached answers from {display_path(cache.label)}")
+
+
+@cache_app.command("copy")
+def cache_copy(
+    source: Annotated[str, typer.Argument(help="Cache to read: a folder or sqlite:///FOLDER, or redis://HOST:PORT/DB.", show_default=False)],
+    destination: Annotated[str, typer.Argument(help="Cache to write into (entries there are kept; the same keys are replaced).", show_default=False)],
+    config: ConfigOption = None,
+) -> None:
+    """Copy every cached answer from SOURCE to DESTINATION (the keys are the same in every store). A Redis
+    password comes from the variable [cache] password_env names."""
+    from geoagent.vlm.cache import open_cache
 
     with user_errors():
         settings = load_config(config)
-        removed = ResponseCache(settings.cache.dir).clear()
-        print_line(f"removed {removed} cached answers from {display_path(settings.cache.dir)}")
+        caches = open_cache(settings.cache, source), open_cache(settings.cache, destination)
+        copied = asyncio.run(_copy(*caches))
+        print_line(f"copied {copied} cached answers from {display_path(caches[0].label)} to {display_path(caches[1].label)}")
+
+
+async def _closing(cache: Any, work: Any) -> Any:
+    """Await ``work`` (a coroutine of ``cache``), then close the cache."""
+    try:
+        return await work
+    finally:
+        await cache.aclose()
+
+
+async def _copy(source: Any, destination: Any) -> int:
+    copied = 0
+    try:
+        await source.check()
+        await destination.check()
+        async for batch in source.entries():
+            await destination.add(batch)
+            copied += len(batch)
+        await destination.add(identities=await source.identities())
+    finally:
+        await source.aclose()
+        await destination.aclose()
+    return copied
 
 
 @ranker_app.command("train")

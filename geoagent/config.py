@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -42,6 +43,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+MIN_TOKEN_CHARS = 16  # [serve] token_env: shorter tokens are refused
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIX = re.compile(r"^((sk|pk|rk|hf|gsk|xai|ghp|gho|github_pat|glpat)[-_]|AIza|AKIA)")  # as providers issue them
 KEY_SHAPED_MIN_LENGTH = 20  # variable names are words; keys are long runs of mixed letters and digits
@@ -56,6 +59,17 @@ def looks_like_a_key(value: str) -> bool:
         return False
     mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
     return mixed_case or bool(_KEY_PREFIX.match(value))
+
+
+def a_variable_name(value: str, secret: str, noun: str, example: str) -> str:
+    """``value`` if it is empty or the NAME of an environment variable; ValueError (not showing it) if it looks
+    like ``secret`` itself pasted in its place."""
+    if value and looks_like_a_key(value):
+        raise ValueError(
+            f"this looks like {secret}, not the NAME of an environment variable (the value is not shown); "
+            f"remove it, put {noun} in a variable (export {example}=...) and write that variable's name here"
+        )
+    return value
 
 
 def _check_url(value: str) -> str:
@@ -88,10 +102,10 @@ class BackendProfile(_Section):
     """One named VLM endpoint: which client, which model, where, and how hard to push it."""
 
     kind: str = Field(default="ollama", description="ollama | openai | litellm (a module in geoagent/vlm/backends/)")
-    model: str = "llava:7b"
+    model: str = Field(default="llava:7b", description="The model name as the server lists it (`ollama list`, /v1/models).")
     base_url: str | list[str] | None = Field(
         default=None,
-        description="Server URL; None means the client's default (Ollama: http://127.0.0.1:11434). A list of URLs "
+        description="Server URL; unset: the client's default (Ollama: http://127.0.0.1:11434). A list of URLs "
         "spreads the profile's questions over several servers of the same model (see also servers).",
     )
     servers: list[ServerConfig] = Field(
@@ -113,21 +127,27 @@ class BackendProfile(_Section):
         "taken out and probed later; a refused connection takes it out at once. A lone server is only taken out when unreachable.",
     )
     api_key_env: str = Field(default="", description="NAME of the environment variable holding the API key.")
-    max_concurrency: int = Field(default=4, ge=1, le=1024)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0, le=20)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int = 0
-    max_tokens: int = Field(default=512, ge=16)
+    max_concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Requests in flight at once to each server of this profile (Ollama: up to OLLAMA_NUM_PARALLEL)."
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds one request may take, queueing at the server included.")
+    max_retries: int = Field(
+        default=4, ge=0, le=20, description="Retries of a request on connection errors, timeouts and HTTP 408/409/429/5xx."
+    )
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature sent with every question.")
+    seed: int = Field(default=0, description="Sampling seed; sample i of a question uses seed + i.")
+    max_tokens: int = Field(default=512, ge=16, description="The most tokens an answer may have.")
     retry_backoff_s: float = Field(default=0.5, ge=0, description="First backoff; doubles per attempt, with jitter.")
-    retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="The longest backoff between two attempts.")
     retry_after_max_s: float = Field(
         default=60.0, ge=0, description="The longest server-requested wait (Retry-After) honoured, as the openai SDK."
     )
     price_per_1k_prompt_tokens: float | None = Field(
-        default=None, ge=0, description="US dollars; unset: litellm's bundled price table, where it lists the model."
+        default=None, ge=0, description="US dollars per 1,000 prompt tokens; unset: litellm's bundled price table, where it lists the model."
     )
-    price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    price_per_1k_completion_tokens: float | None = Field(
+        default=None, ge=0, description="US dollars per 1,000 answer tokens; unset: litellm's bundled price table."
+    )
     context_tokens: int | None = Field(
         default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
     )
@@ -179,12 +199,7 @@ class BackendProfile(_Section):
     @field_validator("api_key_env")
     @classmethod
     def _a_name_not_a_key(cls, value: str) -> str:
-        if value and looks_like_a_key(value):
-            raise ValueError(
-                "this looks like an API key, not the NAME of an environment variable (the value is not shown); "
-                "remove it, put the key in a variable (export OPENAI_API_KEY=...) and write that variable's name here"
-            )
-        return value
+        return a_variable_name(value, "an API key", "the key", "OPENAI_API_KEY")
 
     def api_key(self, profile_name: str) -> str | None:
         """The key from the named environment variable; a clear error if it is named but unset."""
@@ -202,11 +217,11 @@ class BackendProfile(_Section):
 class TasksConfig(_Section):
     """Which backend profile serves which task; unset tasks fall back to ``default``."""
 
-    default: str = "local"
-    prior: str | None = None
-    reasoning: str | None = None
-    pairwise: str | None = None
-    pointwise: str | None = None
+    default: str = Field(default="local", description="The profile serving every task not routed below.")
+    prior: str | None = Field(default=None, description="The profile asking the country prior; unset: default.")
+    reasoning: str | None = Field(default=None, description="The profile asking for clues and guesses; unset: default.")
+    pairwise: str | None = Field(default=None, description="The profile comparing two candidates; unset: default.")
+    pointwise: str | None = Field(default=None, description="The profile scoring one candidate; unset: default.")
 
     def profile_for(self, task: str) -> str:
         if task != "default" and task not in TASKS:
@@ -214,9 +229,57 @@ class TasksConfig(_Section):
         return getattr(self, task) or self.default
 
 
+CACHE_SCHEMES = ("sqlite", "redis", "rediss")
+
+
 class CacheConfig(_Section):
-    dir: Path = Path("cache")
-    enabled: bool = True
+    """The response cache: an embedded SQLite file (the default) or a Redis server several machines share."""
+
+    dir: Path = Field(default=Path("cache"), description="Folder of the SQLite cache file (responses.sqlite3), used when url is unset.")
+    enabled: bool = Field(default=True, description="false: neither read nor write cached answers (as --no-cache).")
+    url: str | None = Field(
+        default=None,
+        description='Where answers are kept: unset or "sqlite:///path/to/folder" = the SQLite file in that folder; '
+        '"redis://host:6379/0" (or "rediss://" for TLS) = a Redis server. Never a password here: see password_env.',
+    )
+    password_env: str = Field(default="", description="NAME of the environment variable holding the Redis password (unset: none).")
+    ttl_s: int | None = Field(
+        default=None, ge=1, description="Seconds a cached answer stays usable (Redis expires it; SQLite ignores and prunes it); unset: forever."
+    )
+    timeout_s: float = Field(default=5.0, gt=0, description="Timeout of each connection and command to a cache server.")
+    key_prefix: str = Field(default="geoagent:", description="Prefix of every Redis key (lets GeoAgent share a Redis database).")
+
+    @field_validator("url")
+    @classmethod
+    def _a_cache_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in CACHE_SCHEMES:
+            raise ValueError(f"not a cache URL: use sqlite:///FOLDER, redis://HOST:PORT/DB or rediss://HOST:PORT/DB (scheme {scheme or 'missing'!r})")
+        if scheme != "sqlite" and urlsplit(value).password is not None:
+            raise ValueError(
+                "the URL holds a password (not shown): remove it, put it in an environment variable and name that variable in password_env"
+            )
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _a_name_not_a_password(cls, value: str) -> str:
+        if value and looks_like_a_key(value):
+            raise ValueError("this looks like a password, not the NAME of an environment variable (the value is not shown)")
+        return value
+
+    def password(self) -> str | None:
+        """The Redis password from the variable password_env names; a clear error when it is named but unset."""
+        if not self.password_env:
+            return None
+        value = os.environ.get(self.password_env)
+        if not value:
+            raise ConfigError(f"cache: environment variable {self.password_env} is not set (password_env names it); export {self.password_env}=<the Redis password>")
+        return value
 
 
 class RetrievalConfig(_Section):
@@ -226,14 +289,16 @@ class RetrievalConfig(_Section):
     clip_model: str = Field(default="ViT-B-32", description="An open_clip model name, or a path to a model-config JSON.")
     clip_pretrained: str = Field(default="laion2b_s34b_b79k", description='A pretrained tag, a checkpoint file, or "none".')
     seed: int = Field(default=0, description='Seeds random init when clip_pretrained = "none".')
-    top_k: int = Field(default=10, ge=1, le=1000)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    batch_size: int = Field(default=32, ge=1)
+    top_k: int = Field(default=10, ge=1, le=1000, description="Candidates retrieved per photo.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Where CLIP runs; auto: a GPU when there is one.")
+    batch_size: int = Field(default=32, ge=1, description="Images or texts embedded per CLIP forward pass.")
     kmeans_k: int = Field(default=100, ge=1, description="Geographic k-means clusters (submaps).")
     gazetteer_min_population: int = Field(
         default=100_000, ge=15000, description="6,204 cities at 100,000; about 34,000 at 15,000 (finer, slower to embed once)."
     )
-    gazetteer_prompt: str = "a photo taken in {place}, {country}"
+    gazetteer_prompt: str = Field(
+        default="a photo taken in {place}, {country}", description="The text embedded for each gazetteer place."
+    )
     vectors_cache: Path | None = Field(
         default=None, description="Folder for model-keyed caches shared by every project (gazetteer vectors); unset: the user cache dir."
     )
@@ -262,28 +327,40 @@ class AgentConfig(_Section):
     adaptive_margin: float = Field(
         default=0.05, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."
     )
-    vote_model: Literal["bradley_terry", "copeland"] = "bradley_terry"
-    country_prior: bool = True
-    prior_samples: int = Field(default=1, ge=1, le=32)
+    vote_model: Literal["bradley_terry", "copeland"] = Field(
+        default="bradley_terry", description="How allpairs turns wins into scores: Bradley-Terry or Copeland win share."
+    )
+    country_prior: bool = Field(default=True, description="Ask which countries the photo may be from (a prior).")
+    prior_samples: int = Field(default=1, ge=1, le=32, description="Prior answers sampled and averaged.")
     prior_countries: int = Field(default=3, ge=1, description="Countries of the prior that a country submap keeps.")
-    reasoning: bool = True
-    reasoning_samples: int = Field(default=3, ge=1, le=32)
+    reasoning: bool = Field(default=True, description="Ask for clues and a guessed position; the consensus guess joins the pool.")
+    reasoning_samples: int = Field(default=3, ge=1, le=32, description="Reasoning answers sampled (self-consistency).")
     reasoning_neighbours: int = Field(default=0, ge=0, description="Show the n nearest and n farthest references' coordinates.")
     reasoning_cluster_km: float = Field(default=300.0, gt=0, description="Guesses this close form one self-consistency cluster.")
-    submap: Literal["none", "country", "kmeans"] = "none"
+    submap: Literal["none", "country", "kmeans"] = Field(
+        default="none", description="Restrict (or boost) retrieval to the prior's countries or to k-means clusters."
+    )
     submap_weight: float | None = Field(default=None, description="Unset: restrict retrieval to the submap; a number: boost it.")
     submap_clusters: int = Field(default=3, ge=1, description="k-means clusters kept around the reasoning estimate.")
-    image_layout: Literal["separate", "composite"] = "separate"
-    max_image_side: int = Field(default=768, ge=64, le=8192)
-    view: Literal["ground", "cross"] = "ground"
+    image_layout: Literal["separate", "composite"] = Field(
+        default="separate", description="composite: query | A | B in one labelled image, for single-image models."
+    )
+    max_image_side: int = Field(
+        default=768, ge=64, le=8192, description="Images are EXIF-rotated, downscaled to this side and encoded once."
+    )
+    view: Literal["ground", "cross"] = Field(
+        default="ground", description="cross: street-level queries against aerial references (the cross-view prompts)."
+    )
     prompts_dir: Path | None = Field(default=None, description="Prompt templates folder; unset: the bundled prompts/.")
-    fusion_votes: float = 1.0
-    fusion_retrieval: float = 0.5
-    fusion_prior: float = 0.2
-    fusion_proximity: float = 0.2
-    fusion_consensus: float = 0.3
-    consensus_bandwidth_km: float = Field(default=25.0, gt=0)
-    proximity_km: float = Field(default=500.0, gt=0)
+    fusion_votes: float = Field(default=1.0, description="Weight of the reranking votes in the final score.")
+    fusion_retrieval: float = Field(default=0.5, description="Weight of the retrieval similarity.")
+    fusion_prior: float = Field(default=0.2, description="Weight of the prior probability of the candidate's country.")
+    fusion_proximity: float = Field(default=0.2, description="Weight of the closeness to the reasoning estimate.")
+    fusion_consensus: float = Field(default=0.3, description="Weight of the support from strong candidates nearby.")
+    consensus_bandwidth_km: float = Field(
+        default=25.0, gt=0, description="Candidates this close support each other; also the confidence radius."
+    )
+    proximity_km: float = Field(default=500.0, gt=0, description="The distance scale of closeness to the reasoning estimate.")
     max_concurrent_photos: int | None = Field(
         default=None, ge=1, description="Photos in flight at once; unset: enough to keep every backend's max_concurrency busy."
     )
@@ -299,6 +376,22 @@ class AgentConfig(_Section):
         default=None,
         description="Cosine similarity from which the top reference counts as a copy of the photo and is the answer; "
         'unset: the threshold `index build` measured for the index (exact copies only for older indexes); "off": never.',
+    )
+
+    confidence_km: float = Field(
+        default=25.0, gt=0,
+        description="The distance a calibrated confidence speaks of: the probability that the answer lies within this "
+        "many km of the truth. A calibration file carries its own and must agree.",
+    )
+    calibration: Path | None = Field(
+        default=None,
+        description="A calibration file written by `geoagent eval ... --calibrate FILE`: confidence becomes the "
+        "probability that the answer is within confidence_km. Unset: confidence is the uncalibrated score (labelled so).",
+    )
+    min_confidence: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Below this confidence the answer is \"unknown\": abstained, no coordinate (the best guess stays the "
+        "first candidate). Unset: every photo gets an answer. Meaningful as a probability only with a calibration.",
     )
 
     @field_validator("near_duplicate_similarity", mode="before")
@@ -334,7 +427,7 @@ class RankerConfig(_Section):
         description="A local model folder, or a Hugging Face name found in the local cache first (downloaded only if reachable).",
     )
     adapter: Path | None = Field(default=None, description="A peft adapter folder, e.g. GeoRanker's checkpoints/; required.")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where the reward model runs; auto: a GPU when there is one.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Candidates per forward pass, from every photo in flight.")
     max_image_side: int = Field(default=640, ge=28, le=8192, description="Images are shrunk to this side first (28-pixel blocks).")
@@ -357,6 +450,55 @@ class RankerConfig(_Section):
         return value.expanduser() if value is not None else None
 
 
+class ServeConfig(_Section):
+    """``geoagent serve``: who may use the page besides this computer's own browser (docs/guides/security.md)."""
+
+    token_env: str = Field(
+        default="",
+        description="NAME of an environment variable holding the access token (at least 16 characters); "
+        "set: the token is required on every address, loopback included. Unset: a token is generated per start "
+        "for a non-loopback --host (printed once, with the page's URL), and none is asked on loopback.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Further host names the server answers to (the Host header), beyond the bound address, "
+        "localhost, 127.0.0.1 and [::1]: the names other computers reach it by, e.g. a reverse proxy's.",
+    )
+
+    @field_validator("token_env")
+    @classmethod
+    def _a_name_not_a_token(cls, value: str) -> str:
+        return a_variable_name(value, "a token", "the token", "GEOAGENT_SERVE_TOKEN")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            bare = host.strip()
+            if bare.startswith("[") and bare.endswith("]"):
+                bare = bare[1:-1]
+            try:
+                ipaddress.ip_address(bare)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(bare):
+                    raise ValueError(f"'{host}' is not a host name or an IP address (no scheme, no port), e.g. photos.example.org") from None
+        return value
+
+    def token(self) -> str | None:
+        """The token from the named environment variable (None when none is named); ConfigError if it is
+        named but unset or too short to resist guessing."""
+        if not self.token_env:
+            return None
+        value = os.environ.get(self.token_env, "").strip()
+        if not value:
+            raise ConfigError(f"[serve] token_env names {self.token_env}, which is not set: export {self.token_env}=<a long random token>")
+        if len(value) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"the token in {self.token_env} is shorter than {MIN_TOKEN_CHARS} characters: use a long random one")
+        return value
+
+
+
+
 class Settings(BaseSettings):
     """The whole configuration. Field names are the public TOML keys."""
 
@@ -371,12 +513,15 @@ class Settings(BaseSettings):
     #: Set on the subclass that load_config validates its own merge of file, environment and overrides with.
     layers_merged: ClassVar[bool] = False
 
-    backends: dict[str, BackendProfile] = Field(default_factory=lambda: {"local": BackendProfile()})
-    tasks: TasksConfig = Field(default_factory=TasksConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-    ranker: RankerConfig = Field(default_factory=RankerConfig)
+    backends: dict[str, BackendProfile] = Field(
+        default_factory=lambda: {"local": BackendProfile()}, description="Named VLM endpoints, [backends.NAME] each."
+    )
+    tasks: TasksConfig = Field(default_factory=TasksConfig, description="Which backend profile serves which task.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="The response cache.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="Where candidates come from.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="How the agent asks and decides.")
+    ranker: RankerConfig = Field(default_factory=RankerConfig, description='GeoRanker, for strategy = "georanker".')
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`geoagent serve`: who may reach the page.")
 
     @model_validator(mode="after")
     def _routes_exist(self) -> Settings:

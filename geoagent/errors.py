@@ -29,6 +29,10 @@ class ConfigError(GeoAgentError):
     stops_run = True
 
 
+class CacheError(ConfigError):
+    """The response cache cannot be used as configured (a corrupt file, a folder that is a file, Redis down)."""
+
+
 class InputError(GeoAgentError):
     """A user-supplied file (photo, CSV, index) cannot be used."""
 

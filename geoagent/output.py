@@ -57,20 +57,39 @@ def exif_agreement(result: LocateResult) -> str | None:
         return None
     if result.source == "exif":
         return "answered from EXIF GPS (--use-exif): no model ran"
+    if result.lat is None or result.lon is None:
+        return None  # abstained: no visual answer to compare
     km = float(haversine_km(result.lat, result.lon, result.exif.gps.lat, result.exif.gps.lon))
     verdict = "agrees with" if km < EXIF_AGREEMENT_KM else "disagrees with"
     return f"visual answer {verdict} EXIF GPS: {km:.1f} km apart"
 
 
+def confidence_text(result: LocateResult) -> str:
+    """What the confidence means: a probability within confidence_km when calibrated, else a labelled score."""
+    if result.source == "exif":
+        return "from the photo's EXIF GPS"
+    if result.calibrated:
+        return f"confidence {result.confidence:.0%} that it is within {result.confidence_km:g} km"
+    return f"confidence {result.confidence:.2f} (uncalibrated score, not a probability)"
+
+
 def print_result(console: Console, result: LocateResult, *, explain: bool = False) -> None:
     for line in exif_lines(result.exif):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-    place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
-    console.print(
-        f"[bold]{escape(result.image)}[/]: {escape(place or 'unknown place')} ({result.lat:.4f}, {result.lon:.4f}), "
-        f"confidence {result.confidence:.2f}",
-        highlight=False,
-    )
+    if result.abstained or result.lat is None or result.lon is None:
+        best = result.candidates[0] if result.candidates else None
+        guess = f"; best guess {escape(best.place or best.id)} ({best.lat:.4f}, {best.lon:.4f})" if best else ""
+        console.print(
+            f"[bold]{escape(result.image)}[/]: unknown — {confidence_text(result)} is below the minimum (agent.min_confidence){guess}",
+            highlight=False,
+        )
+    else:
+        place = ", ".join(p for p in (result.place, country_name(result.country) if result.country else None) if p)
+        console.print(
+            f"[bold]{escape(result.image)}[/]: {escape(place or 'unknown place')} ({result.lat:.4f}, {result.lon:.4f}), "
+            f"{confidence_text(result)}",
+            highlight=False,
+        )
     agreement = exif_agreement(result)
     if agreement is not None:
         console.print(agreement, highlight=False, markup=False, soft_wrap=True)

@@ -100,16 +100,41 @@ class Trace(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
 
 
+class ConfidenceFeatures(BaseModel):
+    """The evidence behind one answer that says how likely it is to be right; a calibrator maps it to a probability."""
+
+    score: float = Field(description="The uncalibrated confidence: softmax mass of the fused scores near the top.")
+    margin: float = Field(description="Fused score of the top candidate minus the second's (0 with one candidate).")
+    votes: float = Field(description="The top candidate's vote term: its share of matches won (0 without reranking).")
+    retrieval: float = Field(description="The top candidate's retrieval term within the pool, in [0, 1].")
+    prior: float = Field(description="The country prior's probability for the top candidate's country (0 without a prior).")
+    reasoning: float = Field(description="exp(-distance from the reasoning consensus to the top / bandwidth); 0 without one.")
+    near_duplicate: bool = Field(description="The photo is a copy of the top reference photo.")
+
+    def vector(self) -> list[float]:
+        return [self.score, self.margin, self.votes, self.retrieval, self.prior, self.reasoning, float(self.near_duplicate)]
+
+
 class LocateResult(BaseModel):
-    """The answer for one photo: a coordinate, where it is, how sure, and the ranked candidates."""
+    """The answer for one photo: a coordinate, where it is, how sure, and the ranked candidates.
+
+    ``confidence`` is the probability that the answer lies within ``confidence_km`` of the truth when
+    ``calibrated`` is true (a calibrator fitted by ``geoagent eval --calibrate``); otherwise it is the agent's
+    uncalibrated score, which orders answers but is no probability. ``abstained``: the confidence was below
+    ``agent.min_confidence``, so there is no coordinate; the best guess is still ``candidates[0]``.
+    """
 
     image: str
-    lat: float
-    lon: float
+    lat: float | None
+    lon: float | None
     country: str | None
     place: str | None
     confidence: float
     candidates: list[Candidate]
+    calibrated: bool = False
+    confidence_km: float = 25.0
+    abstained: bool = False
+    confidence_features: ConfidenceFeatures | None = None
     prior: list[CountryScore] = Field(default_factory=list)
     match: Literal["near_duplicate"] | None = None  # the answer is a reference photo the query copies
     exif: ExifInfo | None = None  # the photo's own metadata, read before any model ran; None: it carries none

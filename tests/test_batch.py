@@ -185,7 +185,7 @@ def test_geojson_is_a_feature_collection_of_the_located_photos_and_csv_a_row_per
     assert converted.returncode == 1 and "this run: 0 located, 0 failed, 7 already journalled" in converted.stderr, converted.stderr
     with (tmp_path / "r.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["image", "lat", "lon", "country", "place", "confidence", "vlm_calls", "error"]
+    assert list(rows[0]) == ["image", "lat", "lon", "country", "place", "confidence", "calibrated", "abstained", "vlm_calls", "error"]
     assert sorted(r["image"] for r in rows) == sorted(entries)
     by_image = {r["image"]: r for r in rows}
     assert by_image[str(broken)]["lat"] == "" and "not an image" in by_image[str(broken)]["error"]

@@ -59,13 +59,18 @@ def test_check_finds_a_missing_model(route, standin, tmp_path):
 
 
 def test_cache_stats_and_clear(tmp_path):
-    from geoagent.vlm.cache import CachedAnswer, ResponseCache
+    import asyncio
+
+    from geoagent.vlm.cache import CachedAnswer, SqliteCache
     from geoagent.vlm.types import Usage
 
-    cache = ResponseCache(tmp_path / "cache")
-    for i in range(3):
-        cache.put_sync(f"k{i}", kind="ollama", model="llava:7b", task="PairwiseAnswer", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
-    cache.close()
+    async def fill() -> None:
+        cache = SqliteCache(tmp_path / "cache")
+        for i in range(3):
+            await cache.put(f"k{i}", kind="ollama", model="llava:7b", task="PairwiseAnswer", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
+        await cache.aclose()
+
+    asyncio.run(fill())
     stats = run_cli("cache", "stats", cwd=tmp_path)
     assert stats.returncode == 0 and "3 answers" in stats.stdout and "PairwiseAnswer" in stats.stdout
     cleared = run_cli("cache", "clear", cwd=tmp_path)

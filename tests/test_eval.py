@@ -101,7 +101,8 @@ def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, wo
     assert list(report["columns"]) == ["retrieval", "vlm"] and report["partial"] is False
     with (tmp_path / "out" / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert set(rows[0]) == {"config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls"}
+    assert set(rows[0]) == {"config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls",
+                            "confidence", "abstained"}
     for label, column in report["columns"].items():
         mine = [r for r in rows if r["config"] == label]
         assert len(mine) == 16
@@ -110,6 +111,12 @@ def test_two_configs_side_by_side_and_the_csv_agrees_with_the_report(standin, wo
         assert set(column["prompts"]) >= {"pairwise", "prior", "reasoning"}
         assert column["prompts"] == content_hashes(DEFAULT_PROMPTS_DIR)  # neither column names a prompts folder
     assert report["columns"]["vlm"]["metrics"]["top1_after"] > report["columns"]["retrieval"]["metrics"]["top1_after"]
+    vlm = report["columns"]["vlm"]  # every metric carries its 95% interval; the second column its paired difference
+    low, high = vlm["intervals"]["acc@25km"]
+    assert low <= vlm["metrics"]["acc@25km"] <= high
+    assert vlm["versus"]["baseline"] == "retrieval" and "top1_after" in vlm["versus"]["differences"]
+    assert report["columns"]["retrieval"]["versus"] is None
+    assert "Against retrieval" in proc.stdout
     assert "| acc@25km |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "acc@25km" in proc.stdout

@@ -233,7 +233,7 @@ def test_an_unexpected_exception_prints_the_traceback_and_exits_70_not_1(tmp_pat
 
 def test_config_show_shows_what_parsed_and_points_at_the_typo(tmp_path):
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nmodle = "llava:13b"\ntimeout_s = 30\n[agent]\nstrategy = "allpairs"\n')
-    proc = run_cli("config", "show", cwd=tmp_path)
+    proc = run_cli("config", "show", "--format", "json", cwd=tmp_path)
     assert proc.returncode == 2
     shown = json.loads(proc.stdout)
     assert shown["backends"]["local"]["timeout_s"] == 30 and shown["agent"]["strategy"] == "allpairs"
@@ -304,7 +304,7 @@ def test_config_show_prints_the_effective_base_url(tmp_path):
     (tmp_path / "geoagent.toml").write_text(
         '[backends.local]\nkind = "ollama"\n[backends.hosted]\nkind = "openai"\n[backends.mine]\nbase_url = "http://10.0.0.2:11434"\n'
     )
-    shown = json.loads(run_cli("config", "show", cwd=tmp_path).stdout)
+    shown = json.loads(run_cli("config", "show", "--format", "json", cwd=tmp_path).stdout)
     assert shown["backends"]["local"]["base_url"] == "http://127.0.0.1:11434"
     assert shown["backends"]["hosted"]["base_url"] == "https://api.openai.com/v1"
     assert shown["backends"]["mine"]["base_url"] == "http://10.0.0.2:11434"

@@ -139,15 +139,17 @@ def test_help_shows_flags_as_flags(tmp_path, command):
 
 
 def test_extras_keep_a_plain_install_lean():
-    """litellm, matplotlib, pillow-heif, the ranker's and the web page's libraries are extras; `test` pulls in what
+    """litellm, matplotlib, pillow-heif, redis, the ranker's and the web page's libraries are extras; `test` pulls in what
     the suite needs; compromised litellm never."""
     core = {re.split(r"[<>=!~;\s\[]", r, maxsplit=1)[0].lower() for r in PYPROJECT["project"]["dependencies"]}
-    assert not core & {"litellm", "matplotlib", "pillow-heif", "transformers", "peft", "safetensors", "starlette", "uvicorn", "playwright"}
+    assert not core & {"litellm", "matplotlib", "pillow-heif", "transformers", "peft", "safetensors", "starlette", "uvicorn", "playwright", "pyexiv2", "redis"}
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert [r.split(">")[0] for r in extras["hosted"]] == ["litellm"]
     assert "!=1.82.7" in extras["hosted"][0] and "!=1.82.8" in extras["hosted"][0] and "<=1.106.2" in extras["hosted"][0]
     assert extras["plot"][0].startswith("matplotlib") and extras["heic"][0].startswith("pillow-heif")
-    assert "geoagent-vlm[hosted,plot,engine,ray,ranker,web]" in extras["test"]
+    assert "geoagent-vlm[hosted,plot,engine,ray,ranker,web,xmp,redis]" in extras["test"]
+    assert [r.split(">")[0] for r in extras["xmp"]] == ["pyexiv2"]
+    assert [r.split(">")[0] for r in extras["redis"]] == ["redis"]
     assert [re.split(r"[<>=]", r)[0] for r in extras["ranker"]] == ["transformers", "peft", "safetensors"]
     assert [r.split(">")[0] for r in extras["engine"]] == ["transformers[serving]"]
 

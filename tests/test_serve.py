@@ -8,9 +8,11 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,32 +67,39 @@ def vlm(world) -> Iterator[StandinServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
-    """`geoagent serve --port 0` in its own process: tournament reranking with the prior and reasoning on."""
-    root = tmp_path_factory.mktemp("serve")
-    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": SLOTS},
-                                strategy="tournament", country_prior=True, reasoning=True)
+def start_serve(root: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`geoagent serve ARGS` in its own process, run in ``root`` with TMPDIR ``root/tmp`` and no GEOAGENT_* variables
+    (stdout and stderr to ``root/stdout.txt``, ``root/stderr.txt``); the process and the page URL it printed."""
     uploads = root / "tmp"
-    uploads.mkdir()
+    uploads.mkdir(exist_ok=True)
     out, err = root / "stdout.txt", root / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")} | {"TMPDIR": str(uploads)}
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--max-upload-mb", str(UPLOAD_LIMIT_MB)],
-            cwd=root, env=env, stdout=stdout, stderr=stderr,
-        )  # fmt: skip
+        process = subprocess.Popen([sys.executable, "-m", "geoagent", "serve", *args], cwd=root, env=env, stdout=stdout, stderr=stderr)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while READY_LINE not in out.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"geoagent serve did not start: {err.read_text()}")
         time.sleep(0.1)
-    url = out.read_text().split(READY_LINE)[1].split()[0]
-    yield Served(url, process, uploads, config, root, err)
+    return process, out.read_text().split(READY_LINE)[1].split()[0]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(world, vlm, tmp_path_factory) -> Iterator[Served]:
+    """`geoagent serve --port 0` in its own process: tournament reranking with the prior and reasoning on."""
+    root = tmp_path_factory.mktemp("serve")
+    config = write_world_config(root / "geoagent.toml", world, vlm, root / "cache", backend={"max_concurrency": SLOTS},
+                                strategy="tournament", country_prior=True, reasoning=True)
+    process, url = start_serve(root, "--port", "0", "--config", str(config), "--max-upload-mb", str(UPLOAD_LIMIT_MB))
+    yield Served(url, process, root / "tmp", config, root, root / "stderr.txt")
+    stop(process)
 
 
 def _comparable(result: dict[str, Any]) -> dict[str, Any]:
@@ -150,13 +159,49 @@ def test_a_bad_upload_is_a_clear_4xx_and_the_server_answers_the_next_request(ser
     assert after.status_code == 200 and after.json()["candidates"]
 
 
-def test_requests_that_are_not_uploads_from_the_page_are_refused(served, world):
-    """A body that is not a multipart form is 415; a form posted by another web site (its Origin) is 403."""
+def test_requests_that_are_not_uploads_from_the_page_are_refused(served, world, vlm):
+    """A body that is not a multipart form is 415; a form another web site posts from the user's browser (its
+    Origin, or the browser's Sec-Fetch-Site) is 403; a DNS-rebinding page (the server reached under the attacker's
+    name, Origin equal to Host) and any other host name are 400, on this loopback bind as on any other. None of
+    them asks the model anything."""
     not_form = served.post("/api/locate", content=b"{}", headers={"content-type": "application/json"})
     assert not_form.status_code == 415 and "multipart/form-data" in not_form.json()["error"]
-    foreign = served.post("/api/locate", served.photo(world.queries[0].path), headers={"origin": "https://evil.example"})
+    asked = len(vlm.chat_requests())
+    photo = served.photo(world.queries[0].path, name="fresh.jpg")
+    foreign = served.post("/api/locate", photo, headers={"origin": "https://evil.example"})
     assert foreign.status_code == 403 and "cross-origin" in foreign.json()["error"]
+    fetched = served.post("/api/locate", photo, headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "cors"})
+    assert fetched.status_code == 403 and "cross-origin" in fetched.json()["error"]
+    port = served.url.rstrip("/").rsplit(":", 1)[1]
+    rebound = served.post("/api/locate", photo, headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"})
+    assert rebound.status_code == 400 and "host" in rebound.json()["error"]
+    assert httpx.get(served.url, headers={"host": "evil.example"}, timeout=10).status_code == 400
+    assert len(vlm.chat_requests()) == asked
     assert served.leftovers() == []
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A small PNG file that declares ``width`` x ``height`` RGB pixels (its data is a few bytes: a bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("endpoint", ["/api/locate", "/api/locate/stream"])
+def test_a_decompression_bomb_is_a_422_on_both_apis(served, endpoint):
+    """An upload over the pixel limit is refused from its header with 422 and one line naming it, on the JSON API
+    and the stream alike: twice Pillow's limit (Pillow itself refuses to open it) and just over it (Pillow would
+    open it with a warning). No traceback in the server's log, nothing left on disk, the server goes on."""
+    for size in ((30_000, 30_000), (10_000, 9_000)):
+        response = served.post(endpoint, {"photo": ("bomb.png", png_header(*size), "image/png")})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error.startswith("bomb.png: refused: ") and "pixel" in error and "\n" not in error, error
+    assert "Traceback" not in served.stderr.read_text()
+    assert served.leftovers() == []
+    assert httpx.get(served.url + "api/config", timeout=10).status_code == 200
 
 
 def test_the_stream_tells_each_step_then_the_same_result(served, world):
@@ -317,6 +362,25 @@ def test_the_page_shows_the_exif_panel_and_position_when_the_answer_has_them(ser
     assert rows["GPS latitude"] == "-33.856784" and rows["GPS longitude"] == "-151.215297" and rows["Camera model"] == "iPhone 12"
     assert rows["Taken at"] == "2024-05-01T10:02:03+10:00"
     assert any(line.startswith("The photo's EXIF GPS (-33.8568, -151.2153) is ") and line.endswith(" km from this answer") for line in why), why
+
+
+def test_the_page_tells_a_failed_match_from_a_tie(served, world):
+    """A match whose every ask failed was not decided: the page says so (and marks it), instead of calling it a
+    tie; a match whose answers disagreed is still a tie. The stream is replayed with both kinds of match."""
+    matches = [{"a": "rome", "b": "oslo", "winner": None, "votes": [None, None]},
+               {"a": "lima", "b": "baku", "winner": None, "votes": ["lima", "baku"]}]
+    stream = "".join(f"event: match\r\ndata: {json.dumps({'kind': 'match', 'match': m})}\r\n\r\n" for m in matches)
+    with offline_browser(allow=(served.url,)) as browser:
+        page = browser.new_page()
+        page.route("**/api/locate/stream*", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
+        page.goto(served.url)
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        page.set_input_files("#photo", str(world.queries[0].path))
+        page.locator("#steps li.match").nth(1).wait_for(timeout=30_000)  # (a predicate would need eval: the CSP forbids it)
+        steps = page.locator("#steps li.match").all_inner_texts()
+        failed = page.locator("#steps li.match.failed").all_inner_texts()
+    assert steps == ["rome vs oslo: no answer (every question about it failed)", "lima vs baku: a tie"]
+    assert failed == steps[:1]
 
 
 def test_without_the_web_extra_serve_names_what_to_install(tmp_path):

@@ -296,20 +296,28 @@ async def test_tasks_route_to_their_own_profiles(standin, marker_images, tmp_pat
 
 
 def _write_entries(directory: str, worker: int, count: int) -> None:
-    from geoagent.vlm.cache import CachedAnswer, ResponseCache
+    import asyncio
+
+    from geoagent.vlm.cache import CachedAnswer, SqliteCache
     from geoagent.vlm.types import Usage
 
-    cache = ResponseCache(directory)
-    for i in range(count):
-        cache.put_sync(f"{worker}-{i}", kind="ollama", model="m", task="t", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
-    cache.close()
+    async def write() -> None:
+        cache = SqliteCache(directory)
+        for i in range(count):
+            await cache.put(f"{worker}-{i}", kind="ollama", model="m", task="t", entry=CachedAnswer(answer={"i": i}, usage=Usage()))
+        assert cache.stopped is None  # no write failed (a failure would only have been a warning)
+        await cache.aclose()
+
+    asyncio.run(write())
 
 
 def test_several_processes_can_write_the_cache_at_once(tmp_path):
     """Parallel eval runs share one cache: concurrent writers neither fail nor lose entries."""
     import multiprocessing
 
-    from geoagent.vlm.cache import ResponseCache
+    import asyncio
+
+    from geoagent.vlm.cache import SqliteCache
 
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_write_entries, args=(str(tmp_path / "cache"), w, 150)) for w in range(4)]
@@ -318,10 +326,13 @@ def test_several_processes_can_write_the_cache_at_once(tmp_path):
     for worker in workers:
         worker.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0, 0, 0]
-    cache = ResponseCache(tmp_path / "cache")
-    assert cache.stats().entries == 600
-    assert cache.get_sync("3-149").answer == {"i": 149}
-    cache.close()
+    async def read() -> None:
+        cache = SqliteCache(tmp_path / "cache")
+        assert (await cache.stats()).entries == 600
+        assert (await cache.get("3-149")).answer == {"i": 149}
+        await cache.aclose()
+
+    asyncio.run(read())
 
 
 async def test_a_server_echoing_the_key_never_puts_it_in_an_error(standin, marker_images, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from geoagent.agent.aggregate import confidence, fuse
+from geoagent.agent.calibration import Calibrator, abstain, features
 from geoagent.agent.events import AgentEvent, CandidatesRetrieved, Done, GuessesReady, OnEvent, PriorReady, RerankStarted
 from geoagent.agent.prior import country_prior
 from geoagent.agent.questions import QuestionLog
@@ -101,6 +102,25 @@ class GeoAgent:
         self._ranker_lock = asyncio.Lock()
         self._references = ThreadLoads(self._load_reference, REFERENCE_PHOTO_CACHE)
         self._sync_loop: asyncio.AbstractEventLoop | None = None
+        self._calibrator: Calibrator | None = None
+
+    def calibrator(self) -> Calibrator | None:
+        """The fitted calibrator ``agent.calibration`` names (read once); None: confidence stays uncalibrated."""
+        path = self.settings.agent.calibration
+        if path is not None and self._calibrator is None:
+            self._calibrator = Calibrator.load(path)
+            if self._calibrator.confidence_km != self.settings.agent.confidence_km:
+                raise ConfigError(
+                    f"{path}: fitted for confidence_km = {self._calibrator.confidence_km:g}, but agent.confidence_km = "
+                    f"{self.settings.agent.confidence_km:g}; refit it or set the same distance"
+                )
+        return self._calibrator
+
+    def setup_key(self) -> tuple[str, str, str | None]:
+        """(model, strategy, index) a calibrator is fitted for: the pairwise profile's model, the strategy, the index."""
+        _, profile = self.settings.profile("pairwise")
+        index = self.settings.retrieval.index
+        return profile.model, self.settings.agent.strategy, str(index) if index is not None else None
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **overrides: Any) -> GeoAgent:
@@ -172,7 +192,9 @@ class GeoAgent:
             except GeoAgentError as exc:
                 readiness.problems.append(exc)
 
-        checks = [attempt(self._check_retriever(readiness))]
+        if self.pool.cache is not None:  # first: the backends' checks read it
+            await attempt(self.pool.cache.check())
+        checks = [attempt(self._check_retriever(readiness)), attempt(self._check_calibration(readiness))]
         if self.settings.agent.strategy != "none":
             agent = self.settings.agent
             by_model = agent.strategy in MODEL_STRATEGIES
@@ -183,6 +205,16 @@ class GeoAgent:
             checks += [attempt(self._check_backend(name, readiness)) for name in self.settings.routed_profiles(tuple(tasks))]
         await asyncio.gather(*checks)
         return readiness
+
+    async def _check_calibration(self, readiness: Readiness) -> None:
+        calibrator = await asyncio.to_thread(self.calibrator)
+        if calibrator is not None and (mismatch := calibrator.mismatch(*self.setup_key())):
+            readiness.warnings.append(f"{display_path(self.settings.agent.calibration)}: {mismatch}")
+        if calibrator is None and self.settings.agent.min_confidence is not None:
+            readiness.warnings.append(
+                "agent.min_confidence applies to the uncalibrated score (no agent.calibration): it is no probability; "
+                "fit one with geoagent eval ... --calibrate FILE"
+            )
 
     async def _check_retriever(self, readiness: Readiness) -> None:
         await self.retriever()
@@ -226,7 +258,7 @@ class GeoAgent:
             await client.identity()  # servers reporting different weights are refused here, before any photo
             return
         cache = self.pool.cache
-        cached = cache is not None and await asyncio.to_thread(cache.has_answers_sync, client.profile.kind, client.profile.model)
+        cached = cache is not None and await cache.has_answers(client.profile.kind, client.profile.model)
         if not cached:
             raise failed[0][1]
         for server, outcome in failed:
@@ -371,13 +403,19 @@ class GeoAgent:
             trace.fusion = terms
             trace.prompts = self.prompts.hashes()
             trace.timings_s = timings
+        score = confidence(ranked, cfg.consensus_bandwidth_km)
+        evidence = features(ranked, terms, prior_p, guess, cfg.consensus_bandwidth_km, score, duplicate is not None)
+        calibrator = self.calibrator()
         result = LocateResult(
             image=display_path(photo),
             lat=top.lat,
             lon=top.lon,
             country=top.country,
             place=top.place,
-            confidence=confidence(ranked, cfg.consensus_bandwidth_km),
+            confidence=calibrator.probability(evidence) if calibrator is not None else score,
+            calibrated=calibrator is not None,
+            confidence_km=cfg.confidence_km,
+            confidence_features=evidence,
             candidates=ranked,
             prior=prior,
             match="near_duplicate" if duplicate is not None else None,
@@ -385,6 +423,8 @@ class GeoAgent:
             stats=_photo_stats(log, time.perf_counter() - started, stages),
             trace=trace if explain else None,
         )
+        if cfg.min_confidence is not None and result.confidence < cfg.min_confidence:
+            result = abstain(result)
         if on_event is not None:
             on_event(Done(result=result))
         return result

@@ -22,7 +22,7 @@ Format = Literal["jsonl", "csv", "geojson"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv", "geojson")
 SUFFIXES: dict[Format, str] = {"jsonl": ".jsonl", "csv": ".csv", "geojson": ".geojson"}
 JOURNAL_SUFFIX = ".journal.jsonl"  # the journal beside a CSV or GeoJSON output
-CSV_COLUMNS = ("image", "lat", "lon", "country", "place", "confidence", "vlm_calls", "error")
+CSV_COLUMNS = ("image", "lat", "lon", "country", "place", "confidence", "calibrated", "abstained", "vlm_calls", "error")
 FAILURES_MEMBER = "failures"  # the GeoJSON foreign member listing the photos that failed (RFC 7946 section 6.1)
 POSITION = ("lon", "lat")  # RFC 7946: longitude first
 
@@ -73,9 +73,12 @@ def write_csv(fh: IO[str], entries: Callable[[], Iterable[dict[str, Any]]]) -> N
 
 
 def feature(entry: dict[str, Any]) -> dict[str, Any]:
-    """A located photo as a GeoJSON Point Feature; its prediction's other fields are the properties."""
+    """A located photo as a GeoJSON Point Feature; its prediction's other fields are the properties. An abstained
+    photo has no coordinate: its geometry is null (RFC 7946 section 3.2, an unlocated Feature)."""
     properties = {key: value for key, value in entry.items() if key not in POSITION}
-    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [entry[k] for k in POSITION]}, "properties": properties}
+    located = all(entry.get(k) is not None for k in POSITION)
+    geometry = {"type": "Point", "coordinates": [entry[k] for k in POSITION]} if located else None
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
 def write_geojson(fh: IO[str], entries: Callable[[], Iterable[dict[str, Any]]]) -> None:

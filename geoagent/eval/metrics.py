@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel
 
+from geoagent.types import ConfidenceFeatures
+
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_SCALE_KM = 1492.7
 
@@ -37,6 +39,10 @@ class Prediction(BaseModel):
     wall_s: float = 0.0
     cost_usd: float | None = None  # None: a model's price is unknown (or the photo failed)
     error: str | None = None
+    confidence: float | None = None  # as the agent reported it (calibrated or not)
+    calibrated: bool = False
+    abstained: bool = False  # below agent.min_confidence: pred_* is the best guess, not an answer
+    features: ConfidenceFeatures | None = None  # what a calibrator is fitted on
 
 
 def accuracy_at(errors: Sequence[float], threshold_km: float) -> float:
@@ -74,6 +80,9 @@ def summarise(predictions: Sequence[Prediction]) -> dict[str, float | int | None
             metrics[f"retrieval_recall@{k}"] = round(_recall([p.retrieval_ranking for p in with_ref], truths, k), 4)
         metrics["top1_before"] = metrics["retrieval_recall@1"]
         metrics["top1_after"] = round(_recall([p.final_ranking for p in with_ref], truths, 1), 4)
+    answered = [e for p, e in zip(predictions, errors) if not p.abstained and p.error_km is not None]
+    metrics["coverage"] = round(len(answered) / len(predictions), 4) if predictions else None
+    metrics["selective_acc@25km"] = round(accuracy_at(answered, 25), 4) if answered else None
     metrics["vlm_calls"] = sum(p.vlm_calls for p in predictions)
     metrics["cache_hits"] = sum(p.cache_hits for p in predictions)
     metrics["prompt_tokens"] = sum(p.prompt_tokens for p in predictions)

@@ -23,15 +23,18 @@ import numpy as np
 from geoagent.config import Settings, load_config
 from geoagent.errors import ConfigError, GeoAgentError, RunStopped
 from geoagent.eval.datasets import Dataset
+from geoagent.eval import confidence
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction, accuracy_curve, summarise
+from geoagent.eval.stats import RESAMPLES, intervals, paired
 from geoagent.files import write_atomic
 from geoagent.geo import haversine_km, reverse_geocode
 from geoagent.prompts import PromptSet
 from geoagent.types import LocateResult
 
-PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls"]
+PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "country_true", "country_pred", "vlm_calls",
+                      "confidence", "abstained"]
 TABLE_METRICS = [
-    *(f"acc@{t}km" for t in THRESHOLDS_KM), "median_km", "mean_km", "geoscore", "country_acc",
+    *(f"acc@{t}km" for t in THRESHOLDS_KM), "coverage", "selective_acc@25km", "median_km", "mean_km", "geoscore", "country_acc",
     "retrieval_recall@1", "retrieval_recall@5", "retrieval_recall@10", "top1_before", "top1_after",
     "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "wall_s", "failures", "n",
 ]  # fmt: skip
@@ -74,10 +77,14 @@ def build_columns(configs: list[str], prompts: list[Path], overrides: Callable[[
 
 def prediction_from(result: LocateResult, path: str, lat: float, lon: float, country: str | None, ref: str | None) -> Prediction:
     by_retrieval = sorted((c for c in result.candidates if c.retrieval_score is not None), key=lambda c: -c.retrieval_score)  # type: ignore[arg-type, operator]
+    best = result.candidates[0] if result.abstained else result  # abstained: scored on its best guess, counted apart
+    assert best.lat is not None and best.lon is not None
     return Prediction(
         path=path, true_lat=lat, true_lon=lon, true_country=country, true_ref=ref,
-        pred_lat=result.lat, pred_lon=result.lon, pred_country=result.country,
-        error_km=float(haversine_km(lat, lon, result.lat, result.lon)),
+        pred_lat=best.lat, pred_lon=best.lon, pred_country=best.country,
+        error_km=float(haversine_km(lat, lon, best.lat, best.lon)),
+        confidence=result.confidence, calibrated=result.calibrated, abstained=result.abstained,
+        features=result.confidence_features,
         retrieval_ranking=[c.id for c in by_retrieval], final_ranking=[c.id for c in result.candidates],
         vlm_calls=result.stats.vlm_calls, cache_hits=result.stats.cache_hits,
         prompt_tokens=result.stats.prompt_tokens, completion_tokens=result.stats.completion_tokens,
@@ -94,6 +101,8 @@ class EvalRun:
     limit: int | None = None
     on_photo: Callable[[], None] | None = None
     on_warning: Callable[[str], None] | None = None
+    #: Seeds the bootstrap: the same seed regenerates the same intervals.
+    seed: int = 0
     predictions: dict[str, list[Prediction]] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)
     #: Columns that stopped before their last photo, and why (the report marks them; the other columns go on).
@@ -143,21 +152,32 @@ class EvalRun:
 
     def report(self, *, partial: bool = False) -> dict[str, Any]:
         columns: dict[str, Any] = {}
+        baseline = self.columns[0].label if self.columns else None
         for column in self.columns:
             rows = self.predictions.get(column.label, [])
             metrics = summarise(rows)
+            versus = self.predictions.get(baseline, []) if baseline is not None and column.label != baseline else None
             metrics["wall_s"] = self.wall_s.get(column.label, 0.0)
             columns[column.label] = {
                 "config": column.config_path,
                 "settings": json.loads(column.settings.model_dump_json()),
                 "prompts": PromptSet(column.settings.agent.prompts_dir).hashes(),
                 "metrics": metrics,
+                "intervals": {m: [i.low, i.high] for m, i in intervals(rows, seed=self.seed).items()},
+                "confidence": confidence.confidence_report(rows, column.settings.agent.confidence_km),
+                "versus": None if versus is None else {
+                    "baseline": baseline,
+                    "differences": {d.metric: d.model_dump(exclude={"metric"}) for d in paired(versus, rows, seed=self.seed)},
+                },
                 "answered": sum(p.error is None for p in rows),
                 "stopped": self.stopped.get(column.label),
                 "failures": [{"path": p.path, "error": p.error} for p in rows if p.error is not None],
             }
         partial = partial or bool(self.stopped)
-        return {"dataset": self.dataset.name, "photos": len(self.items), "partial": partial, "thresholds_km": list(THRESHOLDS_KM), "columns": columns}
+        return {
+            "dataset": self.dataset.name, "photos": len(self.items), "partial": partial, "thresholds_km": list(THRESHOLDS_KM),
+            "confidence_level": 0.95, "bootstrap": {"resamples": RESAMPLES, "seed": self.seed}, "columns": columns,
+        }  # fmt: skip
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -165,15 +185,56 @@ def markdown_table(report: dict[str, Any]) -> str:
     present = [m for m in TABLE_METRICS if any(report["columns"][c]["metrics"].get(m) is not None for c in labels)]
     lines = ["| metric | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
     for metric in present:
-        cells = [_cell(report["columns"][c]["metrics"].get(metric)) for c in labels]
+        cells = [_with_interval(report["columns"][c], metric) for c in labels]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def differences_table(report: dict[str, Any]) -> str:
+    """Each later column minus the first, paired over the same photos: the difference, its 95% interval, the
+    paired test's p-value, and "not significant" where the interval contains 0. Empty for a single column."""
+    compared = {label: c["versus"] for label, c in report["columns"].items() if c.get("versus")}
+    if not compared:
+        return ""
+    baseline = next(iter(compared.values()))["baseline"]
+    metrics = [m for m in TABLE_METRICS if any(m in v["differences"] for v in compared.values())]
+    lines = [
+        f"## Against {baseline} (paired over the same photos, 95% bootstrap intervals)", "",
+        "| metric | " + " | ".join(f"{label} − {baseline}" for label in compared) + " |",
+        "| --- |" + " --- |" * len(compared),
+    ]  # fmt: skip
+    for metric in metrics:
+        cells = []
+        for versus in compared.values():
+            d = versus["differences"].get(metric)
+            if d is None or d["difference"] is None:
+                cells.append("-")
+                continue
+            verdict = "significant" if d["significant"] else "not significant"
+            cells.append(f"{d['difference']:+.4g} [{_bound(d['low'])}, {_bound(d['high'])}] p={d['p_value']:.3g} {verdict}")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_interval(column: dict[str, Any], metric: str) -> str:
+    cell = _cell(column["metrics"].get(metric))
+    interval = column.get("intervals", {}).get(metric)
+    return f"{cell} [{_bound(interval[0])}, {_bound(interval[1])}]" if interval and cell != "-" else cell
+
+
+def _bound(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.4g}"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the table, then why a column stopped early and which photos failed."""
     title = f"# {report['dataset']}: {report['photos']} photos" + (" (partial)" if report["partial"] else "")
-    lines = [title, "", markdown_table(report)]
+    lines = [title, "", "Each value has its 95% bootstrap interval over photos in brackets.", "", markdown_table(report)]
+    if differences := differences_table(report):
+        lines += [differences]
+    for label, column in report["columns"].items():
+        if column.get("confidence"):
+            lines += confidence.markdown(label, column["confidence"])
     for label, column in report["columns"].items():
         if column["stopped"]:
             lines += [f"**{label}** stopped after {column['answered']} answered photos: {column['stopped']}", ""]
@@ -207,10 +268,24 @@ def write_outputs(run: EvalRun, out: Path, *, partial: bool = False) -> dict[str
                 label, p.path, p.true_lat, p.true_lon,
                 "" if p.pred_lat is None else p.pred_lat, "" if p.pred_lon is None else p.pred_lon,
                 "" if p.error_km is None else round(p.error_km, 4), p.true_country or "", p.pred_country or "", p.vlm_calls,
+                "" if p.confidence is None else p.confidence, int(p.abstained),
             ])  # fmt: skip
     write_atomic(out / "predictions.csv", buffer.getvalue().encode())
     _plot(run, out / "accuracy.png")
+    sections = {label: c["confidence"] for label, c in report["columns"].items() if c.get("confidence")}
+    if sections and importlib.util.find_spec("matplotlib") is not None:
+        confidence.plot(sections, out / "calibration.png", f"{run.dataset.name}: confidence")
     return report
+
+
+def write_calibrations(run: EvalRun, out: Path) -> list[Path]:
+    """``--calibrate OUT``: a calibrator fitted on each column's answers (OUT, or OUT.LABEL.json for several)."""
+    written = []
+    for column in run.columns:
+        path = confidence.calibration_path(out, column.label, len(run.columns))
+        confidence.calibrate(run.predictions.get(column.label, []), column.settings, run.dataset.name).save(path)
+        written.append(path)
+    return written
 
 
 #: Said (once) when the optional plotting extra is missing; the rest of the report is written regardless.

@@ -68,6 +68,9 @@ class MapPhoto(BaseModel):
     country: str | None
     country_name: str | None
     confidence: float
+    calibrated: bool = False  # confidence is P(within confidence_km); else an uncalibrated score
+    confidence_km: float = 25.0
+    abstained: bool = False  # "unknown": lat/lon are the best guess, drawn as such, not an answer
     match: str | None
     detailed: bool = True  # False: only the prediction is drawn (see DETAILED_PHOTOS)
     candidates: list[MapCandidate] = Field(default_factory=list)
@@ -174,14 +177,16 @@ def _exif_position(result: LocateResult) -> tuple[float, float] | None:
 
 def map_photo(result: LocateResult, *, detailed: bool = True, thumbnails: dict[str, str | None] | None = None) -> MapPhoto:
     """One photo's layer. ``thumbnails`` caches reference thumbnails by path across photos (None: none drawn)."""
+    shown = result.candidates[0] if result.abstained and result.candidates else result  # abstained: the best guess
     photo = MapPhoto(
-        image=result.image, lat=result.lat, lon=result.lon, place=result.place, country=result.country,
-        country_name=country_name(result.country) if result.country else None, confidence=result.confidence,
+        image=result.image, lat=shown.lat, lon=shown.lon, place=shown.place, country=shown.country,
+        country_name=country_name(shown.country) if shown.country else None, confidence=result.confidence,
+        calibrated=result.calibrated, confidence_km=result.confidence_km, abstained=result.abstained,
         match=result.match, detailed=detailed,
     )  # fmt: skip
     exif = _exif_position(result)
     if exif is not None:
-        distance = float(haversine_km(exif[0], exif[1], result.lat, result.lon))
+        distance = float(haversine_km(exif[0], exif[1], photo.lat, photo.lon))
         photo.exif = MapExif(lat=exif[0], lon=exif[1], distance_km=round(distance, 3))
     if not detailed:
         return photo

@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from geoagent.errors import AnswerError, BackendError, ConfigError, GeoAgentError, UnreachableError
 from geoagent.vlm.backend import Health, TransientError, VLMBackend
-from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key
+from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key, open_cache
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
 from geoagent.vlm.pool import Server, ServerPool, ServerStatus
 from geoagent.vlm.pricing import Price, price_for
@@ -81,8 +81,8 @@ class VLMClient:
         self.servers = ServerPool(name, profile)
         self.totals = CallStats()
         self._inflight: dict[str, _Shared] = {}
-        self._identity: str | None = None
-        self._identity_lock = asyncio.Lock()
+        self._identity: asyncio.Future[str] | None = None
+        self._identity_found: str | None = None
         self._price: Price | None = None
         self._priced = False
 
@@ -102,22 +102,34 @@ class VLMClient:
         """What the servers say the model is (an Ollama digest, say), so a re-pulled model misses the old answers;
         the same whichever server answers (servers that disagree are refused: ConfigError).
 
-        Asked once; while the servers are down, the identity last reported (kept in the cache) stands in.
+        Asked once, by a task every asker awaits: they all resume together, so their cache lookups share one
+        round trip. While the servers are down, the identity last reported (kept in the cache) stands in.
         """
-        async with self._identity_lock:
-            if self._identity is None:
-                kind, url, model = self.profile.kind, self.backend.url, self.profile.model
-                try:
-                    found = await self.servers.identity()
-                except ConfigError:
-                    raise
-                except GeoAgentError:
-                    found = await asyncio.to_thread(self.cache.identity_sync, kind, url, model) if self.cache else None
-                else:
-                    if found and self.cache is not None:
-                        await asyncio.to_thread(self.cache.remember_identity_sync, kind, url, model, found)
-                self._identity = found or ""
-            return self._identity
+        if self._identity_found is not None:
+            return self._identity_found
+        if self._identity is None or self._identity.get_loop() is not asyncio.get_running_loop():
+            self._identity = asyncio.ensure_future(self._find_identity())
+        finding = self._identity
+        try:
+            self._identity_found = await asyncio.shield(finding)
+        except BaseException:
+            if finding.done() and (finding.cancelled() or finding.exception() is not None):
+                self._identity = None  # the next question asks again
+            raise
+        return self._identity_found
+
+    async def _find_identity(self) -> str:
+        kind, url, model = self.profile.kind, self.backend.url, self.profile.model
+        try:
+            found = await self.servers.identity()
+        except ConfigError:
+            raise
+        except GeoAgentError:
+            found = await self.cache.identity(kind, url, model) if self.cache else None
+        else:
+            if found and self.cache is not None:
+                await self.cache.remember_identity(kind, url, model, found)
+        return found or ""
 
     async def price(self) -> Price | None:
         """The model's price per token (the profile's, else litellm's bundled table), None when unknown."""
@@ -299,7 +311,7 @@ class VLMPool:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache = ResponseCache(settings.cache.dir) if settings.cache.enabled else None
+        self.cache = open_cache(settings.cache) if settings.cache.enabled else None
         self._clients: dict[str, VLMClient] = {}
 
     def for_task(self, task: str) -> VLMClient:
@@ -325,4 +337,4 @@ class VLMPool:
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))
         if self.cache is not None:
-            self.cache.close()
+            await self.cache.aclose()

@@ -7,8 +7,8 @@ Every request shares one :class:`GeoAgent`, so tabs share its connections, cache
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -29,10 +28,11 @@ from starlette.types import Receive, Scope, Send
 from geoagent import __version__
 from geoagent.agent.controller import GeoAgent
 from geoagent.agent.events import AgentEvent, Done, OnEvent
-from geoagent.errors import BackendError, GeoAgentError, InputError, PhotoError
+from geoagent.errors import BackendError, ConfigError, GeoAgentError, InputError, PhotoError
 from geoagent.maps.data import locate_map_data
 from geoagent.output import result_json
 from geoagent.types import LocateResult
+from geoagent.web.guard import Access, Guard
 from geoagent.web.upload import Upload, UploadError, receive_photo, upload_folder
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -41,7 +41,6 @@ LEAFLET_DIR = MAP_STATIC_DIR / "leaflet"
 #: The default basemap. Tile requests tell the tile server roughly where the answer is; ``--tiles none`` stops them.
 DEFAULT_TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 TILES_ATTRIBUTION = "&copy; OpenStreetMap contributors"
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 MAP_TITLE = "GeoAgent"  # the map panel's heading
 SSE_PING_S = 15  # keeps idle streams open through proxies while the agent waits on a slow model
 
@@ -53,15 +52,32 @@ class WebOptions:
     max_upload_bytes: int
     tiles: str | None = DEFAULT_TILES  # a Leaflet tile URL template, or None for no basemap (no request leaves)
     host: str = "127.0.0.1"
+    allow_remote: bool = False  # --allow-remote: a non-loopback host is refused without it
+    access: Access | None = None  # who may use the app; None: loopback names only, no token (serve plans it)
 
 
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+#: A tile template's host: a name (with {s}-style placeholders) and an optional port; anything else could
+#: smuggle text into the Content-Security-Policy header.
+_TILE_HOST = re.compile(r"[A-Za-z0-9.\-{}]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
+
+def tile_source(tiles: str | None) -> str:
+    """The CSP source that lets the page load ``tiles`` (a Leaflet URL template): its origin, with a
+    placeholder label such as ``{s}`` (Leaflet's subdomains) as a ``*.`` wildcard; ConfigError for a template
+    that is not an http(s) URL."""
+    if not tiles:
+        return ""
+    parts = urlsplit(tiles)
+    if parts.scheme not in ("http", "https") or not _TILE_HOST.fullmatch(parts.netloc):
+        raise ConfigError(f"--tiles {tiles}: not a tile URL template such as {DEFAULT_TILES} (or 'none')")
+    labels = parts.netloc.split(".")
+    if _PLACEHOLDER.search(labels[0]):
+        labels[0] = "*"  # {s}.tile.example.org -> *.tile.example.org
+    host = ".".join(labels)
+    if _PLACEHOLDER.search(host) or host == "*" or host.startswith("*:"):
+        return f"{parts.scheme}:"  # a placeholder deeper in the name: any host of that scheme
+    return f"{parts.scheme}://{host}"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -101,21 +117,14 @@ class _CleanupResponse(Response):
 def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
     """The app over ``agent`` (already preflighted; its owner closes it)."""
     photos = asyncio.Semaphore(agent.photos_in_flight())
-    tile_origin = "" if not options.tiles else "{0.scheme}://{0.netloc}".format(urlsplit(options.tiles))
     security_headers = {
         "Content-Security-Policy": (
-            f"default-src 'self'; img-src 'self' data: blob: {tile_origin}; style-src 'self'; script-src 'self'; "
+            f"default-src 'self'; img-src 'self' data: blob: {tile_source(options.tiles)}; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
         ),
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
     }
-
-    def same_origin(request: Request) -> None:
-        """Refuse a form another web site posts from the user's browser (it would spend their VLM budget)."""
-        origin = request.headers.get("origin")
-        if origin and urlsplit(origin).netloc != request.headers.get("host"):
-            raise UploadError(403, "cross-origin requests are refused: use the page this server serves")
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers=security_headers)
@@ -134,7 +143,6 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
 
     async def locate_json(request: Request) -> Response:
         """``POST /api/locate``: the ``locate --json`` object (``?explain=true``: with its trace)."""
-        same_origin(request)
         explain = _flag(request, "explain")
         async with upload_folder() as folder:
             upload = await receive_photo(request, folder, options.max_upload_bytes)
@@ -147,7 +155,6 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
     async def locate_stream(request: Request) -> Response:
         """``POST /api/locate/stream``: the agent's steps as server-sent events, then ``map`` (the answer's
         :class:`~geoagent.maps.data.MapData`, which the page draws) and ``result`` (or ``error``)."""
-        same_origin(request)
         explain = _flag(request, "explain")
         folder_kept = AsyncExitStack()  # the folder outlives this handler: the stream removes it when it ends
         folder = await folder_kept.enter_async_context(upload_folder())
@@ -197,9 +204,8 @@ def create_app(agent: GeoAgent, options: WebOptions) -> Starlette:
         assert isinstance(exc, HTTPException)
         return _error(exc.status_code, exc.detail)
 
-    middleware = []
-    if _is_loopback(options.host):  # a DNS-rebinding page cannot reach a server that answers only its own names
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]", options.host]))
+    # Host, cross-site and token checks on every request, before any route (the page's files included).
+    middleware = [Middleware(Guard, access=options.access or Access.plan(options.host))]
     return Starlette(
         routes=[
             Route("/", page),

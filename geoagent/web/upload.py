@@ -1,5 +1,6 @@
 """Receiving a photo: streamed to disk inside a per-request temporary folder, size-capped as it arrives, and
-accepted only if Pillow reads it as an image (its content decides, never its name or content type)."""
+accepted only if Pillow identifies it as an image within the pixel limit (its content decides, never its name
+or content type). Only the header is read here: the agent decodes the photo once, when it locates it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from geoagent.errors import InputError
-from geoagent.images import open_image
+from geoagent.errors import GeoAgentError
 from geoagent.paths import display_path
 
 FIELD = "photo"  # the multipart field that carries the photo
@@ -172,14 +172,20 @@ def _label(client_name: str) -> str:
 
 
 def _check_image(path: Path, name: str) -> None:
-    """Accept only what Pillow identifies and fully decodes (the same guard ``locate`` uses: bombs refused)."""
+    """Accept what Pillow identifies (header only, no pixels decoded) within the pixel limit: 415 for what is
+    not an image, 422 for an image refused for its size (a decompression bomb), however Pillow or GeoAgent
+    says so. A corrupt body past the header is the agent's to find when it decodes (also a 422)."""
     try:
-        with Image.open(path):
-            pass
+        with Image.open(path) as image:
+            width, height = image.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UploadError(415, f"{name}: not an image (its content is checked, not its name or content type)") from None
-    try:
-        open_image(path)
-    except InputError as exc:
-        reason = str(exc).removeprefix(f"{display_path(path)}: ")
-        raise UploadError(422, f"{name}: {reason}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, GeoAgentError):  # Pillow's refusal, or ours
+        raise UploadError(422, _too_many_pixels(name)) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise UploadError(422, _too_many_pixels(name, f"{width}x{height}, over the limit of {limit:,} pixels"))
+
+
+def _too_many_pixels(name: str, detail: str = "") -> str:
+    return f"{name}: refused: too many pixels (possible decompression bomb{'; ' + detail if detail else ''})"

@@ -10,17 +10,22 @@ What runs where:
 - one :class:`ProfileGate` actor per server of each backend profile holds that server's ``max_concurrency``
   slots: every worker's client takes a slot from it for each request to that server, so no server ever sees
   more in flight, however many workers;
-- the response cache is the configured one, opened by every worker: one SQLite file, which must lie on a
-  filesystem every node shares (fine for a handful of nodes; a server-backed store can replace it behind
-  :class:`~geoagent.vlm.cache.ResponseCache`).
+- the response cache is the configured one, opened by every worker: on several nodes it must be a server
+  every node reaches (``[cache] url = "redis://..."``); the preflight refuses an SQLite file there, and one on
+  a network filesystem anywhere (SQLite's locking does not hold on one).
+
+The preflight runs on every worker and reports each problem once, naming the workers (and their nodes) that
+found it when not all did: a node that cannot see the index or the cache is found before the first photo.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from itertools import cycle
 from typing import Any
 
@@ -31,13 +36,17 @@ from geoagent.batch.engines import BaseEngine, Outcome
 from geoagent.batch.inputs import BatchItem
 from geoagent.config import Settings
 from geoagent.errors import ConfigError, GeoAgentError, RunStopped
+from geoagent.paths import display_path
 from geoagent.retrieval.ray_build import ClipEmbedder, connect, count_from_env, ray_error  # a ConfigError without the extra
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import LocateResult
 from geoagent.vlm import CallStats
+from geoagent.vlm.cache import sqlite_folder
+from geoagent.vlm.cache.sqlite import NETWORK_FILESYSTEMS, cache_filesystem
 
 import ray  # after ray_build, which says how to install it when it is missing
 import ray.data
+import ray.util
 
 WORKERS_ENV = "GEOAGENT_RAY_WORKERS"  # how many LocateWorker actors (default: one per CPU of the cluster)
 EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
@@ -92,14 +101,23 @@ class LocateWorker:
             for server, gate in zip(self.agent.pool.client(name).servers.servers, server_gates, strict=True):
                 server.limit = ClusterSlot(gate)
 
-    async def preflight(self) -> Readiness:
-        """The agent's, on a retriever that loads no CLIP model: the photos come embedded by ray.data."""
+    async def preflight(self) -> WorkerReport:
+        """The agent's, on a retriever that loads no CLIP model (the photos come embedded by ray.data), with
+        where this worker runs and the filesystem its SQLite cache folder would be on."""
+        context = ray.get_runtime_context()
+        folder = sqlite_folder(self.settings.cache) if self.settings.cache.enabled else None
+        report = WorkerReport(
+            Readiness(), context.get_node_id(), ray.util.get_node_ip_address(),
+            await asyncio.to_thread(cache_filesystem, folder) if folder is not None else None,
+        )
         try:
             retriever = await Retriever.load(self.settings.retrieval, defer_embedder=True)
         except GeoAgentError as exc:
-            return Readiness(problems=[exc])
+            report.readiness.problems.append(exc)
+            return report
         self.agent = GeoAgent(self.settings, retriever=retriever, pool=self.agent.pool)
-        return await self.agent.preflight()
+        report.readiness = await self.agent.preflight()
+        return report
 
     async def locate(self, path: str, vector: np.ndarray | None, explain: bool) -> tuple[LocateResult | GeoAgentError, CallStats]:
         """The photo's outcome (an error is returned, not raised) and this worker's VLM totals so far."""
@@ -111,6 +129,64 @@ class LocateWorker:
 
     async def aclose(self) -> None:
         await self.agent.aclose()
+
+
+@dataclass
+class WorkerReport:
+    """One worker's preflight and where it ran (``cache_fs``: the filesystem type of its SQLite cache folder)."""
+
+    readiness: Readiness
+    node: str
+    address: str
+    cache_fs: str | None
+
+
+def merge_reports(reports: list[WorkerReport], settings: Settings) -> Readiness:
+    """Every worker's problems and warnings, each once: as it is when every worker found it, else prefixed
+    with the workers (and nodes) that did. Then the cache's fitness for the cluster: an SQLite file is refused
+    on a network filesystem or when the workers span several nodes (each would write its own file)."""
+    merged = Readiness()
+    found: dict[tuple[type, str], tuple[GeoAgentError | str, list[int]]] = {}
+    for number, report in enumerate(reports, 1):
+        for item in [*report.readiness.problems, *report.readiness.warnings]:
+            found.setdefault((type(item), str(item)), (item, []))[1].append(number)
+    for item, numbers in found.values():
+        where = "" if len(numbers) == len(reports) else f"{_workers(numbers, reports)}: "
+        if isinstance(item, str):
+            merged.warnings.append(where + item)
+        else:
+            named = copy.copy(item)
+            named.args = (where + str(item),)
+            merged.problems.append(named)
+    folder = sqlite_folder(settings.cache) if settings.cache.enabled else None
+    if folder is None:
+        return merged
+    fix = 'set [cache] url = "redis://HOST:6379/0" to a Redis server every node reaches (or run without --engine ray)'
+    network = [number for number, report in enumerate(reports, 1) if report.cache_fs in NETWORK_FILESYSTEMS]
+    nodes = sorted({report.node for report in reports})
+    if network:
+        kind = reports[network[0] - 1].cache_fs
+        merged.problems.append(ConfigError(
+            f"the SQLite cache {display_path(folder)} is on a network filesystem ({kind}) for {_workers(network, reports)}, "
+            f"where SQLite's locking does not hold; {fix}"
+        ))
+    elif len(nodes) > 1:
+        merged.problems.append(ConfigError(
+            f"the SQLite cache {display_path(folder)} is not one file on every node: this run's workers are on {len(nodes)} nodes "
+            f"({', '.join(_node(n) for n in nodes)}), each would keep its own; {fix}"
+        ))
+    return merged
+
+
+def _node(node: str) -> str:
+    return node[:12]
+
+
+def _workers(numbers: list[int], reports: list[WorkerReport]) -> str:
+    """``worker 2 of 3 (node 0123456789ab at 10.0.0.2)``, or several of them."""
+    places = sorted({f"node {_node(reports[n - 1].node)} at {reports[n - 1].address}" for n in numbers})
+    label = "worker" if len(numbers) == 1 else "workers"
+    return f"{label} {', '.join(map(str, numbers))} of {len(reports)} ({'; '.join(places)})"
 
 
 def worker_count(resources: dict[str, float]) -> int:
@@ -157,7 +233,7 @@ class Engine(BaseEngine):
             found = await asyncio.gather(*(_awaitable(worker.preflight.remote()) for worker in self.workers))
         except ray.exceptions.RayError as exc:
             return Readiness(problems=[ConfigError(f"the Ray workers could not start: {_first_line(exc)}")])
-        return found[0]
+        return merge_reports(found, self.settings)
 
     def totals(self) -> CallStats:
         return sum(self._totals.values(), CallStats())

@@ -6,6 +6,7 @@ var GeoAgentMap = (function () {
 
   var STYLE = {
     prediction: {radius: 12, color: "#000000", weight: 3, fillColor: "#ffffff", fillOpacity: 0.15},
+    abstained: {radius: 12, color: "#888888", weight: 2, dashArray: "4 4", fillColor: "#ffffff", fillOpacity: 0.0},
     candidate: {radius: 7, color: "#222222", weight: 1, fillOpacity: 0.9},
     guess: {radius: 6, color: "#7b3294", weight: 2, dashArray: "3 3", fillColor: "#c2a5cf", fillOpacity: 0.5},
     exif: {radius: 9, color: "#006d2c", weight: 3, fillColor: "#74c476", fillOpacity: 0.6},
@@ -63,11 +64,23 @@ var GeoAgentMap = (function () {
     prior.forEach(function (c) { el("li", c.name + " (" + c.country + ") " + num(c.p, 2), list); });
   }
 
+  /* What the confidence means: a probability within confidence_km when calibrated, else a labelled score. */
+  function confidenceText(photo) {
+    if (photo.calibrated) return Math.round(photo.confidence * 100) + "% likely within " + num(photo.confidence_km, 0) + " km";
+    return "confidence " + num(photo.confidence, 2) + " (uncalibrated score)";
+  }
+
   function predictionPopup(photo, several) {
     var box = popup();
+    if (photo.abstained) {
+      el("b", "Unknown: " + photo.image, box);
+      el("div", "below the minimum confidence: " + confidenceText(photo), box);
+      el("div", "best guess (not an answer): " + placeText(photo.place, photo.country_name, photo.country) + " (" + coords(photo.lat, photo.lon) + ")", box);
+      return box;
+    }
     el("b", "Answer for " + photo.image, box);
     el("div", placeText(photo.place, photo.country_name, photo.country), box);
-    el("div", coords(photo.lat, photo.lon) + " - confidence " + num(photo.confidence, 2), box);
+    el("div", coords(photo.lat, photo.lon) + " - " + confidenceText(photo), box);
     if (photo.match === "near_duplicate") el("div", "near-duplicate of an indexed photo", box);
     if (photo.exif) el("div", "EXIF GPS " + num(photo.exif.distance_km, 1) + " km away", box);
     if (several && photo.prior.length) {
@@ -153,7 +166,7 @@ var GeoAgentMap = (function () {
                  {color: STYLE.exif.color, weight: 2, dashArray: "6 4", className: "geoagent-exif-line"}).addTo(layers.exif);
       points.push([photo.exif.lat, photo.exif.lon]);
     }
-    marker(photo.lat, photo.lon, STYLE.prediction, "prediction")
+    marker(photo.lat, photo.lon, photo.abstained ? STYLE.abstained : STYLE.prediction, photo.abstained ? "abstained" : "prediction")
       .bindPopup(predictionPopup(photo, several)).addTo(layers.prediction);
     points.push([photo.lat, photo.lon]);
     return layers;
@@ -187,8 +200,9 @@ var GeoAgentMap = (function () {
     if (photos.length === 1) {
       var p = photos[0];
       el("div", p.image, box);
-      el("div", "answer: " + placeText(p.place, p.country_name, p.country) + " (" + coords(p.lat, p.lon) + ")", box);
-      el("div", "confidence " + num(p.confidence, 2) + " - " + p.candidates.length + " candidates - "
+      el("div", (p.abstained ? "unknown (below the minimum confidence); best guess: " : "answer: ")
+         + placeText(p.place, p.country_name, p.country) + " (" + coords(p.lat, p.lon) + ")", box);
+      el("div", confidenceText(p) + " - " + p.candidates.length + " candidates - "
          + p.guesses.length + " reasoning guesses", box);
       if (p.exif) el("div", "EXIF GPS " + coords(p.exif.lat, p.exif.lon) + ", " + num(p.exif.distance_km, 1) + " km from the answer", box);
       if (p.prior.length) {

@@ -42,6 +42,11 @@ function fmt(x, digits) {
   return Number(x).toFixed(digits);
 }
 
+// A match without a winner is a tie only if some ask was answered; when every ask failed, nothing was decided.
+function matchFailed(m) {
+  return !m.winner && m.votes.length > 0 && m.votes.every((v) => v === null);
+}
+
 // One handler per event name the server sends.
 const handlers = {
   candidates(event) {
@@ -67,8 +72,9 @@ const handlers = {
   },
   match(event) {
     const m = event.match;
-    const outcome = m.winner ? `${label(m.winner)} wins` : "a tie";
-    step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, "match");
+    const failed = matchFailed(m);
+    const outcome = m.winner ? `${label(m.winner)} wins` : failed ? "no answer (every question about it failed)" : "a tie";
+    step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, failed ? "match failed" : "match");
   },
   score(event) {
     step(`${label(event.score.id)}: ${event.score.score}/10`, "match");
@@ -109,7 +115,14 @@ function showResult(result) {
 }
 
 function showExplanation(result, where, exif) {
-  $("summary").textContent = `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), confidence ${fmt(result.confidence, 2)}`;
+  const sure = result.calibrated
+    ? `${Math.round(result.confidence * 100)}% likely within ${fmt(result.confidence_km, 0)} km`
+    : `confidence ${fmt(result.confidence, 2)} (uncalibrated score)`;
+  const best = result.candidates[0];
+  $("summary").textContent = result.abstained
+    ? `Unknown: ${sure} is below the minimum confidence. Best guess (not an answer): ${best.place || best.id} (${fmt(best.lat, 4)}, ${fmt(best.lon, 4)})`
+    : `${where} (${fmt(result.lat, 4)}, ${fmt(result.lon, 4)}), ${sure}`;
+  $("summary").classList.toggle("abstained", Boolean(result.abstained));
   const why = $("why");
   why.replaceChildren();
   if (result.match === "near_duplicate") why.appendChild(element("li", "The photo is a near-duplicate of an indexed reference: that reference is the answer."));
