@@ -765,9 +765,9 @@ def config_show(
             raise typer.Exit(ConfigError.exit_code)
 
 
-def _effective_base_url(profile: BackendProfile) -> str | None:
+def _effective_base_url(profile: BackendProfile) -> str | list[str] | None:
     """The URL a profile talks to: its base_url, or when unset (null) its backend's default, if it has one."""
-    if profile.base_url:
+    if profile.base_url or profile.servers:
         return profile.base_url
     import importlib
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,17 +72,63 @@ def a_variable_name(value: str, secret: str, noun: str, example: str) -> str:
     return value
 
 
+def _check_url(value: str) -> str:
+    """A server URL must say where: ``http(s)://host[:port][/path]``."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not a URL (expected http://HOST:PORT, e.g. http://127.0.0.1:11434)")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError("not a URL: its port is not a number (expected http://HOST:PORT)") from None
+    return value.strip()
+
+
+class ServerConfig(_Section):
+    """One server of a profile (``[[backends.NAME.servers]]``): the same model, another machine or GPU."""
+
+    url: str = Field(description="The server's URL, as base_url would give it (http://gpu1:11434, http://gpu2:8000/v1).")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=1024, description="Requests in flight at once on this server; unset: the profile's max_concurrency."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        return _check_url(value)
+
+
 class BackendProfile(_Section):
     """One named VLM endpoint: which client, which model, where, and how hard to push it."""
 
     kind: str = Field(default="ollama", description="ollama | openai | litellm (a module in geoagent/vlm/backends/)")
     model: str = Field(default="llava:7b", description="The model name as the server lists it (`ollama list`, /v1/models).")
-    base_url: str | None = Field(
-        default=None, description="Server URL; unset: the client's default (Ollama: http://127.0.0.1:11434)."
+    base_url: str | list[str] | None = Field(
+        default=None,
+        description="Server URL; unset: the client's default (Ollama: http://127.0.0.1:11434). A list of URLs "
+        "spreads the profile's questions over several servers of the same model (see also servers).",
+    )
+    servers: list[ServerConfig] = Field(
+        default_factory=list,
+        description="Several servers of the same model, each with its own url and max_concurrency "
+        "([[backends.NAME.servers]] tables); instead of base_url.",
+    )
+    outage_wait_s: float = Field(
+        default=60.0, ge=0,
+        description="How long questions wait for servers that went down mid-run to come back (probed with backoff), "
+        "counted from when they went down; past that they fail at once while the probes go on. A server down since "
+        "the start is probed but not waited for.",
+    )
+    probe_backoff_s: float = Field(default=0.5, gt=0, description="First wait before a server taken out is probed again; doubles per failed probe.")
+    probe_backoff_max_s: float = Field(default=10.0, gt=0, description="The longest wait between two probes of a server taken out.")
+    take_out_after: int = Field(
+        default=3, ge=1, le=100,
+        description="Failures in a row (5xx, timeouts, dropped connections) after which one of several servers is "
+        "taken out and probed later; a refused connection takes it out at once. A lone server is only taken out when unreachable.",
     )
     api_key_env: str = Field(default="", description="NAME of the environment variable holding the API key.")
     max_concurrency: int = Field(
-        default=4, ge=1, le=1024, description="Requests in flight at once to this profile (Ollama: up to OLLAMA_NUM_PARALLEL)."
+        default=4, ge=1, le=1024, description="Requests in flight at once to each server of this profile (Ollama: up to OLLAMA_NUM_PARALLEL)."
     )
     timeout_s: float = Field(default=120.0, gt=0, description="Seconds one request may take, queueing at the server included.")
     max_retries: int = Field(
@@ -113,6 +160,41 @@ class BackendProfile(_Section):
         if value not in backend_kinds():
             raise ValueError(f"unknown backend kind '{value}' (known: {', '.join(backend_kinds())})")
         return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list of servers (give at least one URL, or leave base_url unset)")
+            return [_check_url(url) for url in value]
+        return _check_url(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_way_to_name_servers(self) -> BackendProfile:
+        if self.servers and self.base_url is not None:
+            raise ValueError("give either base_url or [[servers]] tables, not both")
+        urls = [server.url for server in self.servers] if self.servers else self.base_url if isinstance(self.base_url, list) else []
+        twice = sorted({url for url in urls if urls.count(url) > 1})
+        if twice:
+            raise ValueError(f"server {twice[0]} is named twice")
+        return self
+
+    def server_list(self) -> list[tuple[str | None, int]]:
+        """Every server of this profile: (its URL, None for the client's default; its request slots)."""
+        if self.servers:
+            return [(s.url, s.max_concurrency or self.max_concurrency) for s in self.servers]
+        if isinstance(self.base_url, list):
+            return [(url, self.max_concurrency) for url in self.base_url]
+        return [(self.base_url, self.max_concurrency)]
+
+    def total_concurrency(self) -> int:
+        """Requests of this profile in flight at once over all its servers."""
+        return sum(slots for _, slots in self.server_list())
+
+    def for_server(self, url: str | None, slots: int) -> BackendProfile:
+        """This profile narrowed to one of its servers: what a backend, which talks to one server, is given."""
+        return self.model_copy(update={"base_url": url, "servers": [], "max_concurrency": slots})
 
     @field_validator("api_key_env")
     @classmethod

@@ -85,19 +85,34 @@ def human_bytes(size: int | None, unknown: str = "size unknown") -> str:
 
 
 async def check_profiles(settings: Settings) -> list[CheckResult]:
-    """Every profile a task routes to: reachable, has its model, answers a minimal chat request (``geoagent check``)."""
+    """Every server of every profile a task routes to: reachable, has its model, answers a minimal chat request, and
+    the servers of one profile serve the same weights (``geoagent check``)."""
     from geoagent.vlm import VLMPool
 
     pool = VLMPool(settings)
     results: list[CheckResult] = []
+
+    def failed(name: str, exc: GeoAgentError) -> CheckResult:
+        return CheckResult(profile=name, ok=False, summary=str(exc), exit_code=exc.exit_code)
+
     try:
         for name in settings.routed_profiles():
             try:
-                health = await pool.client(name).backend.check(probe_chat=True)
+                client = pool.client(name)
+                found = await client.check(probe_chat=True)  # every server of the profile, a line each
             except GeoAgentError as exc:
-                results.append(CheckResult(profile=name, ok=False, summary=str(exc), exit_code=exc.exit_code))
-            else:
-                results.append(CheckResult(profile=name, ok=True, summary=health.summary, warnings=health.warnings))
+                results.append(failed(name, exc))
+                continue
+            for _server, outcome in found:
+                if isinstance(outcome, GeoAgentError):
+                    results.append(failed(name, outcome))
+                else:
+                    results.append(CheckResult(profile=name, ok=True, summary=outcome.summary, warnings=outcome.warnings))
+            if not all(isinstance(outcome, GeoAgentError) for _, outcome in found):
+                try:
+                    await client.identity()  # servers that serve different weights under one profile are refused
+                except GeoAgentError as exc:
+                    results.append(failed(name, exc))
     finally:
         await pool.aclose()
     return results

@@ -40,11 +40,11 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def standin() -> Iterator[Callable[..., StandinServer]]:
-    """Start stand-in servers: ``standin(judge=..., config=StandinConfig(...))``; all stop after the test."""
+    """Start stand-in servers: ``standin(judge=..., config=StandinConfig(...), port=...)``; all stop after the test."""
     servers: list[StandinServer] = []
 
-    def start(judge: Any = marker_judge, config: StandinConfig | None = None) -> StandinServer:
-        server = StandinServer(judge, config).__enter__()
+    def start(judge: Any = marker_judge, config: StandinConfig | None = None, port: int = 0) -> StandinServer:
+        server = StandinServer(judge, config, port).__enter__()
         servers.append(server)
         return server
 

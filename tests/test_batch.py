@@ -238,7 +238,8 @@ def test_a_server_lost_mid_batch_stops_it_journalling_no_failure_and_a_rerun_fin
     import threading
 
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.01))
-    backend = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_retries": 1, "max_concurrency": 4}
+    backend = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_retries": 1, "max_concurrency": 4,
+               "outage_wait_s": 0.5}  # the server stays down: its questions wait half a second for it, not a minute
     config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, strategy="tournament", max_concurrent_photos=2)
     listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[:20]])
     out = tmp_path / "run.jsonl"

@@ -197,3 +197,17 @@ def test_a_ray_build_embeds_a_few_open_images_as_the_local_model_does(world, ray
     config = RetrievalConfig(**world_retrieval_config(world))
     images = [open_image(q.path) for q in world.queries[:5]]
     assert np.allclose(RayEmbedding(config).embed_images_sync(images), Embedder.load(config).embed_images_sync(images), atol=1e-6)
+
+
+def test_two_ray_workers_hold_each_servers_max_concurrency(world, standin, ray_address, tmp_path):
+    """A profile over two servers (base_url = [a, b], 2 slots each) and two workers with two photos each: each
+    server's limit is held cluster-wide, per server: neither stand-in ever holds more than 2 requests at once,
+    both reach 2, and both answer part of the run."""
+    servers = [standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.05)) for _ in range(2)]
+    listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[2::5][:8]])
+    backend = {"base_url": [s.url for s in servers], "max_concurrency": 2}
+    config = write_world_config(tmp_path / "g.toml", world, servers[0], tmp_path / "cache", backend=backend, **AGENT)
+    proc = ray_batch(listing, tmp_path / "r.jsonl", config, ray_address, 2, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(journal(tmp_path / "r.jsonl")) == 8
+    assert [s.max_busy for s in servers] == [2, 2] and all(s.chat_requests() for s in servers)

@@ -265,7 +265,8 @@ def test_a_server_killed_halfway_through_an_eval_leaves_a_report(world, standin,
     import time
 
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.02))
-    backend = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_concurrency": 4}
+    backend = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_concurrency": 4,
+               "outage_wait_s": 0.5}  # it stays down: half a second of waiting for it, not a minute
     config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", backend=backend, strategy="tournament", max_concurrent_photos=2)
 
     def kill_after(requests: int) -> None:

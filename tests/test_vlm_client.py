@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from conftest import BACKEND_ROUTES, settings_for
-from geoagent.errors import AnswerError, BackendError, ConfigError
+from geoagent.errors import AnswerError, BackendError, ConfigError, UnreachableError
 from geoagent.vlm import VLMPool
 from standin import Faults, StandinConfig
 
@@ -411,27 +411,86 @@ async def test_cancelling_one_asker_leaves_the_others_their_shared_answer(standi
     assert len(server.chat_requests()) == 1
 
 
-async def test_a_server_that_goes_down_fails_the_uncached_questions_at_once(standin, marker_images, tmp_path):
-    """After a question finds the server unreachable (retries spent), the next ones do not wait on it again,
-    and cached answers are still served."""
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+async def wait_until(condition, timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` (a bound on waiting, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_server_that_goes_down_mid_run_is_waited_for_and_back_for_everyone(standin, marker_images, tmp_path):
+    """Recovery instead of a latch: a server that answered, then stops, is taken out and probed with backoff;
+    the questions asked meanwhile wait, and once a server listens on that port again one probe puts it back for
+    all of them: every one is answered by the same client, with one request each, and its status says it is back."""
     server = standin()
-    settings = settings_for("ollama", server, tmp_path, max_retries=2, retry_backoff_s=0.2, retry_backoff_max_s=0.2)
+    settings = settings_for("ollama", server, tmp_path, probe_backoff_s=0.05, probe_backoff_max_s=0.2, outage_wait_s=60)
+    pool = VLMPool(settings)
+    client = pool.for_task("pairwise")
+    try:
+        assert await ask_codes(pool, marker_images, 1) == [100]
+        port = port_of(server)
+        server.kill()
+        waiting = asyncio.create_task(ask_codes(pool, marker_images[1:6]))
+        await wait_until(lambda: not client.status()[0].up)
+        await asyncio.sleep(0.5)  # several probes fail meanwhile
+        assert not waiting.done() and client.status()[0].down_since is not None
+        revived = standin(port=port)
+        assert await asyncio.wait_for(waiting, 30) == [101, 102, 103, 104, 105]
+    finally:
+        await pool.aclose()
+    assert len(revived.chat_requests()) == 5 and client.totals.failures == 0
+    status = pool.server_status()["test"][0]
+    assert status.up and status.back_since is not None and status.answered == 6
+
+
+async def test_a_server_down_since_the_start_fails_questions_at_once_and_is_still_probed(standin, marker_images, tmp_path):
+    """A server that never answered is not waited for: an uncached question fails at once without a request (a
+    cached one is still answered), yet the server is probed again, so once it listens the same client is answered."""
+    server = standin()
+    settings = settings_for("ollama", server, tmp_path, probe_backoff_s=0.05, probe_backoff_max_s=0.1)
     warm = VLMPool(settings)
     try:
         assert await ask_codes(warm, marker_images, 1) == [100]
     finally:
         await warm.aclose()
-    server.__exit__(None, None, None)
+    port = port_of(server)
+    server.kill()
     pool = VLMPool(settings)
-    client = pool.for_task("default")
+    client = pool.for_task("pairwise")
     try:
-        with pytest.raises(BackendError, match="cannot connect"):
-            await client.ask("code?", marker_images[1:2], MarkerAnswer)
-        assert client.totals.requests == 3  # retried within the budget: a restarting server comes back
-        with pytest.raises(BackendError, match="cannot connect"):
-            await client.ask("code?", marker_images[2:3], MarkerAnswer)
-        assert client.totals.requests == 3  # no request (and so no retry, no backoff) for the second question
+        with pytest.raises(UnreachableError, match="cannot connect"):
+            await client.ask("Which code is drawn?", marker_images[1:2], MarkerAnswer)
+        assert client.totals.requests == 0  # a refused connection sends nothing
         assert await ask_codes(pool, marker_images, 1) == [100]  # cached
+        revived = standin(port=port)
+        answered = None
+        for _ in range(100):  # a question arriving before the probe is due still fails at once
+            try:
+                answered = await client.ask("Which code is drawn?", marker_images[1:2], MarkerAnswer)
+                break
+            except UnreachableError:
+                await asyncio.sleep(0.05)
+    finally:
+        await pool.aclose()
+    assert answered is not None and answered.value.code == 101 and len(revived.chat_requests()) == 1
+
+
+async def test_an_outage_longer_than_outage_wait_fails_the_waiting_question(standin, marker_images, tmp_path):
+    """A question waits for a server that went down mid-run at most outage_wait_s, then fails naming the server,
+    even when it is the one probing it (probes due more often than outage_wait_s do not renew its wait)."""
+    server = standin()
+    settings = settings_for("ollama", server, tmp_path, probe_backoff_s=0.05, probe_backoff_max_s=0.1, outage_wait_s=0.5)
+    pool = VLMPool(settings)
+    try:
+        assert await ask_codes(pool, marker_images, 1) == [100]
+        server.kill()
+        with pytest.raises(UnreachableError, match=r"cannot connect to http://127.0.0.1:\d+"):
+            await ask_codes(pool, marker_images[1:2])
     finally:
         await pool.aclose()
 

@@ -252,19 +252,31 @@ class GeoAgent:
         return resolve_threshold(self.settings.agent.near_duplicate_similarity, calibration, indexed=index is not None)
 
     async def _check_backend(self, name: str, readiness: Readiness) -> None:
+        """Every server of the profile. One that is down is taken out (probed again as the run goes) while another
+        serves; when none serves, the run goes on only if the cache holds answers of the model. Servers that
+        refuse us while others serve, or that report different weights, stop the run."""
         client = self.pool.client(name)
-        try:
-            health = await client.backend.check()
-            readiness.warnings += health.warnings
-        except ConfigError:
-            raise
-        except GeoAgentError as exc:
-            cache = self.pool.cache
-            cached = cache is not None and await cache.has_answers(client.profile.kind, client.profile.model)
-            if not cached:
-                raise
-            client.unavailable = exc
-            readiness.warnings.append(f"{exc}; answering from the cache, questions it cannot answer will fail")
+        found = await client.check()
+        failed = [(server, outcome) for server, outcome in found if isinstance(outcome, GeoAgentError)]
+        for problem in (outcome for _, outcome in failed if isinstance(outcome, ConfigError)):
+            raise problem
+        for _, outcome in found:
+            if not isinstance(outcome, GeoAgentError):
+                readiness.warnings += outcome.warnings
+        if len(failed) < len(found):
+            for _, outcome in failed:
+                if not isinstance(outcome, UnreachableError):
+                    raise outcome
+                readiness.warnings.append(f"{outcome}; taken out of the run, probed again as it goes")
+            await client.identity()  # servers reporting different weights are refused here, before any photo
+            return
+        cache = self.pool.cache
+        cached = cache is not None and await cache.has_answers(client.profile.kind, client.profile.model)
+        if not cached:
+            raise failed[0][1]
+        for server, outcome in failed:
+            client.servers.take_out(server, outcome)  # questions the cache cannot answer fail at once (still probed)
+            readiness.warnings.append(f"{outcome}; answering from the cache, questions it cannot answer will fail")
 
     def photos_in_flight(self) -> int:
         """``max_concurrent_photos``, or two photos per request slot of the busiest routed backend: a photo keeps
@@ -272,7 +284,7 @@ class GeoAgent:
         waiting for its first), so two per slot keep the server saturated up to the batch's last photos."""
         if self.settings.agent.max_concurrent_photos is not None:
             return self.settings.agent.max_concurrent_photos
-        slots = max(self.settings.backends[name].max_concurrency for name in self.settings.routed_profiles())
+        slots = max(self.settings.backends[name].total_concurrency() for name in self.settings.routed_profiles())
         return max(MIN_PHOTOS_IN_FLIGHT, PHOTOS_PER_SLOT * slots)
 
     async def locate_many(

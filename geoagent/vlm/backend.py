@@ -42,11 +42,13 @@ class Health(BaseModel):
 
 
 class TransientError(Exception):
-    """A failure that another attempt may fix; ``retry_after`` is the server's requested wait in seconds."""
+    """A failure that another attempt may fix; ``retry_after`` is the server's requested wait in seconds;
+    ``wrong_server``: a web page answered (a proxy's error page), which a check reports as a wrong base_url."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, wrong_server: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.wrong_server = wrong_server
 
 
 class VLMBackend(ABC):
@@ -100,7 +102,8 @@ class VLMBackend(ABC):
         try:
             return await call
         except TransientError as exc:
-            raise BackendError(f"backend '{self.name}': {self.url}: {exc}") from None
+            failure = WrongServerError if exc.wrong_server else BackendError
+            raise failure(f"backend '{self.name}': {self.url}: {exc}") from None
 
     # Shared classification so every backend words the same failure the same way.
 
@@ -117,6 +120,17 @@ class VLMBackend(ABC):
     def wrong_server_error(self, content_type: str, api: str, hint: str = "is base_url right?") -> WrongServerError:
         """Something answered at the URL, but not the API: a proxy's page, a web app on that port."""
         return WrongServerError(f"backend '{self.name}': {self.url} answered with {describe_content(content_type)}, not {api}; {hint}")
+
+    def page_error(self, status: int, content_type: str, api: str, hint: str = "is base_url right?") -> Exception:
+        """A web page where ``api`` should answer, never quoted: the wrong server (a 2xx-4xx page, a 501 "method not
+        implemented"), or a proxy's error page (other 5xx) while what is behind it restarts, which is retried."""
+        if status in TRANSIENT_STATUSES and status != 501:
+            return TransientError(
+                f"HTTP {status}: {describe_content(content_type)} (a proxy's error page?), not {api}; {hint}",
+                None,
+                wrong_server=True,
+            )
+        return self.wrong_server_error(content_type, api, hint)
 
     def redact(self, text: str) -> str:
         """Servers sometimes echo what they were sent; a key must never reach a message or a log."""

@@ -1,27 +1,28 @@
-"""Ask a VLM a question and get a validated answer: cache -> concurrency limit -> retry -> backend.
+"""Ask a VLM a question and get a validated answer: cache -> retry -> server pool (routing, each server's
+concurrency limit, take-out and probing: :mod:`geoagent.vlm.pool`) -> backend.
 
 This is the only retry layer in GeoAgent; the clients' own retries are turned off in the backends. A question
-costs at most ``1 + max_retries`` requests, its repair re-ask included.
+costs at most ``1 + max_retries`` requests, its repair re-ask included; a refused connection sends nothing and
+costs none (the pool fails over from it, or waits for a server to come back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import time
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from geoagent.errors import AnswerError, BackendError, GeoAgentError, UnreachableError
-from geoagent.vlm.backend import TransientError, VLMBackend, create_backend
+from geoagent.errors import AnswerError, BackendError, ConfigError, GeoAgentError, UnreachableError
+from geoagent.vlm.backend import Health, TransientError, VLMBackend
 from geoagent.vlm.cache import CachedAnswer, ResponseCache, cache_key, open_cache
 from geoagent.vlm.parsing import AnswerParseError, AnswerT, parse_answer
+from geoagent.vlm.pool import Server, ServerPool, ServerStatus
 from geoagent.vlm.pricing import Price, price_for
 from geoagent.vlm.types import Answer, CallStats, ChatMessage, ChatRequest, Completion, EncodedImage
 from geoagent.words import count
@@ -34,8 +35,9 @@ REPAIR_PROMPT = (
     "this JSON schema, and nothing else:\n{schema}"
 )
 
-#: Failures another attempt may fix. A refused connection is one: a restarting server comes back.
-RETRYABLE = (TransientError, UnreachableError)
+#: Failures another attempt may fix. A refused connection is not among them: the server pool fails over from it,
+#: or waits for a server to come back (it sent nothing, so it costs no attempt).
+RETRYABLE = (TransientError,)
 
 
 class _WaitRetryAfter:
@@ -76,24 +78,33 @@ class VLMClient:
         self.name = name
         self.profile = profile
         self.cache = cache
-        self.backend: VLMBackend = create_backend(name, profile)
+        #: The profile's servers (one, or several of the same model), each with its own request slots.
+        self.servers = ServerPool(name, profile)
         self.totals = CallStats()
-        #: Set when the server is known to be unusable: questions the cache cannot answer fail at once with it.
-        self.unavailable: BackendError | None = None
-        #: Requests of this profile in flight at once: any async context manager (the Ray engine puts a
-        #: cluster-wide one here, so the limit holds across workers).
-        self.limit: AbstractAsyncContextManager[Any] = asyncio.Semaphore(profile.max_concurrency)
         self._inflight: dict[str, _Shared] = {}
         self._identity: asyncio.Future[str] | None = None
         self._identity_found: str | None = None
         self._price: Price | None = None
         self._priced = False
 
+    @property
+    def backend(self) -> VLMBackend:
+        """The first server's backend (the only one, for a profile of one server)."""
+        return self.servers.servers[0].backend
+
+    async def check(self, *, probe_chat: bool = False) -> list[tuple[Server, Health | GeoAgentError]]:
+        """Every server's check (see :meth:`ServerPool.check`)."""
+        return await self.servers.check(probe_chat=probe_chat)
+
+    def status(self) -> list[ServerStatus]:
+        return self.servers.status()
+
     async def identity(self) -> str:
-        """What the server says the model is (an Ollama digest, say), so a re-pulled model misses the old answers.
+        """What the servers say the model is (an Ollama digest, say), so a re-pulled model misses the old answers;
+        the same whichever server answers (servers that disagree are refused: ConfigError).
 
         Asked once, by a task every asker awaits: they all resume together, so their cache lookups share one
-        round trip. While the server is down, the identity it last reported (kept in the cache) stands in.
+        round trip. While the servers are down, the identity last reported (kept in the cache) stands in.
         """
         if self._identity_found is not None:
             return self._identity_found
@@ -111,7 +122,9 @@ class VLMClient:
     async def _find_identity(self) -> str:
         kind, url, model = self.profile.kind, self.backend.url, self.profile.model
         try:
-            found = await self.backend.model_identity()
+            found = await self.servers.identity()
+        except ConfigError:
+            raise
         except GeoAgentError:
             found = await self.cache.identity(kind, url, model) if self.cache else None
         else:
@@ -205,8 +218,6 @@ class VLMClient:
                 if hit is not None:
                     stats.cache_hits = 1
                     return Answer[schema](value=schema.model_validate(hit.answer), stats=stats, cached=True)  # type: ignore[valid-type]
-            if self.unavailable is not None:
-                raise copy.copy(self.unavailable)  # a copy: each failed question carries its own stats
             completion = await self._complete(request, stats)
             try:
                 value = parse_answer(completion.text, schema)
@@ -256,20 +267,26 @@ class VLMClient:
         return 1 + self.profile.max_retries
 
     async def _complete(self, request: ChatRequest, stats: CallStats) -> Completion:
-        """Send with retries from the question's remaining budget; each attempt waits for a concurrency slot,
-        backoff sleeps hold none."""
+        """Send with retries from the question's remaining budget; each attempt waits for a server's request slot,
+        backoff sleeps hold none. A retry goes to another server where the profile has several."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._budget - stats.requests),
             wait=_WaitRetryAfter(self.profile.retry_backoff_s, self.profile.retry_backoff_max_s, self.profile.retry_after_max_s),
             retry=retry_if_exception_type(RETRYABLE),
             reraise=True,
         )
+        tried: list[Server] = []
         try:
             async for attempt in retrying:
                 with attempt:
-                    async with self.limit:
-                        stats.requests += 1
-                        completion = await self.backend.complete(request)
+                    sent = True
+                    try:
+                        completion = await self.servers.complete(request, tried)
+                    except UnreachableError:
+                        sent = False  # no server took the connection: nothing was sent
+                        raise
+                    finally:
+                        stats.requests += sent
                     stats.prompt_tokens += completion.usage.prompt_tokens
                     stats.completion_tokens += completion.usage.completion_tokens
                     price = await self.price()
@@ -278,18 +295,16 @@ class VLMClient:
                     else:
                         stats.cost_usd += price.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
                     return completion
-        except UnreachableError as exc:
-            self.unavailable = exc  # the rest of the run answers from the cache, or fails at once
-            raise
         except TransientError as exc:
+            where = tried[-1].url if tried else self.backend.url
             raise BackendError(
-                f"backend '{self.name}' ({self.profile.model} at {self.backend.url}): gave up after "
+                f"backend '{self.name}' ({self.profile.model} at {where}): gave up after "
                 f"{count(stats.requests, 'attempt')}: {exc}"
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
-        await self.backend.aclose()
+        await self.servers.aclose()
 
 
 class VLMPool:
@@ -311,6 +326,14 @@ class VLMPool:
 
     def totals(self) -> CallStats:
         return sum((client.totals for client in self._clients.values()), CallStats())
+
+    def server_status(self) -> dict[str, list[ServerStatus]]:
+        """Each profile in use and its servers: up, or taken out (since when, why) and probed again."""
+        return {name: client.status() for name, client in self._clients.items()}
+
+    def server_status_json(self) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`server_status` as JSON data, for a page that says "model server down" and "back"."""
+        return {name: [server.model_dump(mode="json") for server in servers] for name, servers in self.server_status().items()}
 
     async def aclose(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self._clients.values()))

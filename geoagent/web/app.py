@@ -136,6 +136,7 @@ def create_app(agent: GeoAgent, options: WebOptions, startup: Startup | None = N
         return JSONResponse({
             "version": __version__, "strategy": agent.settings.agent.strategy, "field": "photo",
             "max_upload_bytes": options.max_upload_bytes, "tiles": options.tiles, "attribution": TILES_ATTRIBUTION,
+            "model_servers": agent.pool.server_status_json(),
         })  # fmt: skip
 
     async def status(request: Request) -> Response:

@@ -143,7 +143,7 @@ class _Server(ThreadingHTTPServer):
 class StandinServer:
     """Start with ``with StandinServer(judge) as server:``; ``server.url`` is the Ollama root, ``server.openai_url`` /v1."""
 
-    def __init__(self, judge: Judge, config: StandinConfig | None = None) -> None:
+    def __init__(self, judge: Judge, config: StandinConfig | None = None, port: int = 0) -> None:
         self.judge = judge
         self.config = config or StandinConfig()
         self.log: list[LoggedRequest] = []
@@ -155,7 +155,7 @@ class StandinServer:
         self.killed = False
         self._slots = threading.Semaphore(self.config.capacity)
         self._stopping = threading.Event()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)  # a port: restart a stopped server where it was
         self._httpd.standin = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -304,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"models": tags})
         elif self.path.startswith("/v2/") and "/manifests/" in self.path:
             self._manifest()
+        elif self.path == "/standin/stats":  # for tests driving a stand-in in another process
+            self._send_json(200, {"chat_requests": len(standin.chat_requests()), "max_busy": standin.max_busy})
         elif self.path == "/v1/models":
             if not self._authorised("openai"):
                 return

@@ -7,9 +7,9 @@ What runs where:
   :class:`~geoagent.retrieval.ray_build.ClipEmbedder`, an actor holding the CLIP model (on a GPU when the
   cluster has one);
 - :class:`LocateWorker` actors (async) run ``GeoAgent.locate`` on each embedded photo;
-- one :class:`ProfileGate` actor per backend profile holds that profile's ``max_concurrency`` slots: every
-  worker's client takes a slot from it for each request, so no profile ever sees more in flight, however
-  many workers;
+- one :class:`ProfileGate` actor per server of each backend profile holds that server's ``max_concurrency``
+  slots: every worker's client takes a slot from it for each request to that server, so no server ever sees
+  more in flight, however many workers;
 - the response cache is the configured one, opened by every worker: on several nodes it must be a server
   every node reaches (``[cache] url = "redis://..."``); the preflight refuses an SQLite file there, and one on
   a network filesystem anywhere (SQLite's locking does not hold on one).
@@ -56,7 +56,7 @@ GATE_MAX_WAITERS = 100_000  # calls one ProfileGate accepts at once (waiting for
 
 @ray.remote(num_cpus=0)
 class ProfileGate:
-    """One backend profile's request slots, cluster-wide: ``acquire`` waits for one, ``release`` returns it."""
+    """One server's request slots, cluster-wide: ``acquire`` waits for one, ``release`` returns it."""
 
     def __init__(self, slots: int) -> None:
         self._slots = asyncio.Semaphore(slots)
@@ -69,7 +69,7 @@ class ProfileGate:
 
 
 class ClusterSlot:
-    """``async with`` a :class:`ProfileGate` slot: what a worker's ``VLMClient.limit`` becomes."""
+    """``async with`` a :class:`ProfileGate` slot: what a worker's ``Server.limit`` becomes."""
 
     def __init__(self, gate: Any) -> None:
         self._gate = gate
@@ -94,11 +94,12 @@ class ClusterSlot:
 class LocateWorker:
     """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
 
-    def __init__(self, settings: Settings, gates: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, gates: dict[str, list[Any]]) -> None:
         self.settings = settings
         self.agent = GeoAgent(settings)
-        for name, gate in gates.items():
-            self.agent.pool.client(name).limit = ClusterSlot(gate)
+        for name, server_gates in gates.items():
+            for server, gate in zip(self.agent.pool.client(name).servers.servers, server_gates, strict=True):
+                server.limit = ClusterSlot(gate)
 
     async def preflight(self) -> WorkerReport:
         """The agent's, on a retriever that loads no CLIP model (the photos come embedded by ray.data), with
@@ -200,7 +201,7 @@ class Engine(BaseEngine):
     def __init__(self, settings: Settings, *, explain: bool = False) -> None:
         super().__init__(settings, explain=explain)
         self.slots = GeoAgent(settings).photos_in_flight()
-        self.gates: dict[str, Any] = {}
+        self.gates: dict[str, list[Any]] = {}
         self.workers: list[Any] = []
         self.gpus_per_embedder = 0
         self._totals: dict[int, CallStats] = {}
@@ -214,7 +215,10 @@ class Engine(BaseEngine):
         connect()
         resources = ray.cluster_resources()
         self.gates = {
-            name: ProfileGate.options(max_concurrency=GATE_MAX_WAITERS).remote(self.settings.backends[name].max_concurrency)
+            name: [
+                ProfileGate.options(max_concurrency=GATE_MAX_WAITERS).remote(slots)
+                for _, slots in self.settings.backends[name].server_list()
+            ]
             for name in self.settings.routed_profiles()
         }
         self.workers = [
@@ -236,7 +240,7 @@ class Engine(BaseEngine):
 
     async def aclose(self) -> None:
         await asyncio.gather(*(_awaitable(worker.aclose.remote()) for worker in self.workers), return_exceptions=True)
-        for actor in [*self.workers, *self.gates.values()]:
+        for actor in [*self.workers, *(gate for gates in self.gates.values() for gate in gates)]:
             ray.kill(actor)
 
     def _embed_sync(self, paths: list[str]) -> list[dict[str, Any]]:

@@ -71,8 +71,8 @@ class Backend(VLMBackend):
             try:
                 return await call
             except ollama.ResponseError as exc:
-                if seen.is_html and exc.status_code < 500:  # 5xx pages are a proxy's own, worth a retry
-                    raise self.wrong_server_error(seen.content_type, OLLAMA_API) from None
+                if seen.is_html:  # never quoted: the wrong server, or a proxy's error page (retried)
+                    raise self.page_error(exc.status_code, seen.content_type, OLLAMA_API) from None
                 if exc.status_code == 404 and "not found" in str(exc.error).lower():
                     raise self._not_pulled() from None
                 raise self.status_error(exc.status_code, str(exc.error), seen.retry_after) from None

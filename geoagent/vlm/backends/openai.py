@@ -167,8 +167,10 @@ def classify_openai_error(backend: VLMBackend, exc: openai.OpenAIError) -> Excep
     if isinstance(exc, openai.APIStatusError):
         headers = getattr(exc, "litellm_response_headers", None) or exc.response.headers
         message = _error_message(exc)
-        page = exc.status_code < 500 and is_html(exc.response.headers.get("content-type", ""))  # 5xx pages: a proxy's, retry
-        if page or LITELLM_HTML_REPLY.search(message):
+        content_type = exc.response.headers.get("content-type", "")
+        if is_html(content_type):  # never quoted: the wrong server, or a proxy's error page (retried)
+            return backend.page_error(exc.status_code, content_type, OPENAI_API, OPENAI_URL_HINT)
+        if LITELLM_HTML_REPLY.search(message):
             return backend.wrong_server_error("text/html", OPENAI_API, OPENAI_URL_HINT)
         if exc.status_code in (400, 413) and CONTEXT_OVERFLOW.search(f"{message} {getattr(exc, 'code', None) or ''}"):
             return BackendError(
