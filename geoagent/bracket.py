@@ -32,9 +32,11 @@ def tournament_bracket(matches: Sequence[Match], label: Mapping[str, str], pool:
         rounds.setdefault(m.round or 0, []).append(m)
     numbers = sorted(rounds)
     players = {r: {cid for m in rounds[r] for cid in (m.a, m.b)} for r in numbers}
-    ties = sum(m.winner is None for m in matches)
+    ties = sum(m.winner is None and not m.failed for m in matches)
+    failed = sum(m.failed for m in matches)
     parts: list[Table | Text] = [
-        Text(f"tournament: {count(len(matches), 'match', 'matches')} in {count(len(numbers), 'round')}, {count(ties, 'tie')}", style="bold")
+        Text(f"tournament: {count(len(matches), 'match', 'matches')} in {count(len(numbers), 'round')}, {count(ties, 'tie')}"
+             + (f", {failed} with no answer" if failed else ""), style="bold")
     ]
     for index, r in enumerate(numbers):
         following = players[numbers[index + 1]] if index + 1 < len(numbers) else set()
@@ -55,7 +57,7 @@ def _outcome(m: Match, following: set[str], label: Mapping[str, str]) -> Text:
     if m.winner is not None:
         return Text(label.get(m.winner, m.winner))
     went_on = next((cid for cid in (m.a, m.b) if cid in following), None)
-    text = Text("tie", style="yellow")
+    text = Text("no answer", style="red") if m.failed else Text("tie", style="yellow")
     if went_on is not None:
         text.append(f" → {label.get(went_on, went_on)} (evidence)", style="default")
     return text

@@ -131,12 +131,15 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     if trace.strategy == "tournament" and has_rounds(trace.matches):
         console.print(tournament_bracket(trace.matches, label, trace.pool), highlight=False)
     elif trace.matches:
-        ties = sum(m.winner is None for m in trace.matches)
+        ties = sum(m.winner is None and not m.failed for m in trace.matches)
+        failed = sum(m.failed for m in trace.matches)
         matches = Table("A", "B", "votes (A first, then B first)", "winner", box=None, pad_edge=False,
-                        title=f"{count(len(trace.matches), 'match', 'matches')}, {count(ties, 'tie')}", title_justify="left")
+                        title=f"{count(len(trace.matches), 'match', 'matches')}, {count(ties, 'tie')}"
+                        + (f", {failed} with no answer" if failed else ""), title_justify="left")  # fmt: skip
         for m in trace.matches:
             votes = ", ".join(label[v] if v is not None else "failed" for v in m.votes)
-            matches.add_row(label[m.a], label[m.b], votes, label[m.winner] if m.winner else "tie")
+            outcome = label[m.winner] if m.winner else "no answer (every ask failed)" if m.failed else "tie"
+            matches.add_row(label[m.a], label[m.b], votes, outcome)
         console.print(matches)
     if trace.pointwise:
         scores = Table("candidate", "score", box=None, pad_edge=False, title="pointwise scores", title_justify="left")

@@ -54,6 +54,11 @@ class Match(BaseModel):
     shown_first: list[str] = Field(default_factory=list)  # the candidate in slot A of each ask, in the order asked
     round: int | None = None  # tournament: the round it was played in (1 = first); other strategies: None
 
+    @property
+    def failed(self) -> bool:
+        """Every ask failed: no answer at all, which is no tie (the evidence settled it)."""
+        return bool(self.votes) and all(vote is None for vote in self.votes)
+
 
 class PointwiseScore(BaseModel):
     id: str

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from browser import offline_browser
 from conftest import run_cli, write_world_config
 from standin import StandinConfig, StandinServer, WorldJudge
 
@@ -63,24 +64,35 @@ def servers(url: str) -> list[dict]:
 
 
 def test_serve_answers_again_after_its_model_server_comes_back(outage_serve, world):
-    """The stand-in dies; an upload meanwhile fails (after waiting 3 s for it) and /api/config says the server is
-    down; restarted on the same port after 5 s, the next upload is answered 200 by the same `serve` process
-    (before, one outage made every later upload 502 until serve was restarted) and the server shows as back."""
+    """The stand-in dies; an upload meanwhile fails (after waiting 3 s for it), /api/config says the server is
+    down and the open page says so; restarted on the same port after 5 s, the next upload is answered 200 by
+    the same `serve` process (before, one outage made every later upload 502 until serve was restarted), the
+    server shows as back, and the page says it is back."""
     url, vlm, _ = outage_serve
     assert upload(url, world.queries[0].path).status_code == 200
-    port = port_of(vlm)
-    vlm.kill()
-    down_at = time.monotonic()
-    during = upload(url, world.queries[1].path)
-    assert during.status_code == 502 and "cannot connect" in during.json()["error"]
-    assert servers(url)[0]["up"] is False and servers(url)[0]["down_since"]
-    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
-    with StandinServer(WorldJudge(world.truth), StandinConfig(latency_s=0.01), port=port) as revived:
-        after = upload(url, world.queries[2].path)
-        assert after.status_code == 200, after.text
-        assert len(revived.chat_requests()) > 0
-        status = servers(url)[0]
-        assert status["up"] is True and status["back_since"] and status["problem"] is None
+    with offline_browser(allow=(url,)) as browser:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-servers=up]", timeout=60_000)
+        assert page.locator("#servers").is_hidden()
+        port = port_of(vlm)
+        vlm.kill()
+        down_at = time.monotonic()
+        during = upload(url, world.queries[1].path)
+        assert during.status_code == 502 and "cannot connect" in during.json()["error"]
+        assert servers(url)[0]["up"] is False and servers(url)[0]["down_since"]
+        page.wait_for_selector("body[data-servers=down]", timeout=30_000)
+        assert f"Model server {vlm.url} is down since" in page.locator("#servers").inner_text()
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+        with StandinServer(WorldJudge(world.truth), StandinConfig(latency_s=0.01), port=port) as revived:
+            after = upload(url, world.queries[2].path)
+            assert after.status_code == 200, after.text
+            assert len(revived.chat_requests()) > 0
+            status = servers(url)[0]
+            assert status["up"] is True and status["back_since"] and status["problem"] is None
+            page.wait_for_selector("body[data-servers=back]", timeout=30_000)
+            assert f"Model server {vlm.url} is back since" in page.locator("#servers").inner_text()
+        assert not page.geoagent_errors, page.geoagent_errors
 
 
 def test_a_batch_over_60_photos_rides_out_an_outage(world, tmp_path):

@@ -109,6 +109,31 @@ def test_a_tie_shows_who_the_evidence_sent_on_and_a_failed_ask_says_so():
     assert "champion: a tie in the final, settled by the evidence" in text
 
 
+def test_a_match_whose_every_ask_failed_is_no_tie():
+    """A match with no answer at all is said as such ("no answer"), not counted as a tie, in the bracket and in the
+    list of matches the other strategies print (issue 18: a failure shown as "a tie")."""
+    from geoagent.output import print_result
+    from geoagent.types import Candidate, LocateResult, Trace
+
+    matches = [
+        Match(a="a", b="b", winner=None, votes=[None, None], shown_first=["a", "b"], round=1),
+        Match(a="c", b="d", winner=None, votes=["c", "d"], shown_first=["c", "d"], round=1),
+        Match(a="a", b="c", winner="a", votes=["a", "a"], shown_first=["a", "c"], round=2),
+    ]
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(tournament_bracket(matches, {c: c.upper() for c in "abcd"}, pool=["a", "b", "c", "d"]))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "3 matches in 2 rounds, 1 tie, 1 with no answer" in text and "no answer → A (evidence)" in text
+
+    candidates = [Candidate(id=c, lat=0.0, lon=float(i), source="index", score=1.0 - i / 10, rank=i + 1) for i, c in enumerate("ab")]
+    result = LocateResult(image="p.jpg", lat=0.0, lon=0.0, country=None, place=None, confidence=0.5, candidates=candidates,
+                          trace=Trace(strategy="allpairs", matches=[Match(a="a", b="b", winner=None, votes=[None, None])]))  # fmt: skip
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_result(console, result, explain=True)
+    listed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "1 match, 0 ties, 1 with no answer" in listed and "no answer (every ask failed)" in listed
+
+
 async def test_other_strategies_keep_the_list_of_matches(world, standin, world_retriever, tmp_path):
     """allpairs has no rounds: --explain lists its matches as before, with no bracket."""
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(capacity=64))

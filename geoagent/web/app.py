@@ -140,8 +140,10 @@ def create_app(agent: GeoAgent, options: WebOptions, startup: Startup | None = N
         })  # fmt: skip
 
     async def status(request: Request) -> Response:
-        """``GET /api/status``: loading models, ready, or failed (the page polls it while the server starts)."""
-        return JSONResponse(startup.status.model_dump(), headers={"Cache-Control": "no-store"})
+        """``GET /api/status``: loading models, ready, or failed, and each model server's state (down since when,
+        back since when): the page polls it, to say when the model server is down and when it is back."""
+        body = {**startup.status.model_dump(), "model_servers": agent.pool.server_status_json()}
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def locate(upload: Upload, explain: bool, on_event: OnEvent | None = None) -> LocateResult:
         await startup.wait()  # a photo sent while the models load waits for them

@@ -239,8 +239,30 @@ async function locate(file) {
   }
 }
 
+const SERVERS_POLL_MS = 3000; // how often a ready page asks whether the model servers are up
+const BACK_SHOWN_MS = 120000; // how long "back" stays said after a server returns
+
+// "Model server down since …" while any server is out (photos wait for it, then fail), "back" once it returns.
+// body[data-servers] carries it: up, down or back.
+function showServers(servers) {
+  const all = Object.values(servers || {}).flat();
+  const down = all.filter((s) => !s.up);
+  const back = all.filter((s) => s.up && s.back_since && Date.now() - Date.parse(s.back_since) < BACK_SHOWN_MS);
+  const line = $("servers");
+  const time = (stamp) => new Date(stamp).toLocaleTimeString();
+  if (down.length) {
+    line.textContent = down.map((s) => `Model server ${s.url} is down since ${time(s.down_since)}` +
+      (s.problem ? ` (${s.problem})` : "") + ": photos wait for it, and it is tried again by itself.").join(" ");
+  } else if (back.length) {
+    line.textContent = back.map((s) => `Model server ${s.url} is back since ${time(s.back_since)}.`).join(" ");
+  }
+  line.hidden = !(down.length || back.length);
+  document.body.dataset.servers = down.length ? "down" : back.length ? "back" : "up";
+}
+
 // The server listens before its models are loaded: say so until /api/status reads "ready" (a photo dropped
 // meanwhile waits on the server for them). body[data-models] carries the state: loading, ready or failed.
+// Once ready, the model servers' state is watched for as long as the page is open.
 async function watchStartup() {
   for (;;) {
     let status;
@@ -252,8 +274,9 @@ async function watchStartup() {
     document.body.dataset.models = status.state;
     if (status.state === "failed") showError(status.message);
     if (!state.busy) $("status").textContent = status.state === "loading" ? "Loading models…" : "";
-    if (status.state !== "loading") return;
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    if (status.state === "failed") return;
+    showServers(status.model_servers);
+    await new Promise((resolve) => setTimeout(resolve, status.state === "loading" ? 500 : SERVERS_POLL_MS));
   }
 }
 
