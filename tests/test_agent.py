@@ -182,18 +182,24 @@ def test_cli_refuses_an_index_built_by_another_embedder(world, tmp_path):
     assert "built with embedder tiny-clip / none, seed 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_defaults_without_weights_or_server_say_what_is_missing(tmp_path):
-    """On this offline machine the real defaults cannot run: both problems are named, with the fix."""
+def test_cli_defaults_without_weights_or_server_say_what_is_missing(standin, tmp_path):
+    """On this offline machine the real defaults cannot run, and each problem is named with its fix: a server
+    that is down first (the cheap checks stop before PyTorch loads), then, once the server answers, the CLIP
+    weights."""
     photo = tmp_path / "photo.jpg"
     from geoagent.eval.synthetic import scene
 
     scene(1).save(photo)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     (tmp_path / "geoagent.toml").write_text('[backends.local]\nbase_url = "http://127.0.0.1:9"\n')
-    proc = run_cli("locate", str(photo), cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert proc.returncode == 2
-    assert "CLIP weights ViT-B-32/laion2b_s34b_b79k are not available" in proc.stderr
-    assert "is `ollama serve` running there?" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    down = run_cli("locate", str(photo), cwd=tmp_path, env=offline)
+    assert down.returncode == 2 and "is `ollama serve` running there?" in down.stderr and "Traceback" not in down.stderr
+    server = standin()  # an Ollama that has llava:7b
+    (tmp_path / "geoagent.toml").write_text(f'[backends.local]\nbase_url = "{server.url}"\n')
+    no_weights = run_cli("locate", str(photo), cwd=tmp_path, env=offline)
+    assert no_weights.returncode == 2
+    assert "CLIP weights ViT-B-32/laion2b_s34b_b79k are not available" in no_weights.stderr
+    assert "Traceback" not in no_weights.stderr
 
 
 def test_gazetteer_is_the_default_candidate_source(tmp_path):

@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,24 +39,41 @@ class Measured:
     peak_mb: float  # the child's peak resident set (ru_maxrss of this very child, from wait4)
 
 
+#: Runs ``python ARGS...`` (a ``-c`` script or ``-m`` module) and, as the process exits, writes its own peak
+#: resident set (VmHWM: this process's memory, counted afresh at exec) to the file named first.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+report = sys.argv.pop(1)
+def peak():
+    with open('/proc/self/status') as status:
+        kb = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+    with open(report, 'w') as out:
+        out.write(kb)
+atexit.register(peak)
+mode, target = sys.argv[1], sys.argv[2]
+sys.argv = [target, *sys.argv[3:]]
+if mode == '-c':
+    exec(compile(target, '<string>', 'exec'), {'__name__': '__main__'})
+else:
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+"""
+
+
 def run_measured(args: list[str], cwd: Path) -> Measured:
-    """``args`` in a child process; its own peak RSS, read from wait4 (not RUSAGE_CHILDREN, which is the
-    maximum over every child this test process ever waited for)."""
-    out, err = cwd / "child.out", cwd / "child.err"
+    """``python -c SCRIPT ...`` or ``python -m MODULE ...`` (``args``, after the interpreter) in a child process,
+    and that process's own peak RSS as it reports it at exit. Not wait4's ru_maxrss: a child started from a big
+    test worker inherits the worker's peak there (Linux carries it over exec)."""
+    out, err, report = cwd / "child.out", cwd / "child.err", cwd / "child.peak"
+    report.unlink(missing_ok=True)
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(args, cwd=cwd, stdout=stdout, stderr=stderr)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"{args} still running after {HANG_GUARD_S} s: {err.read_text()[-2000:]}")
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024)
+        proc = subprocess.Popen([args[0], "-c", PEAK_WRAPPER, str(report), *args[1:]], cwd=cwd, stdout=stdout, stderr=stderr)
+    try:
+        proc.wait(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{args} still running after {HANG_GUARD_S} s: {err.read_text()[-2000:]}")
+    return Measured(proc.returncode, out.read_text(), err.read_text(), int(report.read_text()) / 1024)
 
 
 def geoagent(*args: str) -> list[str]:
