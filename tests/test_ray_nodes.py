@@ -55,8 +55,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
         cluster.shutdown()
 
 
-def ray_batch(listing: Path, out: Path, config: Path, nodes: TwoNodes, *flags: str):
-    env = {"RAY_ADDRESS": nodes.address, "GEOAGENT_RAY_WORKERS": "2"}
+def ray_batch(listing: Path, out: Path, config: Path, nodes: TwoNodes, *flags: str, workers: int = 2):
+    env = {"RAY_ADDRESS": nodes.address, "GEOAGENT_RAY_WORKERS": str(workers)}
     return run_cli("batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray", *flags, cwd=nodes.head_dir, env=env)
 
 
@@ -70,10 +70,12 @@ def test_a_worker_that_cannot_read_the_index_is_named_and_no_photo_is_tried(worl
     config.write_text(config.read_text().replace(f'index = "{world.root / "index"}"', 'index = "idx"'))
     listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[:4]])
     out = tmp_path / "r.jsonl"
-    proc = ray_batch(listing, out, config, two_nodes, "--no-cache")
+    # Four workers: Ray's SPREAD placement is best effort, and two could both land on the head node (then no
+    # worker lacks the index); with four, the second node gets some.
+    proc = ray_batch(listing, out, config, two_nodes, "--no-cache", workers=4)
     assert proc.returncode != 0, proc.stderr  # the index problem's own exit code, as on one machine
     [line] = error_lines(proc)
-    assert line.startswith("error: worker ") and f" of 2 (node {two_nodes.second[:12]} at " in line, line
+    assert line.startswith("error: worker") and " of 4 (node " in line and f"(node {two_nodes.second[:12]} at " in line, line
     assert two_nodes.head[:12] not in line and "idx" in line, line
     assert server.chat_requests() == []
     assert not out.exists() or journal(out) == []
