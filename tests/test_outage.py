@@ -40,7 +40,7 @@ def outage_serve(world, tmp_path) -> Iterator[tuple[str, StandinServer, Path]]:
     out = tmp_path / "stdout.txt"
     with out.open("wb") as stdout:
         process = subprocess.Popen(
-            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config)],
+            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--tiles", "none"],
             cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")}, stdout=stdout, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
