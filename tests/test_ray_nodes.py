@@ -5,6 +5,9 @@ an SQLite cache is refused across nodes, a Redis cache is shared by the workers 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +18,9 @@ from ray.cluster_utils import Cluster
 
 from conftest import run_cli, write_world_config
 from redisd import RedisServer
-from standin import WorldJudge
+from standin import StandinConfig, WorldJudge
 from test_batch import journal, path_list, prediction
-from test_cache import error_lines, requests_and_hits, with_cache
+from test_cache import answer_keys, error_lines, requests_and_hits, with_cache
 
 AGENT = {"strategy": "tournament", "country_prior": True, "reasoning": False}
 
@@ -163,3 +166,32 @@ def test_the_filesystem_of_a_cache_folder_is_read_from_the_mount_table(tmp_path)
     assert filesystem_type(shared / "cache" / "not-yet", mounts) == "nfs4"
     assert filesystem_type(tmp_path / "cache", mounts) == "ext4"
     assert filesystem_type(Path("/usr"), mounts) == "overlay"
+
+
+def test_redis_lost_mid_run_on_ray_is_said_once_by_the_driver(world, standin, two_nodes, tmp_path):
+    """The workers' own output never reaches the user: when the shared Redis dies mid-run, the driver says once
+    that caching stopped (one line, no traceback), and the run still locates every photo (exit 0)."""
+    server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.1))
+    config = write_world_config(tmp_path / "g.toml", world, server, tmp_path / "cache", **AGENT)
+    redis_server = RedisServer(tmp_path / "redis").start()
+    try:
+        with_cache(config, url=redis_server.url)
+        listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[1::4][:10]])
+        out = tmp_path / "r.jsonl"
+        env = {**os.environ, "RAY_ADDRESS": two_nodes.address, "GEOAGENT_RAY_WORKERS": "2"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geoagent", "batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray"],
+            cwd=two_nodes.head_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(answer_keys(redis_server)) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        redis_server.kill()
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        redis_server.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert len(journal(out)) == 10 and all("error" not in entry for entry in journal(out))
+    said = [line for line in stderr.splitlines() if "caching stopped" in line]
+    assert len(said) == 1 and said[0].startswith(f"warning: cache {redis_server.url}: "), stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from geoagent.retrieval.ray_build import ClipEmbedder, connect, count_from_env, 
 from geoagent.retrieval.retriever import Retriever
 from geoagent.types import LocateResult
 from geoagent.vlm import CallStats
-from geoagent.vlm.cache import sqlite_folder
+from geoagent.vlm.cache import CacheWarning, sqlite_folder
 from geoagent.vlm.cache.sqlite import NETWORK_FILESYSTEMS, cache_filesystem
 
 import ray  # after ray_build, which says how to install it when it is missing
@@ -119,13 +120,18 @@ class LocateWorker:
         report.readiness = await self.agent.preflight()
         return report
 
-    async def locate(self, path: str, vector: np.ndarray | None, explain: bool) -> tuple[LocateResult | GeoAgentError, CallStats]:
-        """The photo's outcome (an error is returned, not raised) and this worker's VLM totals so far."""
+    async def locate(
+        self, path: str, vector: np.ndarray | None, explain: bool
+    ) -> tuple[LocateResult | GeoAgentError, CallStats, str | None]:
+        """The photo's outcome (an error is returned, not raised), this worker's VLM totals so far, and the line
+        saying its cache stopped, if it did (a worker's own warnings never reach the user: the driver says it)."""
         try:
             outcome: LocateResult | GeoAgentError = await self.agent.locate(path, explain=explain, vector=vector)
         except GeoAgentError as exc:
             outcome = exc
-        return outcome, self.agent.pool.totals()
+        cache = self.agent.pool.cache
+        stopped = cache.stopped_warning() if cache is not None and cache.stopped else None
+        return outcome, self.agent.pool.totals(), stopped
 
     async def aclose(self) -> None:
         await self.agent.aclose()
@@ -271,6 +277,7 @@ class Engine(BaseEngine):
 
     async def run(self, items: AsyncIterator[BatchItem]) -> AsyncIterator[Outcome]:
         guard = RunGuard()
+        told_cache_stopped = False
         workers = cycle(range(len(self.workers)))
         ready: deque[tuple[BatchItem, np.ndarray | None]] = deque()
         running: dict[asyncio.Future[Any], tuple[BatchItem, int]] = {}
@@ -299,7 +306,10 @@ class Engine(BaseEngine):
                             embedding = None
                             continue
                         item, index = running.pop(done)
-                        outcome, self._totals[index] = done.result()
+                        outcome, self._totals[index], cache_stopped = done.result()
+                        if cache_stopped is not None and not told_cache_stopped:
+                            told_cache_stopped = True  # once per run, however many workers lost the cache
+                            warnings.warn(CacheWarning(cache_stopped), stacklevel=1)
                     except ray.exceptions.RayError as exc:  # a worker or the CLIP actor died: a rerun resumes
                         stop = stop or f"stopped: {ray_error(exc)}"
                         continue

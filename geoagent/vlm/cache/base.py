@@ -171,13 +171,14 @@ class ResponseCache(ABC):
         if self.stopped is None:
             self.stopped = self.problem(exc)
             if not quiet:
-                warnings.warn(
-                    CacheWarning(
-                        f"cache {self.label}: {self.stopped}; caching stopped for the rest of this run "
-                        "(answers are still used; what was cached stays cached)"
-                    ),
-                    stacklevel=2,
-                )
+                warnings.warn(CacheWarning(self.stopped_warning()), stacklevel=2)
+
+    def stopped_warning(self) -> str:
+        """The one line that says caching stopped (the Ray driver says it for its workers, whose output it hides)."""
+        return (
+            f"cache {self.label}: {self.stopped}; caching stopped for the rest of this run "
+            "(answers are still used; what was cached stays cached)"
+        )
 
     # --- administration: failures are one-line CacheErrors ------------------------------------------------
 
