@@ -107,7 +107,6 @@ def test_eval_with_the_server_down_stops_the_column_before_torch_is_imported(dow
 
 def test_serve_with_the_server_down_stops_before_torch_is_imported(down, tmp_path):
     """`serve`, Ollama not running: the diagnosis and exit 2 before it listens, without importing torch."""
-    pytest.importorskip("uvicorn", reason="serve needs the web extra")
     code, said, imported = geoagent("serve", "--port", "0", cwd=tmp_path, env=no_weights(tmp_path))
     assert code == 2, said
     assert any(f"cannot connect to {down}" in line for line in said), said
