@@ -17,7 +17,6 @@ agent warns when the settings differ.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,7 +202,3 @@ def fitted_on(dataset: str, rows: int, within: int, profile: str, strategy: str,
 
     return FittedOn(dataset=dataset, photos=rows, within=within, profile=profile, strategy=strategy, index=index,
                     fitted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), geoagent_version=__version__)  # fmt: skip
-
-
-def dumps(values: object) -> str:
-    return json.dumps(values, allow_nan=False)
