@@ -2,6 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/servers.py     # writes benchmarks/results/servers.md
 
+On a machine shared with other work, run it ahead of that work (as root: ``nice -n -15``): the client and
+the four stand-ins share the machine's cores, and a busy machine measures its own contention, not the routing.
+
 Four stand-in servers (tests/standin), each in its own process with a capacity of 2 requests at once and
 100 ms per request; the profile gives each server 2 slots (``base_url = [...]``). For each server count, 240
 distinct questions go through the real client (cache, retry, routing, the ollama client): the wall time is
