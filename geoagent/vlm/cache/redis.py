@@ -19,7 +19,8 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from geoagent.errors import CacheError
 from geoagent.vlm.cache.base import BATCH, CachedAnswer, CacheStats, ResponseCache, StoredEntry, StoredIdentity
@@ -89,8 +90,23 @@ class RedisCache(ResponseCache):
             return "the server refused the password (set [cache] password_env to the variable that holds it)"
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)):
             reason = super().problem(exc)
+            tls = self._tls_problem(reason)
+            if tls:
+                return tls
             return f"cannot reach the Redis server ({reason}); start it, or unset [cache] url to use the local SQLite cache"
         return super().problem(exc)
+
+    def _tls_problem(self, reason: str) -> str | None:
+        """What to do when the connection failed over TLS, or a plain connection met a TLS server."""
+        ca = parse_qs(urlsplit(self.url).query).get("ssl_ca_certs", [None])[0]
+        if "CERTIFICATE_VERIFY_FAILED" in reason:
+            where = f"the CA file {ca} does not sign it" if ca else "name the CA that signed it in the URL: ?ssl_ca_certs=/path/to/ca.pem"
+            return f"the Redis server's TLS certificate is not trusted ({reason}); {where}"
+        if ca and not Path(ca).expanduser().is_file():
+            return f"the CA file the URL names (ssl_ca_certs) does not exist: {ca}"
+        if not self.url.lower().startswith("rediss://") and ("reset by peer" in reason or "closed by server" in reason):
+            return f"the Redis server closed the connection ({reason}); if it speaks TLS, use a rediss:// URL"
+        return None
 
     async def _check(self) -> None:
         client = self._client()
