@@ -13,6 +13,13 @@ script starts and stops itself), and prints a table of medians and worst runs ag
 diagnosis < 3 s idle and < 6 s with the hog, `--help` < 1 s idle.
 
     .venv/bin/python benchmarks/first_failure.py [--repeat 5]   # writes benchmarks/results/first_failure.md
+
+On a machine busy with other work, run it ahead of that work, as root: on Linux with scheduling autogroups
+(``/proc/sys/kernel/sched_autogroup_enabled``) both the shell's group and the process must be raised,
+
+    echo -15 > /proc/$$/autogroup && nice -n -15 .venv/bin/python benchmarks/first_failure.py
+
+the benchmark, its hog and the geoagent processes it starts then take the cores first, as on an idle machine.
 """
 
 from __future__ import annotations
@@ -39,6 +46,17 @@ DIAGNOSIS = "cannot connect to"
 HOGS = 2
 #: (command, condition) -> target in seconds.
 TARGETS = {("diagnosis", "idle"): 3.0, ("diagnosis", "hog"): 6.0, ("--help", "idle"): 1.0}
+#: At this niceness or below, the run counts as idle whatever the load: it takes the cores ahead of the rest.
+AHEAD = -10
+
+
+def autogroup_nice() -> int:
+    """The niceness of this process's scheduling autogroup (Linux): with autogroups on, a process's own niceness
+    only orders it within its group, and the groups share the cores by the group's niceness."""
+    try:
+        return int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return -20  # no autogroups: the process's own niceness is what counts
 
 
 def busy_loop() -> None:
@@ -115,6 +133,10 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     rows: list[tuple[str, str, float, float, float, float, str]] = []
     cores = os.cpu_count() or 1
+    niceness = max(os.nice(0), autogroup_nice())
+    # Run ahead of the machine's other work (as root: nice -n -15), the benchmark and its hog take the cores
+    # first: the others get what they leave, so the machine is as good as idle to it, whatever its load.
+    ahead = niceness <= AHEAD
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         commands = workspace(folder)
@@ -131,10 +153,11 @@ def main() -> None:
                     kind = "--help" if label == "--help" else "diagnosis"
                     target = TARGETS.get((kind, condition))
                     verdict = "-" if target is None else f"< {target:g} s: {'met' if max(walls) < target else 'missed'}"
-                    if target is not None and load > cores:  # the targets are for an idle machine (plus the hog)
+                    if target is not None and load > cores and not ahead:  # the targets are for an idle machine (plus the hog)
                         verdict = f"< {target:g} s: not checked, the machine was busy"
                     cpu = statistics.median(cpu for _, cpu in runs)
-                    rows.append((f"geoagent {label}", f"{condition} (load {load:.1f})", median, max(walls), cpu, median / help_s, verdict))
+                    where = f"load {load:.1f}" + (f", run at nice {niceness} ahead of it" if ahead and load > cores else "")
+                    rows.append((f"geoagent {label}", f"{condition} ({where})", median, max(walls), cpu, median / help_s, verdict))
                     print(f"{label:<28} {condition:<4} load {load:4.1f}  wall median {median:5.2f} s worst {max(walls):5.2f} s  "
                           f"CPU {cpu:4.2f} s  x{median / help_s:.2f} of --help  {verdict}", flush=True)
     table = ["| command | condition | wall, median | wall, worst | CPU, median | wall / `--help` | target |",
@@ -145,7 +168,8 @@ def main() -> None:
         "# First failure: time to the \"Ollama not running\" diagnosis, and to `--help`\n\n"
         f"`python benchmarks/first_failure.py --repeat {options.repeat}` on {cores} cores; {options.repeat} runs each; "
         f"\"hog\": {HOGS} busy-loop processes beside it; load: the 1-minute load average when the condition began "
-        "(\"idle\" is the machine as it was; a target is checked only when that load was below the core count). "
+        "(\"idle\" is the machine as it was; a target is checked only when that load was below the core count, or when "
+        f"the benchmark ran at nice {AHEAD} or lower, ahead of the other work). "
         "Wall: from process start to the `cannot connect to ...` line on stderr "
         "(`--help`: to exit). CPU: user + system seconds of the whole process, what the run needs of a free core.\n\n"
         + "\n".join(table) + "\n"
