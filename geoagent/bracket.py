@@ -73,9 +73,11 @@ def _asks(m: Match, label: Mapping[str, str]) -> Text:
     return Text("; ".join(asks))
 
 
-def setwise_knockout(sets: Sequence[SetMatch], label: Mapping[str, str]) -> Group:
+def setwise_knockout(sets: Sequence[SetMatch], label: Mapping[str, str], pool: Sequence[str] = ()) -> Group:
     """Each set on one line, round by round: its candidates (best by evidence first), who went on, and each ask
-    (the candidate shown in slot A → the one chosen); then byes and the champion."""
+    (the candidate shown in slot A → the one chosen); then byes and the champion. ``pool``: candidate ids in
+    seed order, for the order of the byes."""
+    seed = {cid: i for i, cid in enumerate(pool)}
     rounds: dict[int, list[SetMatch]] = {}
     for s in sets:
         rounds.setdefault(s.round, []).append(s)
@@ -97,7 +99,7 @@ def setwise_knockout(sets: Sequence[SetMatch], label: Mapping[str, str]) -> Grou
             parts.append(line)
         if index + 1 < len(numbers):
             playing = {m for s in rounds[r] for m in s.members}
-            byes = [m for s in rounds[numbers[index + 1]] for m in s.members if m not in playing]
+            byes = sorted((m for s in rounds[numbers[index + 1]] for m in s.members if m not in playing), key=lambda m: seed.get(m, len(seed)))
             if byes:
                 parts.append(Text("  byes (the best by evidence wait): " + ", ".join(label.get(m, m) for m in byes), style="dim"))
     champion = rounds[numbers[-1]][0].went_on if numbers else None

@@ -129,7 +129,7 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
                       f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True, markup=False)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
     if trace.sets:
-        console.print(setwise_knockout(trace.sets, label), highlight=False, soft_wrap=True)
+        console.print(setwise_knockout(trace.sets, label, trace.pool), highlight=False, soft_wrap=True)
     elif trace.strategy in ("tournament", "setwise") and has_rounds(trace.matches):  # setwise with set_size 2 is a tournament
         console.print(tournament_bracket(trace.matches, label, trace.pool), highlight=False)
     elif trace.matches:
