@@ -19,21 +19,24 @@ from geoagent.agent.controller import GeoAgent
 from geoagent.agent.events import SetAnswered
 from geoagent.agent.rerank import deal_sets
 from geoagent.types import Candidate, LocateResult
+from geoagent.words import count
 from standin import StandinConfig, StandinServer, WorldJudge
 
 SETWISE_QUERIES = 16  # photos of the world the cost checks run on (the accuracy check runs on all)
 
 
 @pytest.fixture(scope="module")
-def server(world):
-    """One stand-in for the module; each test starts from an empty request log."""
+def module_server(world):
+    """One stand-in for the module."""
     with StandinServer(WorldJudge(world.truth), StandinConfig(capacity=64)) as started:
         yield started
 
 
-@pytest.fixture(autouse=True)
-def _fresh_log(server):
-    server.reset_log()
+@pytest.fixture
+def server(module_server):
+    """The module's stand-in, its request log emptied for this test."""
+    module_server.reset_log()
+    return module_server
 
 
 async def locate(world, server, retriever, cache_dir, limit=None, explain=False, on_event=None, **agent_cfg) -> list[tuple[object, LocateResult]]:
@@ -43,6 +46,15 @@ async def locate(world, server, retriever, cache_dir, limit=None, explain=False,
         for query in world.queries[:limit]:
             pairs.append((query, await agent.locate(query.path, explain=explain, on_event=on_event)))
         return pairs
+    finally:
+        await agent.aclose()
+
+
+async def locate_photo(world, server, retriever, cache_dir, photo, **agent_cfg) -> LocateResult:
+    """One photo with the trace, as the CLI's defaults would locate it (set-wise, prior and reasoning off)."""
+    agent = GeoAgent(world_settings(world, server, cache_dir, strategy="setwise", **agent_cfg), retriever=retriever)
+    try:
+        return await agent.locate(photo, explain=True)
     finally:
         await agent.aclose()
 
@@ -57,18 +69,19 @@ def questions(server: StandinServer) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def tournament_run(world, server, world_retriever, tmp_path_factory):
+def tournament_run(world, module_server, world_retriever, tmp_path_factory):
     """The adaptive tournament on the cost photos: its results, its requests, and its (now warm) cache."""
     cache = tmp_path_factory.mktemp("tournament-cache")
-    server.reset_log()
-    pairs = asyncio.run(locate(world, server, world_retriever, cache, limit=SETWISE_QUERIES, strategy="tournament"))
-    return pairs, questions(server), cache
+    module_server.reset_log()
+    pairs = asyncio.run(locate(world, module_server, world_retriever, cache, limit=SETWISE_QUERIES, strategy="tournament"))
+    return pairs, questions(module_server), cache
 
 
-async def test_set_size_two_asks_exactly_the_tournaments_questions(world, server, world_retriever, tournament_run, tmp_path):
+async def test_set_size_two_asks_exactly_the_tournaments_questions(world, tournament_run, server, world_retriever, tmp_path):
     """c = 2 is the tournament: the same prompts with the same images, as many of them, the same answers; and
     against the tournament's cache it sends nothing, so every question has the tournament's cache key."""
     tournament_pairs, tournament_questions, tournament_cache = tournament_run
+    server.reset_log()
     pairs = await locate(world, server, world_retriever, tmp_path / "cold", limit=SETWISE_QUERIES, strategy="setwise", set_size=2)
     assert questions(server) == tournament_questions
     assert sum(tournament_questions.values()) > SETWISE_QUERIES  # the comparison is about real questions
@@ -128,6 +141,21 @@ async def test_setwise_asks_the_knockouts_questions_and_reports_each_set(world, 
     assert all(json.loads(SetAnswered(set=s).model_dump_json())["kind"] == "set" for s in told_sets)
 
 
+async def test_the_composite_layout_sends_each_set_as_one_labelled_picture(world, server, world_retriever, tmp_path):
+    """With image_layout = "composite" each set-wise question is one picture whose panels the prompt names (the
+    query, then one per candidate letter), and the knockout asks as many questions as with separate images."""
+    separate = await locate(world, server, world_retriever, tmp_path / "separate", limit=8, strategy="setwise", position_debias=False)
+    server.reset_log()
+    composite = await locate(world, server, world_retriever, tmp_path / "composite", limit=8, strategy="setwise",
+                             position_debias=False, image_layout="composite")
+    sent = server.chat_requests()
+    assert sent and all(r.schema_name == "SetwiseAnswer" and r.images == 1 for r in sent)
+    for r in sent:
+        letters = [line[len("Candidate ")] for line in r.prompt.splitlines() if line.startswith("Candidate ")]
+        assert "panel 1 is the query photo" in r.prompt and all(f"panel {i} shows candidate {x}" in r.prompt for i, x in enumerate(letters, 2))
+    assert [r.stats.vlm_calls for _, r in composite] == [r.stats.vlm_calls for _, r in separate]
+
+
 async def test_setwise_locates_about_as_well_as_the_tournament(world, server, world_retriever, tmp_path):
     """On the default knobs set-wise (c = 4, adaptive) lifts Top-1 over retrieval alone as the tournament does,
     and stays within 0.1 of it, with fewer requests per photo."""
@@ -176,21 +204,22 @@ async def test_a_letter_not_shown_is_repaired_or_fails_the_question_not_the_phot
     assert sum("could not be used" in r.prompt for r in sent) == len(sent) // 2
 
 
-def test_explain_shows_each_set_and_its_winner(world, server, tmp_path):
-    """`geoagent locate --explain` prints every set of the knockout (its candidates) and who went on."""
-    config = write_world_config(tmp_path / "geoagent.toml", world, server, tmp_path / "cache", strategy="setwise",
-                                country_prior=False, reasoning=False)
-    photo = str(world.queries[2].path)
-    as_json = run_cli("locate", photo, "--config", str(config), "--json", "--explain", cwd=tmp_path)
-    assert as_json.returncode == 0, as_json.stderr
-    result = LocateResult.model_validate_json(as_json.stdout)
+async def test_explain_shows_each_set_and_its_winner(world, server, world_retriever, tmp_path):
+    """`geoagent locate --explain` prints every set of the knockout (its candidates) and who went on. The sets are
+    known from the same question asked in process first: the CLI answers from that cache, so its trace is the same."""
+    photo = world.queries[2].path
+    result = await locate_photo(world, server, world_retriever, tmp_path / "cache", photo)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
     sets = result.trace.sets
     assert len(sets) == math.ceil((len(result.candidates) - 1) / 3)
-    shown = run_cli("locate", photo, "--config", str(config), "--explain", cwd=tmp_path)
+    config = write_world_config(tmp_path / "geoagent.toml", world, server, tmp_path / "cache", strategy="setwise",
+                                country_prior=False, reasoning=False)
+    server.reset_log()
+    shown = run_cli("locate", str(photo), "--config", str(config), "--explain", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
+    assert server.chat_requests() == []  # answered from the cache: the very questions whose sets are checked below
     lines = shown.stdout.splitlines()
-    assert any("set-wise knockout" in line for line in lines), shown.stdout
+    assert any(f"set-wise knockout: {count(len(sets), 'set')} in" in line for line in lines), shown.stdout
     for s in sets:
         row = next((line for line in lines if all(label[m] in line for m in s.members)), None)
         assert row is not None, (s, shown.stdout)
