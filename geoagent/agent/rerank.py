@@ -64,7 +64,7 @@ class Comparator:
     matches: list[Match] = field(default_factory=list)
     sets: list[SetMatch] = field(default_factory=list)
     scores: list[PointwiseScore] = field(default_factory=list)
-    on_event: OnEvent | None = None  # told each match and score as it is decided
+    on_event: OnEvent | None = None  # told each match, set and score as it is decided
     _questions: dict[tuple[str, ...], asyncio.Task[tuple[str, list[EncodedImage]]]] = field(default_factory=dict)
 
     def prefer(self, a: Candidate, b: Candidate) -> Candidate:
