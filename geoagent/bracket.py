@@ -1,4 +1,5 @@
-"""A tournament's matches as a bracket for ``--explain``: its rounds, who met whom, who went on, ties and byes.
+"""A knockout for ``--explain``: a tournament's matches as a bracket (its rounds, who met whom, who went on, ties
+and byes), and a set-wise knockout's sets round by round.
 
 The trace records each match with its round (``Match.round``). Who went on after a tie (the evidence decides)
 and who had a bye (an odd number left: the best by evidence waits) are read off the next round's players.
@@ -12,7 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from geoagent.types import Match
+from geoagent.types import Match, SetMatch
 from geoagent.words import count
 
 
@@ -70,3 +71,38 @@ def _asks(m: Match, label: Mapping[str, str]) -> Text:
         chosen = label.get(vote, vote) if vote is not None else "failed"
         asks.append(f"{label.get(shown, shown)} → {chosen}" if shown is not None else chosen)
     return Text("; ".join(asks))
+
+
+def setwise_knockout(sets: Sequence[SetMatch], label: Mapping[str, str], pool: Sequence[str] = ()) -> Group:
+    """Each set on one line, round by round: its candidates (best by evidence first), who went on, and each ask
+    (the candidate shown in slot A → the one chosen); then byes and the champion. ``pool``: candidate ids in
+    seed order, for the order of the byes."""
+    seed = {cid: i for i, cid in enumerate(pool)}
+    rounds: dict[int, list[SetMatch]] = {}
+    for s in sets:
+        rounds.setdefault(s.round, []).append(s)
+    numbers = sorted(rounds)
+    unanswered = sum(s.winner is None for s in sets)
+    parts: list[Text] = [Text(f"set-wise knockout: {count(len(sets), 'set')} in {count(len(numbers), 'round')}"
+                              + (f", {unanswered} settled by the evidence" if unanswered else ""), style="bold")]
+    for index, r in enumerate(numbers):
+        title = "final" if r == numbers[-1] else f"round {r} of {numbers[-1]}"
+        parts.append(Text(title, style="italic"))
+        for s in rounds[r]:
+            line = Text("  " + ", ".join(label.get(m, m) for m in s.members) + "  →  went on: ")
+            line.append(label.get(s.went_on, s.went_on), style="bold")
+            if s.winner is None:
+                line.append(" (no answer)" if s.failed else " (answers disagreed)", style="red" if s.failed else "yellow")
+                line.append(" by evidence")
+            asks = [f"{label.get(order[0], order[0])} → {label.get(v, v) if v is not None else 'failed'}" for order, v in zip(s.shown, s.votes)]
+            line.append(f"  asks (shown first → chosen): {'; '.join(asks)}", style="dim")
+            parts.append(line)
+        if index + 1 < len(numbers):
+            playing = {m for s in rounds[r] for m in s.members}
+            byes = sorted((m for s in rounds[numbers[index + 1]] for m in s.members if m not in playing), key=lambda m: seed.get(m, len(seed)))
+            if byes:
+                parts.append(Text("  byes (the best by evidence wait): " + ", ".join(label.get(m, m) for m in byes), style="dim"))
+    champion = rounds[numbers[-1]][0].went_on if numbers else None
+    if champion is not None:
+        parts.append(Text(f"champion: {label.get(champion, champion)}"))
+    return Group(*parts)

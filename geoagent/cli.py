@@ -210,7 +210,7 @@ BackendOption = Annotated[str | None, typer.Option("--backend", help="Send every
 ModelOption = Annotated[str | None, typer.Option("--model", help="Model name for the profiles in use.")]
 IndexOption = Annotated[Path | None, typer.Option("--index", help="Reference index folder (default: the gazetteer).")]
 TopKOption = Annotated[int | None, typer.Option("--top-k", help="Candidates to retrieve and rerank.")]
-StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting | georanker.")]
+StrategyOption = Annotated[str | None, typer.Option("--strategy", help="none | pointwise | allpairs | tournament | sorting | setwise | georanker.")]
 PromptsOption = Annotated[Path | None, typer.Option("--prompts", help="Folder of prompt templates to use instead.")]
 MapOption = Annotated[Path | None, typer.Option("--map", help="Also write a map of the answers: one self-contained HTML file (opens offline).", show_default=False)]
 

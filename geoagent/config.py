@@ -332,12 +332,20 @@ class RetrievalConfig(_Section):
 class AgentConfig(_Section):
     """How the agent asks and decides. Setting country_prior and reasoning to false leaves retrieval + reranking."""
 
-    strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting | georanker")
+    strategy: str = Field(default="tournament", description="none | pointwise | allpairs | tournament | sorting | setwise | georanker")
+    set_size: int = Field(
+        default=4, ge=2, le=26,
+        description="setwise: candidates shown in one question (labelled A, B, C, ...); a knockout over sets asks about "
+        "(K-1)/(set_size-1) questions for K candidates. 2 asks exactly the tournament's pairwise questions.",
+    )
     top_k: int | None = Field(default=None, ge=1, le=200, description="Candidates reranked; unset: retrieval.top_k.")
     position_debias: bool | Literal["adaptive"] = Field(
         default="adaptive",
         description='true: ask both orders of every pair (disagreement is a tie); "adaptive": one order in a seeded '
-        "random direction, the other only when the answer is not decisive; false: one order, candidate A first.",
+        "random direction, the other only when the answer is not decisive; false: one order, candidate A first. "
+        "setwise: the other order is the set rotated by one (slot A's candidate moves last); true asks both, "
+        '"adaptive" starts from a seeded rotation and asks the other only when the answer overturns an evidence lead, '
+        "false asks once in seed order; when the answers disagree the set's best by evidence goes on.",
     )
     adaptive_margin: float = Field(
         default=0.05, ge=0, description="adaptive: ask the other order too when an answer overturns an evidence lead this large."

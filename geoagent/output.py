@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from geoagent.bracket import has_rounds, tournament_bracket
+from geoagent.bracket import has_rounds, setwise_knockout, tournament_bracket
 from geoagent.exif import ExifInfo
 from geoagent.geo import country_name, haversine_km, reverse_geocode
 from geoagent.types import LocateResult
@@ -128,7 +128,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
         console.print(f" {marker}guess {guess.sample}: {country_name(guess.country)} ({guess.lat:.3f}, {guess.lon:.3f}) "
                       f"confidence {guess.confidence:.2f}; clues: {'; '.join(guess.clues)}", highlight=False, soft_wrap=True, markup=False)
     label = {c.id: f"#{c.rank} {c.place or c.id}" for c in result.candidates}
-    if trace.strategy == "tournament" and has_rounds(trace.matches):
+    if trace.sets:
+        console.print(setwise_knockout(trace.sets, label, trace.pool), highlight=False, soft_wrap=True)
+    elif trace.strategy in ("tournament", "setwise") and has_rounds(trace.matches):  # setwise with set_size 2 is a tournament
         console.print(tournament_bracket(trace.matches, label, trace.pool), highlight=False)
     elif trace.matches:
         ties = sum(m.winner is None and not m.failed for m in trace.matches)

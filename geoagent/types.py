@@ -60,6 +60,27 @@ class Match(BaseModel):
         return bool(self.votes) and all(vote is None for vote in self.votes)
 
 
+class SetMatch(BaseModel):
+    """One set of a set-wise knockout: the query and several candidates in one question; the nearest goes on.
+
+    Each ask shows the set in some order (slot A first); an answer that overturns a clear evidence lead is
+    asked again in a rotated order (``position_debias``). When no answer stands, the set's best by evidence
+    goes on (``winner`` None, ``went_on`` says who).
+    """
+
+    members: list[str]  # candidate ids, best by retrieval/prior evidence first
+    winner: str | None  # the answer that stood; None: the answers disagreed, or none came
+    went_on: str  # who went on to the next round: the winner, or else the best by evidence
+    votes: list[str | None]  # the candidate id each ask chose, in the order asked; None: that ask failed
+    shown: list[list[str]] = Field(default_factory=list)  # each ask's order, slot A first
+    round: int = 1  # the knockout round it was played in (1 = first)
+
+    @property
+    def failed(self) -> bool:
+        """Every ask failed: no answer at all (the evidence settled it)."""
+        return bool(self.votes) and all(vote is None for vote in self.votes)
+
+
 class PointwiseScore(BaseModel):
     id: str
     score: float
@@ -97,6 +118,7 @@ class Trace(BaseModel):
     guesses: list[Guess] = Field(default_factory=list)
     consensus_guess: Guess | None = None
     matches: list[Match] = Field(default_factory=list)
+    sets: list[SetMatch] = Field(default_factory=list)  # setwise: each set asked and who went on
     pointwise: list[PointwiseScore] = Field(default_factory=list)
     rewards: dict[str, float] = Field(default_factory=dict)  # georanker: candidate id -> reward, before fusion
     rewards_without_photo: list[str] = Field(default_factory=list)  # scored from the query photo and coordinates alone

@@ -366,12 +366,9 @@ def test_the_page_shows_the_exif_panel_and_position_when_the_answer_has_them(ser
     assert any(line.startswith("The photo's EXIF GPS (-33.8568, -151.2153) is ") and line.endswith(" km from this answer") for line in why), why
 
 
-def test_the_page_tells_a_failed_match_from_a_tie(served, world):
-    """A match whose every ask failed was not decided: the page says so (and marks it), instead of calling it a
-    tie; a match whose answers disagreed is still a tie. The stream is replayed with both kinds of match."""
-    matches = [{"a": "rome", "b": "oslo", "winner": None, "votes": [None, None]},
-               {"a": "lima", "b": "baku", "winner": None, "votes": ["lima", "baku"]}]
-    stream = "".join(f"event: match\r\ndata: {json.dumps({'kind': 'match', 'match': m})}\r\n\r\n" for m in matches)
+def replayed_steps(served, world, stream: str) -> tuple[list[str], list[str]]:
+    """The page's match steps (all, and those marked failed) once it has read ``stream`` (two steps or more) in
+    place of the server's event stream."""
     with offline_browser(allow=(served.url,)) as browser:
         page = browser.new_page()
         page.route("**/api/locate/stream*", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream))
@@ -379,10 +376,29 @@ def test_the_page_tells_a_failed_match_from_a_tie(served, world):
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
         page.set_input_files("#photo", str(world.queries[0].path))
         page.locator("#steps li.match").nth(1).wait_for(timeout=30_000)  # (a predicate would need eval: the CSP forbids it)
-        steps = page.locator("#steps li.match").all_inner_texts()
-        failed = page.locator("#steps li.match.failed").all_inner_texts()
+        return page.locator("#steps li.match").all_inner_texts(), page.locator("#steps li.match.failed").all_inner_texts()
+
+
+def test_the_page_tells_a_failed_match_from_a_tie(served, world):
+    """A match whose every ask failed was not decided: the page says so (and marks it), instead of calling it a
+    tie; a match whose answers disagreed is still a tie. The stream is replayed with both kinds of match."""
+    matches = [{"a": "rome", "b": "oslo", "winner": None, "votes": [None, None]},
+               {"a": "lima", "b": "baku", "winner": None, "votes": ["lima", "baku"]}]
+    stream = "".join(f"event: match\r\ndata: {json.dumps({'kind': 'match', 'match': m})}\r\n\r\n" for m in matches)
+    steps, failed = replayed_steps(served, world, stream)
     assert steps == ["rome vs oslo: no answer (every question about it failed)", "lima vs baku: a tie"]
     assert failed == steps[:1]
+
+
+def test_the_page_shows_each_set_and_who_went_on(served, world):
+    """A set-wise knockout's "set" events are shown as steps: the set's candidates and who went on, marked when no
+    answer stood (every ask failed, or the answers disagreed) and the evidence chose."""
+    sets = [{"members": ["rome", "oslo", "lima"], "winner": "oslo", "went_on": "oslo", "votes": ["oslo"], "round": 1},
+            {"members": ["baku", "kiev"], "winner": None, "went_on": "baku", "votes": [None, None], "round": 1}]
+    stream = "".join(f"event: set\r\ndata: {json.dumps({'kind': 'set', 'set': s})}\r\n\r\n" for s in sets)
+    steps, failed = replayed_steps(served, world, stream)
+    assert steps == ["rome, oslo, lima: oslo goes on", "baku, kiev: baku goes on by evidence (no answer: every question about it failed)"]
+    assert failed == steps[1:]
 
 
 def test_without_the_web_extra_serve_names_what_to_install(tmp_path):

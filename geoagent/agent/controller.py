@@ -413,6 +413,7 @@ class GeoAgent:
                 debias=cfg.position_debias,
                 adaptive_margin=cfg.adaptive_margin,
                 max_side=cfg.max_image_side,
+                set_size=cfg.set_size,
                 on_event=on_event,
             )
             votes = await timed("rerank", STRATEGIES[cfg.strategy](pool, comparator, cfg.vote_model))
@@ -428,7 +429,7 @@ class GeoAgent:
             trace.pool = [c.id for c in pool]
             trace.guesses, trace.consensus_guess = guesses, guess
             if comparator is not None:
-                trace.matches, trace.pointwise = comparator.matches, comparator.scores
+                trace.matches, trace.sets, trace.pointwise = comparator.matches, comparator.sets, comparator.scores
             if scored is not None:
                 trace.rewards, trace.rewards_without_photo = scored.rewards, scored.without_photo
             trace.fusion = terms

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from geoagent.types import Candidate, CountryScore, Guess, LocateResult, Match, PointwiseScore
+from geoagent.types import Candidate, CountryScore, Guess, LocateResult, Match, PointwiseScore, SetMatch
 
 
 class CandidatesRetrieved(BaseModel):
@@ -52,6 +52,13 @@ class MatchAnswered(BaseModel):
     match: Match
 
 
+class SetAnswered(BaseModel):
+    """One set of a set-wise knockout, decided: who went on."""
+
+    kind: Literal["set"] = "set"
+    set: SetMatch
+
+
 class ScoreAnswered(BaseModel):
     """One candidate's pointwise score."""
 
@@ -67,7 +74,7 @@ class Done(BaseModel):
 
 
 AgentEvent = Annotated[
-    CandidatesRetrieved | PriorReady | GuessesReady | RerankStarted | MatchAnswered | ScoreAnswered | Done,
+    CandidatesRetrieved | PriorReady | GuessesReady | RerankStarted | MatchAnswered | SetAnswered | ScoreAnswered | Done,
     Field(discriminator="kind"),
 ]
 #: The listener ``GeoAgent.locate(on_event=...)`` calls with each event as it happens.

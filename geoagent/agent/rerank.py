@@ -1,4 +1,4 @@
-"""Reranking strategies: ask a VLM about candidates (pointwise or in pairs) and turn answers into votes.
+"""Reranking strategies: ask a VLM about candidates (pointwise, in pairs or in sets) and turn answers into votes.
 
 A strategy is one async function registered by name; it returns a vote in [0, 1] per candidate id. Each
 round's questions go out at once; the VLM client bounds how many are in flight.
@@ -9,20 +9,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
 
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
-from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
-from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered
+from geoagent.agent.answers import LETTERS, PairwiseAnswer, PointwiseAnswer, setwise_answer
+from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered, SetAnswered
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
 from geoagent.prompts import PromptSet
-from geoagent.types import Candidate, Match, PointwiseScore
+from geoagent.types import Candidate, Match, PointwiseScore, SetMatch
 from geoagent.vlm import CallStats, EncodedImage, VLMClient
 
 
@@ -59,15 +59,17 @@ class Comparator:
     debias: bool | Literal["adaptive"] = True
     adaptive_margin: float = 0.1
     max_side: int = 768
+    set_size: int = 4  # setwise: candidates per question
     stats: CallStats = field(default_factory=CallStats)
     matches: list[Match] = field(default_factory=list)
+    sets: list[SetMatch] = field(default_factory=list)
     scores: list[PointwiseScore] = field(default_factory=list)
-    on_event: OnEvent | None = None  # told each match and score as it is decided
+    on_event: OnEvent | None = None  # told each match, set and score as it is decided
     _questions: dict[tuple[str, ...], asyncio.Task[tuple[str, list[EncodedImage]]]] = field(default_factory=dict)
 
     def prefer(self, a: Candidate, b: Candidate) -> Candidate:
         """The tie-breaker: the candidate with more retrieval and prior evidence."""
-        return a if self.base.get(a.id, 0.0) >= self.base.get(b.id, 0.0) else b
+        return self.best_by_evidence([a, b])
 
     async def _question(self, template: str, candidates: list[Candidate], slots: list[str]) -> tuple[str, list[EncodedImage]]:
         """The prompt and images for these candidates in these slots. A composite is drawn once per ordered
@@ -98,7 +100,7 @@ class Comparator:
                 lines[slot] = f"{noun} ({word} {position[candidate.id]}), taken near {where}"
             else:
                 lines[slot] = f"no photo; the place {where}"
-        values = {"layout": layout}
+        values = {"layout": layout, "candidates": "\n".join(f"Candidate {s}: {lines[s]}" for s in slots), "letters": _letters(slots)}
         values |= {"candidate": lines[slots[0]]} if len(slots) == 1 else {f"candidate_{s.lower()}": lines[s] for s in slots}
         prompt = self.prompts.render(template, **values)
         photos = [self.photos[c.id] for c, _ in with_photo]
@@ -131,31 +133,44 @@ class Comparator:
         it stands only when an ask in the other order confirms it, whichever ask produced it (a first ask that
         failed is asked once more for that confirmation), else the tie goes to the evidence.
         """
-        if self.debias == "adaptive":
-            first, second = (a, b) if self._a_first(a, b) else (b, a)
-            orders = [(first, second)]
-            votes = [await self._choose(first, second)]
-            if not self._decisive(votes[0], a, b):
-                orders.append((second, first))
-                votes.append(await self._choose(second, first))
-                if votes[0] is None and votes[1] is not None and not self._decisive(votes[1], a, b):
-                    orders.append((first, second))  # the lone answer overturns the evidence: confirm it as a first one would be
-                    votes.append(await self._choose(first, second))
-        elif self.debias:
-            orders = [(a, b), (b, a)]
-            votes = list(await asyncio.gather(self._choose(a, b), self._choose(b, a)))
-        else:
-            orders = [(a, b)]
-            votes = [await self._choose(a, b)]
-        answered = {vote for vote in votes if vote is not None}
-        winner = answered.pop() if len(answered) == 1 else None
-        if self.debias == "adaptive" and winner is not None and not self._decisive(winner, a, b) and votes.count(winner) < 2:
-            winner = None  # overturns a clear evidence lead on one answer: unconfirmed, the evidence decides
-        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[x.id for x, _ in orders], round=round_number)
+        first = [a, b] if self.debias != "adaptive" or self._a_first(a, b) else [b, a]
+        winner, votes, orders = await self._settle([a, b], first, lambda order: self._choose(*order))
+        match = Match(a=a.id, b=b.id, winner=winner, votes=votes, shown_first=[order[0].id for order in orders], round=round_number)
         self.matches.append(match)
         if self.on_event is not None:
             self.on_event(MatchAnswered(match=match))
         return match
+
+    async def _settle(
+        self, members: list[Candidate], first: list[Candidate], ask: Callable[[list[Candidate]], Awaitable[str | None]]
+    ) -> tuple[str | None, list[str | None], list[list[Candidate]]]:
+        """The position-debiasing rule shared by pairs and sets: (winner or None, each ask's vote, each ask's order).
+
+        ``first``: the order of the first ask; the other order is ``first`` rotated by one (for a pair, swapped),
+        so the candidate in slot A moves to the last slot. ``true`` asks both orders, ``false`` only ``first``,
+        ``"adaptive"`` ``first`` and the rotation only when the answer is not :meth:`_decisive`.
+        """
+        second = first[1:] + first[:1]
+        if self.debias == "adaptive":
+            orders = [first]
+            votes = [await ask(first)]
+            if not self._decisive(votes[0], *members):
+                orders.append(second)
+                votes.append(await ask(second))
+                if votes[0] is None and votes[1] is not None and not self._decisive(votes[1], *members):
+                    orders.append(first)  # the lone answer overturns the evidence: confirm it as a first one would be
+                    votes.append(await ask(first))
+        elif self.debias:
+            orders = [first, second]
+            votes = list(await asyncio.gather(ask(first), ask(second)))
+        else:
+            orders = [first]
+            votes = [await ask(first)]
+        answered = {vote for vote in votes if vote is not None}
+        winner = answered.pop() if len(answered) == 1 else None
+        if self.debias == "adaptive" and winner is not None and not self._decisive(winner, *members) and votes.count(winner) < 2:
+            winner = None  # overturns a clear evidence lead on one answer: unconfirmed, the evidence decides
+        return winner, votes, orders
 
     def _a_first(self, a: Candidate, b: Candidate) -> bool:
         """A coin flip seeded by the query and the pair: the same match shows the same order on every rerun."""
@@ -163,19 +178,61 @@ class Comparator:
         digest = hashlib.sha256(f"{self.query.encoded.sha256}|{pair}".encode()).digest()
         return (digest[0] & 1) == (0 if a.id < b.id else 1)
 
-    def _decisive(self, vote: str | None, a: Candidate, b: Candidate) -> bool:
-        """One answer settles a match unless it goes against clearly stronger retrieval and prior evidence.
+    def _decisive(self, vote: str | None, *members: Candidate) -> bool:
+        """One answer settles a match (or a set) unless it goes against clearly stronger retrieval and prior evidence.
 
         Where the evidence cannot tell the two apart, one answer (right ~90% of the time for a good VLM) is as
         good as two: on disagreement two would fall back to that same coin-flip evidence. Where the model
         overturns a clear evidence lead, it is asked again in the other order: a repeated verdict stands, a
-        reversed one was position bias or noise, and the tie goes to the evidence.
+        reversed one was position bias or noise, and the tie goes to the evidence. In a set, the lead is the
+        strongest other member's over the chosen one.
         """
         if vote is None:
             return False
-        chosen, other = (a, b) if vote == a.id else (b, a)
-        lead_against = self.base.get(other.id, 0.0) - self.base.get(chosen.id, 0.0)
+        strongest_other = max(self.base.get(c.id, 0.0) for c in members if c.id != vote)
+        lead_against = strongest_other - self.base.get(vote, 0.0)
         return lead_against < self.adaptive_margin
+
+    def best_by_evidence(self, members: Sequence[Candidate]) -> Candidate:
+        """The tie-breaker of a set: the member with the most retrieval and prior evidence (the first on a tie)."""
+        return max(members, key=lambda c: self.base.get(c.id, 0.0))
+
+    async def _choose_from(self, order: list[Candidate]) -> str | None:
+        """One set-wise ask showing ``order`` as A, B, C, ...; the chosen candidate's id, None if the ask failed."""
+        slots = list(LETTERS[: len(order)])
+        prompt, images = await self._question(self._template("setwise"), order, slots)
+        question = self.pairwise_client.ask(prompt, images, setwise_answer(len(order)), task="setwise")
+        answer = await self.log.ask(question, "pairwise", " ".join(f"{s}={c.id}" for s, c in zip(slots, order)))
+        if answer is None:
+            return None
+        self.stats.add(answer.stats)
+        return order[slots.index(answer.value.choice)].id
+
+    async def choose_set(self, members: list[Candidate], round_number: int) -> Candidate:
+        """Which of ``members`` (best by evidence first) matches the query best: the one that goes on.
+
+        Position bias is handled as :meth:`compare` does (see :meth:`_settle`): ``"adaptive"`` first shows the set
+        rotated by a seeded offset (reruns hit the cache), ``true`` and ``false`` in seed order. When no answer
+        stands, the best by evidence goes on.
+        """
+        first = members
+        if self.debias == "adaptive":
+            shift = self._rotation(members)
+            first = members[shift:] + members[:shift]
+        winner, votes, orders = await self._settle(members, first, self._choose_from)
+        went_on = winner or self.best_by_evidence(members).id
+        played = SetMatch(members=[c.id for c in members], winner=winner, went_on=went_on, votes=votes,
+                          shown=[[c.id for c in order] for order in orders], round=round_number)
+        self.sets.append(played)
+        if self.on_event is not None:
+            self.on_event(SetAnswered(set=played))
+        return next(c for c in members if c.id == went_on)
+
+    def _rotation(self, members: Sequence[Candidate]) -> int:
+        """A slot offset seeded by the query and the set: the same set shows the same order on every rerun."""
+        ids = "|".join(c.id for c in members)
+        digest = hashlib.sha256(f"{self.query.encoded.sha256}|{ids}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") % len(members)
 
     async def winner(self, a: Candidate, b: Candidate, round_number: int | None = None) -> Candidate:
         match = await self.compare(a, b, round_number)
@@ -239,9 +296,14 @@ async def allpairs(pool: list[Candidate], comparator: Comparator, method: str) -
     return bradley_terry(ids, matches) if method == "bradley_terry" else copeland(ids, matches)
 
 
-@strategy("tournament")
-async def tournament(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
-    """Knockout seeded by retrieval evidence, best against worst: K-1 matches in ceil(log2 K) rounds.
+async def knockout(
+    pool: list[Candidate],
+    comparator: Comparator,
+    deal: Callable[[list[Candidate]], list[list[Candidate]]],
+    play: Callable[[list[Candidate], int], Awaitable[Candidate]],
+) -> dict[str, float]:
+    """A knockout seeded by evidence: each round ``deal`` groups the candidates still in (best seed first; those
+    left out have a bye), every group is played at once, and one of each goes on.
 
     The vote is how far a candidate got: the champion 1, first-round losers lowest.
     """
@@ -250,20 +312,64 @@ async def tournament(pool: list[Candidate], comparator: Comparator, method: str)
     round_number = 0
     while len(alive) > 1:
         round_number += 1
-        bye = [alive[0]] if len(alive) % 2 else []
-        contenders = alive[len(bye) :]
-        half = len(contenders) // 2
-        pairs = list(zip(contenders[:half], reversed(contenders[half:])))
-        winners = await asyncio.gather(*(comparator.winner(a, b, round_number) for a, b in pairs))
-        for a, b in pairs:
-            for loser in {a.id, b.id} - {w.id for w in winners}:
-                reached[loser] = round_number
-        survivors = {c.id for c in bye} | {w.id for w in winners}
-        alive = [c for c in alive if c.id in survivors]
+        groups = deal(alive)
+        winners = await asyncio.gather(*(play(group, round_number) for group in groups))
+        for group, winner in zip(groups, winners):
+            for loser in group:
+                if loser.id != winner.id:
+                    reached[loser.id] = round_number
+        alive = [c for c in alive if c.id not in reached]
     if alive:
         reached[alive[0].id] = round_number + 1
     top = max(reached.values(), default=1)
     return {cid: r / top for cid, r in reached.items()}
+
+
+def _pairs(alive: list[Candidate]) -> list[list[Candidate]]:
+    """Best against worst; with an odd number left, the best seed has a bye."""
+    contenders = alive[len(alive) % 2 :]
+    half = len(contenders) // 2
+    return [[a, b] for a, b in zip(contenders[:half], reversed(contenders[half:]))]
+
+
+def deal_sets(alive: list[Candidate], size: int) -> list[list[Candidate]]:
+    """One round's sets of at most ``size``: just enough play that the survivors are a power of ``size``, so every
+    later set is full and the whole knockout asks ceil((K-1)/(size-1)) sets. The best seeds have the byes; the
+    others are dealt snake-wise (1st, 2nd, ... then back), so the strongest meet as late as they can."""
+    n = len(alive)
+    survivors = 1
+    while survivors * size < n:
+        survivors *= size
+    full, rest = divmod(n - survivors, size - 1)
+    sizes = [size] * full + ([rest + 1] if rest else [])
+    players = iter(alive[n - sum(sizes) :])
+    groups: list[list[Candidate]] = [[] for _ in sizes]
+    left, forward = sum(sizes), True
+    while left:
+        for g in range(len(sizes)) if forward else reversed(range(len(sizes))):
+            if left and len(groups[g]) < sizes[g]:
+                groups[g].append(next(players))
+                left -= 1
+        forward = not forward
+    return groups
+
+
+@strategy("tournament")
+async def tournament(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """Knockout seeded by retrieval evidence, best against worst: K-1 matches in ceil(log2 K) rounds."""
+    return await knockout(pool, comparator, _pairs, lambda pair, r: comparator.winner(pair[0], pair[1], r))
+
+
+@strategy("setwise")
+async def setwise(pool: list[Candidate], comparator: Comparator, method: str) -> dict[str, float]:
+    """Knockout over sets of ``set_size`` c: one question shows the query and up to c candidates and asks which is
+    nearest; about ceil((K-1)/(c-1)) questions in ceil(log_c K) rounds, sets of a round at once.
+
+    c = 2 is the tournament itself: the same questions (prompts, images, cache entries).
+    """
+    if comparator.set_size <= 2:
+        return await tournament(pool, comparator, method)
+    return await knockout(pool, comparator, lambda alive: deal_sets(alive, comparator.set_size), comparator.choose_set)
 
 
 @strategy("sorting")
@@ -283,3 +389,9 @@ async def sorting(pool: list[Candidate], comparator: Comparator, method: str) ->
 
     ordered = await merge_sort(sorted(pool, key=lambda c: -comparator.base.get(c.id, 0.0)))
     return rank_votes([c.id for c in ordered])
+
+
+def _letters(slots: Sequence[str]) -> str:
+    """The letters an answer may name, as a prompt lists them: '"A", "B" or "C"'."""
+    quoted = [f'"{slot}"' for slot in slots]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else "".join(quoted)

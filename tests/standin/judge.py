@@ -41,7 +41,7 @@ class Knobs:
     seed: int = 0
 
 
-_CANDIDATE = re.compile(r"^Candidate(?: ([AB]))?:\s*(.*)$", re.MULTILINE)
+_CANDIDATE = re.compile(r"^Candidate(?: ([A-Z]))?:\s*(.*)$", re.MULTILINE)
 _SLOT = re.compile(r"\((?:image|panel) (\d+)\)")
 _COORDS = re.compile(r"\((-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\)")
 
@@ -89,6 +89,10 @@ class WorldJudge:
         if "clues" in properties:
             return self._reasoning(lat, lon, country, rng)
         candidates = {slot or "X": self._locate(detail, markers) for slot, detail in _CANDIDATE.findall(seen.prompt)}
+        if "choice" in properties and len(candidates) > 2:  # a set-wise question: which of these is nearest
+            letters = list(candidates)
+            index = self._nearest_choice(lat, lon, [candidates[letter] for letter in letters], rng, markers[0])  # type: ignore[arg-type]
+            return {"reasoning": "stand-in set-wise choice", "choice": letters[index]}
         if "choice" in properties:
             return self._pairwise(lat, lon, candidates["A"], candidates["B"], rng)
         if "score" in properties:
@@ -147,6 +151,17 @@ class WorldJudge:
         g_lat = max(-89.9, min(89.9, lat + km / 111.2 * math.cos(bearing)))
         g_lon = ((lon + km / (111.2 * max(math.cos(math.radians(lat)), 0.05)) * math.sin(bearing) + 180) % 360) - 180
         return {"clues": ["stand-in: the marker says so"], "country": country, "latitude": g_lat, "longitude": g_lon, "confidence": 0.6}
+
+    # provisional: replaced by h-honest's error model at merge
+    def _nearest_choice(self, lat: float, lon: float, options: list[tuple[float, float]], rng: random.Random, query_marker: int) -> int:
+        """The index of the option chosen (0: the first shown): slot A regardless with ``first_position_bias``, else
+        the option nearest the truth with ``pairwise_accuracy``, else a random other one."""
+        if rng.random() < self.knobs.first_position_bias:
+            return 0
+        nearest = min(range(len(options)), key=lambda i: _km(lat, lon, *options[i]))
+        if rng.random() < self.knobs.pairwise_accuracy:
+            return nearest
+        return rng.choice([i for i in range(len(options)) if i != nearest])
 
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

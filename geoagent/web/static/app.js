@@ -45,7 +45,7 @@ function fmt(x, digits) {
   return Number(x).toFixed(digits);
 }
 
-// A match without a winner is a tie only if some ask was answered; when every ask failed, nothing was decided.
+// A match (or a set) without a winner is a tie only if some ask was answered; when every ask failed, nothing was decided.
 function matchFailed(m) {
   return !m.winner && m.votes.length > 0 && m.votes.every((v) => v === null);
 }
@@ -78,6 +78,12 @@ const handlers = {
     const failed = matchFailed(m);
     const outcome = m.winner ? `${label(m.winner)} wins` : failed ? "no answer (every question about it failed)" : "a tie";
     step(`${label(m.a)} vs ${label(m.b)}: ${outcome}`, failed ? "match failed" : "match");
+  },
+  set(event) {
+    const s = event.set;
+    const failed = matchFailed(s);
+    const how = s.winner ? "" : failed ? " by evidence (no answer: every question about it failed)" : " by evidence (the answers disagreed)";
+    step(`${s.members.map(label).join(", ")}: ${label(s.went_on)} goes on${how}`, failed ? "match failed" : "match");
   },
   score(event) {
     step(`${label(event.score.id)}: ${event.score.score}/10`, "match");
