@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -131,7 +132,7 @@ def render(report: dict, knobs: Knobs, args: argparse.Namespace, elapsed: float,
         "each with a look-alike decoy 20-80 km away), tiny random-weight CLIP, top-k 10.",
         "Knobs: " + ", ".join(f"{k}={v}" for k, v in asdict(knobs).items() if k != "reasoning_error_km")
         + f", reasoning_error_km={knobs.reasoning_error_km}.",
-        f"Produced by `.venv/bin/python benchmarks/simulate.py{''.join(' ' + a for a in sys.argv[1:])}` in {elapsed:.0f} s.",
+        f"Produced by `.venv/bin/python benchmarks/simulate.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}` in {elapsed:.0f} s.",
         "",
         "| variant | " + " | ".join(ROWS) + " |",
         "| --- |" + " ---: |" * len(ROWS),
