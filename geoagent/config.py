@@ -148,6 +148,14 @@ class BackendProfile(_Section):
     price_per_1k_completion_tokens: float | None = Field(
         default=None, ge=0, description="US dollars per 1,000 answer tokens; unset: litellm's bundled price table."
     )
+    price_per_1k_cached_input_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "US dollars per 1,000 prompt tokens the provider read from its prefix cache (used with price_per_1k_prompt_tokens); "
+            "unset: those cost price_per_1k_prompt_tokens, or litellm's table's cached rate when the profile sets no price."
+        ),
+    )
     context_tokens: int | None = Field(
         default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
     )

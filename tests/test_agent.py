@@ -151,7 +151,7 @@ def test_cli_locate_names_a_corrupt_photo_and_answers_the_rest(world, world_serv
     assert [line["image"] for line in lines] == good
     for line in lines:
         assert {"image", "lat", "lon", "country", "place", "confidence", "candidates", "prior", "stats"} <= set(line)
-        assert {"vlm_calls", "cache_hits", "wall_s", "prompt_tokens", "completion_tokens"} <= set(line["stats"])
+        assert {"vlm_calls", "cache_hits", "wall_s", "input_tokens", "output_tokens"} <= set(line["stats"])
         assert {"id", "lat", "lon", "country", "source", "retrieval_score", "score", "rank"} <= set(line["candidates"][0])
         assert [c["rank"] for c in line["candidates"]] == list(range(1, len(line["candidates"]) + 1))
 

@@ -287,13 +287,15 @@ class VLMClient:
                         raise
                     finally:
                         stats.requests += sent
-                    stats.prompt_tokens += completion.usage.prompt_tokens
-                    stats.completion_tokens += completion.usage.completion_tokens
+                    usage = completion.usage
+                    stats.input_tokens += usage.input_tokens
+                    stats.cached_input_tokens += usage.cached_input_tokens
+                    stats.output_tokens += usage.output_tokens
                     price = await self.price()
                     if price is None:
                         stats.unpriced_requests += 1
                     else:
-                        stats.cost_usd += price.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+                        stats.cost_usd += price.cost(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
                     return completion
         except TransientError as exc:
             where = tried[-1].url if tried else self.backend.url

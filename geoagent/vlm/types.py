@@ -52,8 +52,12 @@ class ChatRequest:
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """Tokens one request read and wrote. ``input_tokens`` counts every prompt token, the ``cached_input_tokens``
+    a provider served from its prefix cache (billed at its cached rate) included."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class Completion(BaseModel):
@@ -73,8 +77,9 @@ class CallStats(BaseModel):
     cache_hits: int = 0
     repairs: int = 0
     failures: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    input_tokens: int = 0  # every prompt token, cached ones included
+    cached_input_tokens: int = 0  # of those, read from the provider's prefix cache (billed at its cached rate)
+    output_tokens: int = 0
     latency_s: float = 0.0
     cost_usd: float = 0.0  # of the requests whose model has a known price
     unpriced_requests: int = 0  # requests to a model without one

@@ -17,8 +17,8 @@ import openai
 
 from geoagent.errors import ConfigError
 from geoagent.vlm.backend import Health, VLMBackend
-from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
-from geoagent.vlm.types import ChatRequest, Completion, Usage
+from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages, openai_usage
+from geoagent.vlm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
     from geoagent.config import BackendProfile
@@ -108,11 +108,4 @@ class Backend(VLMBackend):
             if "Missing credentials" in str(exc) or "api_key" in str(exc).lower() and "missing" in str(exc).lower():
                 raise self.auth_error(401) from None
             raise classify_openai_error(self, exc) from None
-        usage = getattr(response, "usage", None)
-        return Completion(
-            text=response.choices[0].message.content or "",
-            usage=Usage(
-                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            ),
-        )
+        return Completion(text=response.choices[0].message.content or "", usage=openai_usage(getattr(response, "usage", None)))

@@ -38,6 +38,24 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
     return messages
 
 
+def openai_usage(usage: Any) -> Usage:
+    """Tokens from an OpenAI-shaped ``usage`` (the openai client's, or litellm's): cached input tokens from
+    ``prompt_tokens_details.cached_tokens``, else Anthropic's ``cache_read_input_tokens`` (litellm passes it on);
+    both are part of ``prompt_tokens``."""
+    if usage is None:
+        return Usage()
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if not cached:
+        cached = getattr(usage, "cache_read_input_tokens", None)
+    return Usage(
+        input_tokens=prompt,
+        cached_input_tokens=min(int(cached or 0), prompt),
+        output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+    )
+
+
 def json_schema_format(request: ChatRequest) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": request.schema_name, "schema": request.schema}}
 
@@ -137,14 +155,7 @@ class Backend(VLMBackend):
         response = raw.parse()
         if not response.choices:
             raise TransientError("the server returned no choices")
-        usage = response.usage
-        return Completion(
-            text=response.choices[0].message.content or "",
-            usage=Usage(
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-            ),
-        )
+        return Completion(text=response.choices[0].message.content or "", usage=openai_usage(response.usage))
 
     async def complete(self, request: ChatRequest) -> Completion:
         options: dict[str, Any] = {"temperature": request.temperature, "seed": request.seed, "max_tokens": request.max_tokens}
