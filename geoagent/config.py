@@ -159,6 +159,24 @@ class BackendProfile(_Section):
     context_tokens: int | None = Field(
         default=None, ge=256, description="Ollama num_ctx to send; unset: sized to each prompt, only ever growing."
     )
+    query_detail: Literal["auto", "low", "high"] | None = Field(
+        default=None,
+        description=(
+            "openai and litellm backends: image_url.detail sent with the query photo (OpenAI: low = 85 tokens at 512 px, "
+            "high = 85 + 170 per 512-px tile); unset: not sent (the provider's default, auto)."
+        ),
+    )
+    candidate_detail: Literal["auto", "low", "high"] | None = Field(
+        default=None,
+        description="openai and litellm backends: image_url.detail sent with candidates' photos (and composites); unset: not sent.",
+    )
+    cache_control: bool = Field(
+        default=False,
+        description=(
+            "litellm backend: mark the end of the prefix every question of a photo shares (instructions, then the query "
+            "image) with cache_control: {type: ephemeral}, which Anthropic needs to cache it (OpenAI caches without a mark)."
+        ),
+    )
 
     @field_validator("kind")
     @classmethod

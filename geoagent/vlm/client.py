@@ -166,21 +166,25 @@ class VLMClient:
         task: str = "",
         sample: int = 0,
         system: str | None = None,
+        prefix: Sequence[ChatMessage] = (),
     ) -> Answer[AnswerT]:
         """Ask one question about ``images`` (sent in order) and return an answer valid for ``schema``.
 
+        ``prefix``: messages that open every question about the same photo, byte for byte (the instructions,
+        then the query image), sent before the question's own; a provider's prefix cache reuses them.
         ``sample`` distinguishes repeated samples of the same question (self-consistency): each has its own
         seed and cache entry. Identical questions in flight at once share one request; cancelling one asker
         leaves the others waiting. Raises BackendError or AnswerError with a message fit for a user.
         """
-        messages = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt, tuple(images)),)
+        opening = ((ChatMessage("system", system),) if system else ()) + tuple(prefix)
         request = ChatRequest(
-            messages=messages,
+            messages=(*opening, ChatMessage("user", prompt, tuple(images))),
             schema_name=schema.__name__,
             schema=_json_schema(schema),
             temperature=self.profile.temperature,
             seed=self.profile.seed + sample,
             max_tokens=self.profile.max_tokens,
+            prefix_messages=len(opening) if prefix else 0,
         )
         key = self.key_for(request, sample, await self.identity())
         shared = self._inflight.get(key)
@@ -239,6 +243,7 @@ class VLMClient:
                     temperature=request.temperature,
                     seed=request.seed,
                     max_tokens=request.max_tokens,
+                    prefix_messages=request.prefix_messages,
                 )
                 completion = await self._complete(repair, stats)
                 try:

@@ -10,6 +10,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 AnswerT = TypeVar("AnswerT", bound=BaseModel)
+ImageRole = Literal["query", "candidate"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class EncodedImage:
     height: int
     mime: str = "image/jpeg"
     label: str = field(default="", compare=False)
+    #: What the image is to the question: the query photo, or a candidate's (a backend may send them at another detail).
+    role: ImageRole = field(default="query", compare=False)
 
     @cached_property
     def b64(self) -> str:
@@ -49,6 +52,9 @@ class ChatRequest:
     temperature: float
     seed: int
     max_tokens: int
+    #: How many leading messages every question about the same photo shares byte for byte (instructions, then
+    #: the query image): a provider's prefix cache reuses them, and a backend may mark their end (cache_control).
+    prefix_messages: int = 0
 
 
 class Usage(BaseModel):
