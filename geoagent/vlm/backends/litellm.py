@@ -123,6 +123,7 @@ class Backend(VLMBackend):
                 api_base=self.profile.base_url,
                 api_key=self._key(),
                 timeout=self.profile.timeout_s,
+                drop_params=True,  # a provider without a parameter (Anthropic: seed) answers without it instead of refusing
                 num_retries=0,  # geoagent's single retry layer decides
                 max_retries=0,
             )

@@ -189,9 +189,10 @@ def classify_openai_error(backend: VLMBackend, exc: openai.OpenAIError) -> Excep
     if isinstance(exc, openai.APIConnectionError):
         return TransientError(f"connection failed: {exc}")
     if isinstance(exc, openai.APIStatusError):
-        headers = getattr(exc, "litellm_response_headers", None) or exc.response.headers
+        response = getattr(exc, "response", None)  # litellm raises some (unsupported parameters) before any response
+        headers = getattr(exc, "litellm_response_headers", None) or (response.headers if response is not None else {})
         message = _error_message(exc)
-        content_type = exc.response.headers.get("content-type", "")
+        content_type = response.headers.get("content-type", "") if response is not None else ""
         if is_html(content_type):  # never quoted: the wrong server, or a proxy's error page (retried)
             return backend.page_error(exc.status_code, content_type, OPENAI_API, OPENAI_URL_HINT)
         if LITELLM_HTML_REPLY.search(message):
