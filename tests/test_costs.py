@@ -77,7 +77,7 @@ async def test_every_question_of_a_photo_opens_with_the_same_bytes_through_the_q
     shared = prefixes.pop().decode()
     instructions = PromptSet().render("instructions")
     assert json.dumps(instructions)[1:-1] in shared  # the instructions come before it
-    assert "Candidate" not in shared and "score" not in shared.split(json.dumps(instructions)[1:-1])[-1]
+    assert "Candidate" not in shared  # no candidate text before the query image
     # The query stays the first image the model reads: the stand-in's judge finds its marker first in every question.
     assert all(r.images >= 1 for r in chats)
 
@@ -209,3 +209,20 @@ def test_the_estimate_counts_low_detail_images_at_85_tokens(world):
     assert full - low == 576 - LOW_DETAIL_TOKENS
     assert openai_image_tokens(1024, 768) == 85 + 170 * 4 and openai_image_tokens(4000, 300, "low") == 85
 
+
+
+def test_eval_reports_tokens_and_cost_per_photo():
+    """Eval's summary per column holds input, cached and output tokens and cost, summed and per photo, and the
+    report table lists them."""
+    from geoagent.eval.metrics import Prediction, summarise
+    from geoagent.eval.runner import TABLE_METRICS
+
+    rows = [
+        Prediction(path="a", true_lat=0, true_lon=0, error_km=1.0, input_tokens=9000, cached_input_tokens=8000, output_tokens=40, cost_usd=0.002),
+        Prediction(path="b", true_lat=0, true_lon=0, error_km=3.0, input_tokens=7000, cached_input_tokens=0, output_tokens=20, cost_usd=0.001),
+    ]
+    metrics = summarise(rows)
+    assert (metrics["input_tokens"], metrics["cached_input_tokens"], metrics["output_tokens"]) == (16000, 8000, 60)
+    assert (metrics["input_tokens_per_photo"], metrics["cached_input_tokens_per_photo"], metrics["output_tokens_per_photo"]) == (8000, 4000, 30)
+    assert metrics["cost_usd"] == pytest.approx(0.003) and metrics["cost_usd_per_photo"] == pytest.approx(0.0015)
+    assert {"cached_input_tokens", "input_tokens_per_photo", "cached_input_tokens_per_photo", "cost_usd_per_photo"} <= set(TABLE_METRICS)
