@@ -5,7 +5,9 @@ decides the answer, and misbehaves on request: latency, a bounded parallel capac
 when full, and injected 500/503/429 (with Retry-After)/400, hangs, truncated JSON, fenced JSON and prose.
 It also models a context window as Ollama and vLLM do: images cost tokens, an Ollama prompt longer than its
 ``num_ctx`` (or the default context) is cut from the start, and an OpenAI-protocol prompt that does not fit
-is refused with a 400. It pulls models as Ollama does (``/api/pull`` streams NDJSON progress, layer by layer, from
+is refused with a 400. Like OpenAI, it caches prompt prefixes: an OpenAI-protocol reply reports
+``usage.prompt_tokens_details.cached_tokens`` for the longest prefix the model read before (from 1,024 tokens, in
+128-token steps). It pulls models as Ollama does (``/api/pull`` streams NDJSON progress, layer by layer, from
 a registry of the models that exist; ``/api/tags`` lists a pulled model from then on) and serves that registry's
 manifests (``/v2/<namespace>/<name>/manifests/<tag>``). Every request is logged so tests can count what was sent.
 """
