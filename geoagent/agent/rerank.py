@@ -17,8 +17,8 @@ from PIL import Image
 
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
 from geoagent.agent.answers import PairwiseAnswer, PointwiseAnswer
-from geoagent.agent.prefix import photo_prefix
 from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered
+from geoagent.agent.prefix import photo_prefix
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
