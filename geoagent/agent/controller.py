@@ -589,7 +589,7 @@ class GeoAgent:
         candidate is then described by its coordinates."""
         cfg = self.settings.agent
         try:
-            return Photo.of(open_image(path), cfg.max_image_side, path, keep_pixels=cfg.image_layout == "composite")
+            return Photo.of(open_image(path), cfg.candidate_image_side, path, keep_pixels=cfg.image_layout == "composite", role="candidate")
         except InputError:
             return None
 
@@ -623,8 +623,9 @@ def _photo_stats(log: QuestionLog, wall_s: float, stages: dict[str, str]) -> Loc
         cache_hits=total.cache_hits,
         asks=total.asks,
         wall_s=round(wall_s, 4),
-        prompt_tokens=total.prompt_tokens,
-        completion_tokens=total.completion_tokens,
+        input_tokens=total.input_tokens,
+        cached_input_tokens=total.cached_input_tokens,
+        output_tokens=total.output_tokens,
         calls_by_task={task: stats.requests for task, stats in log.spent.items() if stats.asks},
         cost_usd=None if total.unpriced_requests else total.cost_usd,
         failed_questions=log.failed,

@@ -17,8 +17,14 @@ import openai
 
 from geoagent.errors import ConfigError
 from geoagent.vlm.backend import Health, VLMBackend
-from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
-from geoagent.vlm.types import ChatRequest, Completion, Usage
+from geoagent.vlm.backends.openai import (
+    classify_openai_error,
+    image_details,
+    json_schema_format,
+    openai_messages,
+    openai_usage,
+)
+from geoagent.vlm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
     from geoagent.config import BackendProfile
@@ -50,6 +56,16 @@ def _litellm() -> Any:
 def litellm_model(model: str) -> str:
     """``ollama/`` flattens chats onto ``/api/generate``; ``ollama_chat/`` keeps ``/api/chat``."""
     return "ollama_chat/" + model.removeprefix("ollama/") if model.startswith("ollama/") else model
+
+
+#: Anthropic caches a prompt's prefix only up to a block marked so (OpenAI caches without a mark; litellm drops it there).
+CACHE_CONTROL = {"type": "ephemeral"}
+
+
+def litellm_messages(request: ChatRequest, profile: BackendProfile) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages; with the profile's ``cache_control``, the last block of the prefix every question of
+    a photo shares (the query image) carries Anthropic's cache mark."""
+    return openai_messages(request, image_details(profile), mark_prefix=CACHE_CONTROL if profile.cache_control else None)
 
 
 class Backend(VLMBackend):
@@ -93,7 +109,7 @@ class Backend(VLMBackend):
         try:
             response = await litellm.acompletion(
                 model=litellm_model(self.profile.model),
-                messages=openai_messages(request),
+                messages=litellm_messages(request, self.profile),
                 response_format=json_schema_format(request),
                 temperature=request.temperature,
                 seed=request.seed,
@@ -101,6 +117,7 @@ class Backend(VLMBackend):
                 api_base=self.profile.base_url,
                 api_key=self._key(),
                 timeout=self.profile.timeout_s,
+                drop_params=True,  # a provider without a parameter (Anthropic: seed) answers without it instead of refusing
                 num_retries=0,  # geoagent's single retry layer decides
                 max_retries=0,
             )
@@ -108,11 +125,4 @@ class Backend(VLMBackend):
             if "Missing credentials" in str(exc) or "api_key" in str(exc).lower() and "missing" in str(exc).lower():
                 raise self.auth_error(401) from None
             raise classify_openai_error(self, exc) from None
-        usage = getattr(response, "usage", None)
-        return Completion(
-            text=response.choices[0].message.content or "",
-            usage=Usage(
-                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            ),
-        )
+        return Completion(text=response.choices[0].message.content or "", usage=openai_usage(getattr(response, "usage", None)))
