@@ -20,6 +20,7 @@ import json
 import locale
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,10 +46,10 @@ class WarmRunner:
         self.lock = threading.Lock()
         self.process: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
-        self.folder = Path(tempfile.mkdtemp(prefix="geoagent-warmcli-"))
-        self.address = str(self.folder / "socket")
 
     def _start(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="geoagent-warmcli-"))  # its socket, stderr and cache folder
+        self.address = str(self.folder / "socket")
         self.env = {**os.environ, "XDG_CACHE_HOME": str(self.folder / "cache")}
         self.process = subprocess.Popen([sys.executable, __file__, self.address], cwd=self.folder, env=self.env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -65,6 +66,7 @@ class WarmRunner:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def warm_enough(self, env: dict[str, str]) -> bool:
         """True when ``env`` differs from the helper's only in variables read at run time."""
