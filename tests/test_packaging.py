@@ -19,7 +19,10 @@ else:  # pragma: no cover - Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-TEMPLATES = ("prior", "reasoning", "reasoning_neighbours", "pairwise", "pairwise_cross", "pointwise", "pointwise_cross", "setwise", "setwise_cross")
+TEMPLATES = (
+    "instructions", "query", "prior", "reasoning", "reasoning_neighbours", "pairwise", "pairwise_cross", "pointwise", "pointwise_cross",
+    "setwise", "setwise_cross",
+)
 
 
 def run_cli_without(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -88,7 +88,7 @@ class WorldJudge:
         if not markers or markers[0] not in self.truth:
             raise ValueError(f"no known marker on the query image (read {markers[:1]})")
         lat, lon, country = self.truth[markers[0]]  # type: ignore[index]
-        digest = hashlib.sha256(f"{self.knobs.seed}|{seen.prompt}|{markers}|{seen.options.get('seed')}".encode()).digest()
+        digest = hashlib.sha256(f"{self.knobs.seed}|{_words(seen.prompt)}|{markers}|{seen.options.get('seed')}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         if "countries" in properties:
             return self._prior(country, rng)
@@ -112,7 +112,7 @@ class WorldJudge:
 
     def _guess(self, seen: SeenRequest, properties: dict[str, Any]) -> dict[str, Any]:
         """A plausible answer that ignores what was cut away: a seeded coin flip, a random place."""
-        digest = hashlib.sha256(f"guess|{self.knobs.seed}|{seen.prompt}|{seen.options.get('seed')}".encode()).digest()
+        digest = hashlib.sha256(f"guess|{self.knobs.seed}|{_words(seen.prompt)}|{seen.options.get('seed')}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         if "choice" in properties:
             return {"reasoning": "stand-in guess", "choice": rng.choice("AB")}
@@ -182,6 +182,12 @@ class WorldJudge:
         g_lat = max(-89.9, min(89.9, lat + km / 111.2 * math.cos(bearing)))
         g_lon = ((lon + km / (111.2 * max(math.cos(math.radians(lat)), 0.05)) * math.sin(bearing) + 180) % 360) - 180
         return {"clues": ["stand-in: the marker says so"], "country": country, "latitude": g_lat, "longitude": g_lon, "confidence": 0.6}
+
+
+def _words(prompt: str) -> str:
+    """The prompt's words, whitespace collapsed: a model reads the same words the same way whether a protocol
+    sent them as separate messages or parts (joined by newlines) or one flattened text (litellm's Ollama route)."""
+    return " ".join(prompt.split())
 
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

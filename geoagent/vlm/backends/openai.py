@@ -47,6 +47,9 @@ def openai_messages(
         if mark_prefix and index == request.prefix_messages - 1:
             parts[-1] = {**parts[-1], "cache_control": dict(mark_prefix)}
         if messages and message.role == "user" and messages[-1]["role"] == "user":
+            if parts and parts[0]["type"] == "text" and not parts[0]["text"][:1].isspace():
+                # Providers that flatten a message's text parts (litellm's Ollama route) would glue the two texts
+                parts[0] = {**parts[0], "text": "\n" + parts[0]["text"]}
             messages[-1]["content"] += parts
         else:
             messages.append({"role": message.role, "content": parts})
