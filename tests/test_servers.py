@@ -98,7 +98,10 @@ async def test_a_server_killed_mid_run_loses_nothing_and_the_others_absorb_its_w
         await pool.aclose()
     assert codes == [100 + i for i in range(40)] * 3 and client.totals.failures == 0
     status = {s.url: s for s in pool.server_status()["farm"]}
-    assert not status[victim.url].up and "cannot connect" in (status[victim.url].problem or "")
+    # Taken out for its connections: refused ones ("cannot connect"), or, when several requests were in flight
+    # as it died, their reset connections ("connection failed: ReadError") count first; which, load decides.
+    problem = status[victim.url].problem or ""
+    assert not status[victim.url].up and ("cannot connect" in problem or "connection failed" in problem), problem
     survivors = [s.chat_requests() for s in servers[1:]]
     # the victim answered at most what it had when it died, plus replies already on their way
     assert status[victim.url].answered <= killed_after[0] + CAPACITY
