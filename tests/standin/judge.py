@@ -32,8 +32,12 @@ def marker_judge(seen: SeenRequest) -> dict[str, Any]:
 class Knobs:
     """How good the simulated VLM is. Defaults follow the research this product rests on."""
 
-    pairwise_accuracy: float = 0.95  # picks the candidate nearer the truth this often (when unbiased)
-    first_position_bias: float = 0.05  # answers "A" regardless this often
+    # Pairwise (and set-wise) judgement: see WorldJudge._nearest_choice.
+    pairwise_accuracy: float = 0.95  # the ceiling: picks the nearer of two clearly different candidates this often (when unbiased)
+    first_position_bias: float = 0.05  # answers the first shown option ("A") regardless this often
+    near_equal_km: float = 25.0  # distances are judged as (d + this): places this close to each other look alike
+    distance_sharpness: float = 3.0  # how fast the odds of picking the nearer rise with the log distance ratio
+    shared_belief: float = 0.5  # this share of option sets is answered from one belief in every order (errors repeat)
     pointwise_noise: float = 1.5  # per-candidate noise on a 0-10 score
     pointwise_calibration: float = 4.0  # per-query offset: scores are monotone in distance, badly calibrated
     prior_accuracy: float = 0.8  # the prior's top country is the true one this often
@@ -94,7 +98,7 @@ class WorldJudge:
             index = self._nearest_choice(lat, lon, [candidates[letter] for letter in letters], rng, markers[0])  # type: ignore[arg-type]
             return {"reasoning": "stand-in set-wise choice", "choice": letters[index]}
         if "choice" in properties:
-            return self._pairwise(lat, lon, candidates["A"], candidates["B"], rng)
+            return self._pairwise(lat, lon, candidates["A"], candidates["B"], rng, markers[0])  # type: ignore[arg-type]
         if "score" in properties:
             query_rng = random.Random(markers[0] * 7919 + self.knobs.seed)
             offset = query_rng.uniform(-self.knobs.pointwise_calibration, self.knobs.pointwise_calibration)
@@ -130,15 +134,40 @@ class WorldJudge:
             raise ValueError(f"cannot tell where candidate {detail!r} is")
         return float(coords.group(1)), float(coords.group(2))
 
-    def _pairwise(self, lat: float, lon: float, a: tuple[float, float], b: tuple[float, float], rng: random.Random) -> dict[str, Any]:
-        nearer = "A" if _km(lat, lon, *a) < _km(lat, lon, *b) else "B"
-        if rng.random() < self.knobs.first_position_bias:
-            choice = "A"
-        elif rng.random() < self.knobs.pairwise_accuracy:
-            choice = nearer
-        else:
-            choice = "B" if nearer == "A" else "A"
-        return {"reasoning": "stand-in comparison", "choice": choice}
+    def _pairwise(self, lat: float, lon: float, a: tuple[float, float], b: tuple[float, float], rng: random.Random, query_marker: int) -> dict[str, Any]:
+        choice = self._nearest_choice(lat, lon, [a, b], rng, query_marker)
+        return {"reasoning": "stand-in comparison", "choice": "AB"[choice]}
+
+    def _nearest_choice(self, lat: float, lon: float, options: list[tuple[float, float]], rng: random.Random, query_marker: int) -> int:
+        """Which of ``options`` (index 0 shown first) the simulated VLM says lies nearest (lat, lon).
+
+        An honest error model, like real VLMs judging pairs or sets:
+
+        - *position bias*: with probability ``first_position_bias`` it answers index 0, whatever is shown;
+        - *hard sets are hard*: otherwise each option's appeal is ``-distance_sharpness * ln(d + near_equal_km)``
+          plus Gumbel noise and the most appealing wins (a Luce choice): of two options P(nearer) =
+          sigmoid(distance_sharpness * ln((d_far + near_equal_km) / (d_near + near_equal_km))), 0.5 for equal
+          distances; and with probability ``2 (1 - pairwise_accuracy)`` the model lapses and picks uniformly, so
+          a clearly different pair is judged right ``pairwise_accuracy`` of the time (the ceiling);
+        - *errors repeat*: for a share ``shared_belief`` of option sets the noise and the lapse come from one
+          belief seeded by the query and the UNORDERED set of options, so asking again in another order gives
+          the same option (and the same error); the rest draw fresh noise from ``rng`` (this ask's).
+        """
+        knobs = self.knobs
+        if rng.random() < knobs.first_position_bias:
+            return 0
+        canonical = sorted(set(options))
+        digest = hashlib.sha256(f"belief|{knobs.seed}|{query_marker}|{canonical}".encode()).digest()
+        belief = random.Random(int.from_bytes(digest[:8], "big"))
+        noise = belief if belief.random() < knobs.shared_belief else rng
+        lapse = min(1.0, max(0.0, 2 * (1 - knobs.pairwise_accuracy)))
+        if noise.random() < lapse:
+            return options.index(canonical[noise.randrange(len(canonical))])
+        appeal = {}
+        for option in canonical:  # drawn in canonical order: one belief gives each option the same noise in any order
+            gumbel = -math.log(max(-math.log(1.0 - noise.random()), 1e-300))
+            appeal[option] = -knobs.distance_sharpness * math.log(_km(lat, lon, *option) + knobs.near_equal_km + 1e-9) + gumbel
+        return max(range(len(options)), key=lambda i: appeal[options[i]])
 
     def _prior(self, country: str, rng: random.Random) -> dict[str, Any]:
         others = [c for c in self.countries if c != country] or ["ZZ"]
