@@ -309,7 +309,7 @@ def locate(
                     print_line(
                         f"{located} of {count(len(photos), 'photo')} located; {count(run_total.requests, 'VLM request')}, "
                         f"{count(run_total.cache_hits, 'cache hit')}, {count(run_total.failures, 'question')} failed, "
-                        f"{run_total.prompt_tokens}+{run_total.completion_tokens} tokens"
+                        f"{run_total.input_tokens}+{run_total.output_tokens} tokens ({run_total.cached_input_tokens} input cached)"
                         + ("" if run_total.unpriced_requests else f", ${run_total.cost_usd:.4f}"),
                         stderr,
                     )

@@ -107,7 +107,9 @@ def print_result(console: Console, result: LocateResult, *, explain: bool = Fals
     stats = result.stats
     console.print(
         f"[dim]{stats.vlm_calls} VLM requests, {stats.cache_hits} cache hits, "
-        f"{stats.prompt_tokens}+{stats.completion_tokens} tokens, "
+        f"{stats.input_tokens}+{stats.output_tokens} tokens"
+        + (f" ({stats.cached_input_tokens} input cached)" if stats.cached_input_tokens else "")
+        + ", "
         + (f"${stats.cost_usd:.4f}, " if stats.cost_usd is not None else "")
         + f"{stats.wall_s:.1f} s"
         + (f", {count(len(stats.failed_questions), 'question')} failed" + ("" if explain else " (--explain lists them)") if stats.failed_questions else "")

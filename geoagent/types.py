@@ -101,8 +101,9 @@ class LocateStats(BaseModel):
     cache_hits: int = 0
     asks: int = 0
     wall_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    input_tokens: int = Field(default=0, description="Prompt tokens of the requests sent, cached ones included.")
+    cached_input_tokens: int = Field(default=0, description="Of those, tokens the provider read from its prefix cache (billed at its cached rate).")
+    output_tokens: int = 0
     calls_by_task: dict[str, int] = Field(default_factory=dict)
     cost_usd: float | None = Field(default=None, description="US dollars for the requests sent; None if a model's price is unknown.")
     stages: dict[str, str] = Field(default_factory=dict)  # stage -> "ran", "off", or "skipped: why"

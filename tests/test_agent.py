@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import pytest
 
@@ -151,7 +152,7 @@ def test_cli_locate_names_a_corrupt_photo_and_answers_the_rest(world, world_serv
     assert [line["image"] for line in lines] == good
     for line in lines:
         assert {"image", "lat", "lon", "country", "place", "confidence", "candidates", "prior", "stats"} <= set(line)
-        assert {"vlm_calls", "cache_hits", "wall_s", "prompt_tokens", "completion_tokens"} <= set(line["stats"])
+        assert {"vlm_calls", "cache_hits", "wall_s", "input_tokens", "output_tokens"} <= set(line["stats"])
         assert {"id", "lat", "lon", "country", "source", "retrieval_score", "score", "rank"} <= set(line["candidates"][0])
         assert [c["rank"] for c in line["candidates"]] == list(range(1, len(line["candidates"]) + 1))
 
@@ -271,15 +272,24 @@ async def test_kmeans_submap_keeps_the_clusters_around_the_reasoning_estimate(wo
     assert all(int(table.cluster[ids.index(c.id)]) in clusters for c in result.candidates if c.source == "index")
 
 
-WRONG_PRIOR_QUERY = 12  # a BR photo whose stand-in prior names US: a submap that should not hide the truth
+WRONG_PRIOR_QUERY = 12  # a BR photo; the stand-in's prior is made to name US: a submap that should not hide the truth
+WRONG_PRIOR = "US"
 SUBMAP_BOOST = 0.1  # the README's example. Whole-map top 5: BR 0.9975, BR 0.9928, IN 0.9894, FR 0.9885, IN 0.9882;
 #   only two US references (0.979, 0.9786) are in the whole-map pool of top_k x SUBMAP_BOOST_POOL, and +0.1 lifts
 #   them above BR 0.9975 (any weight over 0.019 would), so three outside candidates stay where restricting keeps five US
 
 
-async def test_a_submap_weight_boosts_instead_of_restricting(world, world_server, world_retriever, tmp_path):
+class _WrongPrior(WorldJudge):
+    """The world's judge, but its country prior names one fixed wrong country first (the premise, set up, not drawn)."""
+
+    def _prior(self, country: str, rng: Any) -> dict[str, Any]:
+        return {"countries": [{"code": WRONG_PRIOR, "probability": 0.7}, {"code": country, "probability": 0.2}]}
+
+
+async def test_a_submap_weight_boosts_instead_of_restricting(world, standin, world_retriever, tmp_path):
     """With a weight, submap candidates move up but strong ones outside stay: a wrong prior no longer hides the truth."""
     query = world.queries[WRONG_PRIOR_QUERY]
+    world_server = standin(judge=_WrongPrior(world.truth))
 
     async def retrieval_order(cache: str, **submap: object) -> tuple[list[str], dict[str, str | None], str]:
         settings = world_settings(world, world_server, tmp_path / cache, strategy="tournament", country_prior=True,

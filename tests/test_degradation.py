@@ -213,11 +213,11 @@ async def test_cost_per_photo_from_the_price_table_or_null(model, per_million, w
     settings.backends["sim"].model = model
     results = await locate_each(GeoAgent(settings, retriever=world_retriever), [world.queries[0].path])
     stats = results[0][1].stats  # type: ignore[union-attr]
-    assert stats.vlm_calls > 0 and stats.prompt_tokens > 0
+    assert stats.vlm_calls > 0 and stats.input_tokens > 0
     if per_million is None:
         assert stats.cost_usd is None
     else:
-        expected = (stats.prompt_tokens * per_million[0] + stats.completion_tokens * per_million[1]) / 1e6
+        expected = (stats.input_tokens * per_million[0] + stats.output_tokens * per_million[1]) / 1e6
         assert stats.cost_usd == pytest.approx(expected, rel=1e-6)
 
 
@@ -228,7 +228,7 @@ async def test_a_profile_price_overrides_the_table(world, world_retriever, stand
     settings.backends["sim"].price_per_1k_completion_tokens = 0.03
     results = await locate_each(GeoAgent(settings, retriever=world_retriever), [world.queries[0].path])
     stats = results[0][1].stats  # type: ignore[union-attr]
-    assert stats.cost_usd == pytest.approx((stats.prompt_tokens * 0.01 + stats.completion_tokens * 0.03) / 1000, rel=1e-6)
+    assert stats.cost_usd == pytest.approx((stats.input_tokens * 0.01 + stats.output_tokens * 0.03) / 1000, rel=1e-6)
 
 
 def test_thirty_photos_with_three_percent_of_requests_refused(world, standin, tmp_path):

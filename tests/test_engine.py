@@ -94,7 +94,7 @@ def expected_image_tokens(images: list[EncodedImage]) -> int:
 async def prompt_tokens(pool: VLMPool, images: list[EncodedImage]) -> int:
     """What the engine reports as the prompt's size, as the product's backend receives it."""
     completion = await pool.client("engine").backend.complete(chat_request(images))
-    return completion.usage.prompt_tokens
+    return completion.usage.input_tokens
 
 
 async def chat_once(engine: EngineServer, model: Path) -> None:
@@ -126,8 +126,8 @@ async def test_requests_reach_the_engine_and_its_noise_comes_back_as_text(route,
         await pool.aclose()
     assert engine.requests_received() == before + 1
     assert isinstance(completion.text, str) and completion.text.strip()
-    assert 0 < completion.usage.completion_tokens <= MAX_TOKENS
-    assert completion.usage.prompt_tokens > qwen2vl_image_tokens(224, 224)
+    assert 0 < completion.usage.output_tokens <= MAX_TOKENS
+    assert completion.usage.input_tokens > qwen2vl_image_tokens(224, 224)
 
 
 async def test_an_engine_that_loads_on_demand_lists_a_model_only_once_it_has_answered_for_it(engine, tiny_qwen2vl, tmp_path):
@@ -284,7 +284,7 @@ async def test_a_hung_engine_costs_a_question_its_budget_in_timeouts_then_answer
         await patient.aclose()
     assert f"gave up after {1 + max_retries} attempts: no answer within {timeout_s:g} s" in str(failed.value)
     assert failed.value.stats is not None and failed.value.stats.requests == 1 + max_retries
-    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.input_tokens > 0
 
 
 async def test_locate_through_the_engine_answers_every_photo_and_lists_each_failed_question(world, engine, tiny_qwen2vl, tmp_path):
@@ -311,7 +311,7 @@ async def test_locate_through_the_engine_answers_every_photo_and_lists_each_fail
         stats = line["stats"]
         assert stats["failed_questions"] and len(stats["failed_questions"]) == stats["asks"]
         assert all(q["task"] == "pairwise" and "after a repair re-ask" in q["error"] for q in stats["failed_questions"])
-        assert stats["vlm_calls"] == 2 * stats["asks"] and stats["prompt_tokens"] > 0
+        assert stats["vlm_calls"] == 2 * stats["asks"] and stats["input_tokens"] > 0
         retrieval = sorted(line["candidates"], key=lambda c: -c["retrieval_score"])
         assert [c["id"] for c in line["candidates"]] == [c["id"] for c in retrieval]  # no votes: retrieval's order
     probe = 1  # the preflight's chat request

@@ -40,7 +40,7 @@ async def test_answers_come_from_the_images_sent_in_order(route, standin, marker
     try:
         answer = await pool.for_task("prior").ask("List the codes.", marker_images[3:6], MarkerList)
         assert answer.value.codes == [103, 104, 105]
-        assert answer.stats.requests == 1 and answer.stats.prompt_tokens > 0 and answer.stats.completion_tokens > 0
+        assert answer.stats.requests == 1 and answer.stats.input_tokens > 0 and answer.stats.output_tokens > 0
     finally:
         await pool.aclose()
     expected_path = "/api/chat" if BACKEND_ROUTES[route][2] == "url" else "/v1/chat/completions"

@@ -6,6 +6,7 @@ import asyncio
 from collections import defaultdict
 
 from geoagent.agent.answers import PriorAnswer
+from geoagent.agent.prefix import photo_prefix
 from geoagent.agent.questions import QuestionLog
 from geoagent.prompts import PromptSet
 from geoagent.types import CountryScore
@@ -20,8 +21,12 @@ async def country_prior(
     """Probabilities per country, averaged over the ``samples`` asks that were answered, most likely first
     (they sum to <= 1); empty when none was."""
     prompt = prompts.render("prior", max_countries=MAX_COUNTRIES)
+    prefix = photo_prefix(prompts, query)
     asked = await asyncio.gather(
-        *(log.ask(client.ask(prompt, [query], PriorAnswer, task="prior", sample=i), "prior", f"sample {i}") for i in range(samples))
+        *(
+            log.ask(client.ask(prompt, [], PriorAnswer, task="prior", sample=i, prefix=prefix), "prior", f"sample {i}")
+            for i in range(samples)
+        )
     )
     answers = [answer for answer in asked if answer is not None]
     totals: dict[str, float] = defaultdict(float)

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 
 from geoagent.agent.answers import ReasoningAnswer
+from geoagent.agent.prefix import photo_prefix
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import cluster_by_distance, medoid
 from geoagent.prompts import PromptSet
@@ -38,9 +39,10 @@ async def reason(
 ) -> list[Guess]:
     """Up to ``samples`` independent guesses (each its own seed and cache entry); failed samples are left out."""
     prompt = prompts.render("reasoning", neighbours=neighbours)
+    prefix = photo_prefix(prompts, query)
     answers = await asyncio.gather(
         *(
-            log.ask(client.ask(prompt, [query], ReasoningAnswer, task="reasoning", sample=i), "reasoning", f"sample {i}")
+            log.ask(client.ask(prompt, [], ReasoningAnswer, task="reasoning", sample=i, prefix=prefix), "reasoning", f"sample {i}")
             for i in range(samples)
         )
     )

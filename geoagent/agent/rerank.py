@@ -18,12 +18,14 @@ from PIL import Image
 from geoagent.agent.aggregate import bradley_terry, copeland, rank_votes
 from geoagent.agent.answers import LETTERS, PairwiseAnswer, PointwiseAnswer, setwise_answer
 from geoagent.agent.events import MatchAnswered, OnEvent, ScoreAnswered, SetAnswered
+from geoagent.agent.prefix import photo_prefix
 from geoagent.agent.questions import QuestionLog
 from geoagent.geo import country_name
 from geoagent.images import composite, encode_image
 from geoagent.prompts import PromptSet
 from geoagent.types import Candidate, Match, PointwiseScore, SetMatch
-from geoagent.vlm import CallStats, EncodedImage, VLMClient
+from geoagent.vlm import Answer, CallStats, EncodedImage, VLMClient
+from geoagent.vlm.parsing import AnswerT
 
 
 @dataclass
@@ -109,13 +111,22 @@ class Comparator:
             return prompt, [encode_image(composite(panels, self.max_side), self.max_side)]
         return prompt, [self.query.encoded] + [p.encoded for p in photos]  # type: ignore[union-attr]
 
+    def _ask(self, client: VLMClient, prompt: str, images: list[EncodedImage], schema: type[AnswerT], task: str) -> Awaitable[Answer[AnswerT]]:
+        """Ask with the photo's shared prefix first (instructions, then the query image, as every other question of
+        the photo opens), then the task's text and the candidates' images. A rendered question's first image is the
+        query (separate layout); a composite carries the query inside, so only the instructions are shared."""
+        if self.layout == "composite":
+            return client.ask(prompt, images, schema, task=task, prefix=photo_prefix(self.prompts, None))
+        assert images and images[0] is self.query.encoded, "a rendered question shows the query first"
+        return client.ask(prompt, images[1:], schema, task=task, prefix=photo_prefix(self.prompts, self.query.encoded))
+
     def _template(self, task: str) -> str:
         return f"{task}_cross" if self.view == "cross" else task
 
     async def _choose(self, first: Candidate, second: Candidate) -> str | None:
         """One ask with ``first`` as A and ``second`` as B; the chosen candidate's id, None if the ask failed."""
         prompt, images = await self._question(self._template("pairwise"), [first, second], ["A", "B"])
-        question = self.pairwise_client.ask(prompt, images, PairwiseAnswer, task="pairwise")
+        question = self._ask(self.pairwise_client, prompt, images, PairwiseAnswer, "pairwise")
         answer = await self.log.ask(question, "pairwise", f"A={first.id} B={second.id}")
         if answer is None:
             return None
@@ -201,7 +212,7 @@ class Comparator:
         """One set-wise ask showing ``order`` as A, B, C, ...; the chosen candidate's id, None if the ask failed."""
         slots = list(LETTERS[: len(order)])
         prompt, images = await self._question(self._template("setwise"), order, slots)
-        question = self.pairwise_client.ask(prompt, images, setwise_answer(len(order)), task="setwise")
+        question = self._ask(self.pairwise_client, prompt, images, setwise_answer(len(order)), "setwise")
         answer = await self.log.ask(question, "pairwise", " ".join(f"{s}={c.id}" for s, c in zip(slots, order)))
         if answer is None:
             return None
@@ -243,7 +254,7 @@ class Comparator:
     async def score(self, candidate: Candidate) -> float | None:
         """The candidate's 0-10 score, None if the ask failed."""
         prompt, images = await self._question(self._template("pointwise"), [candidate], ["X"])
-        question = self.pointwise_client.ask(prompt, images, PointwiseAnswer, task="pointwise")
+        question = self._ask(self.pointwise_client, prompt, images, PointwiseAnswer, "pointwise")
         answer = await self.log.ask(question, "pointwise", candidate.id)
         if answer is None:
             return None

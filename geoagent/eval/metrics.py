@@ -34,8 +34,9 @@ class Prediction(BaseModel):
     final_ranking: list[str] = []  # candidate ids as the agent ranked them
     vlm_calls: int = 0
     cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
     wall_s: float = 0.0
     cost_usd: float | None = None  # None: a model's price is unknown (or the photo failed)
     error: str | None = None
@@ -43,6 +44,10 @@ class Prediction(BaseModel):
     calibrated: bool = False
     abstained: bool = False  # below agent.min_confidence: pred_* is the best guess, not an answer
     features: ConfidenceFeatures | None = None  # what a calibrator is fitted on
+
+
+#: Token counts summed per column (and per photo): every input token, those read from a provider's prefix cache, output.
+TOKEN_METRICS = ("input_tokens", "cached_input_tokens", "output_tokens")
 
 
 def accuracy_at(errors: Sequence[float], threshold_km: float) -> float:
@@ -85,11 +90,15 @@ def summarise(predictions: Sequence[Prediction]) -> dict[str, float | int | None
     metrics["selective_acc@25km"] = round(accuracy_at(answered, 25), 4) if answered else None
     metrics["vlm_calls"] = sum(p.vlm_calls for p in predictions)
     metrics["cache_hits"] = sum(p.cache_hits for p in predictions)
-    metrics["prompt_tokens"] = sum(p.prompt_tokens for p in predictions)
-    metrics["completion_tokens"] = sum(p.completion_tokens for p in predictions)
+    for name in TOKEN_METRICS:
+        metrics[name] = sum(getattr(p, name) for p in predictions)
     answered = [p for p in predictions if p.error is None]
     priced = answered and all(p.cost_usd is not None for p in answered)
     metrics["cost_usd"] = round(sum(p.cost_usd or 0.0 for p in answered), 6) if priced else None
+    # What one photo costs: the figure that compares across sets of different sizes.
+    for name in TOKEN_METRICS:
+        metrics[f"{name}_per_photo"] = round(metrics[name] / len(predictions), 1) if predictions else None  # type: ignore[operator]
+    metrics["cost_usd_per_photo"] = round(metrics["cost_usd"] / len(answered), 8) if priced else None  # type: ignore[operator]
     return metrics
 
 

@@ -36,7 +36,8 @@ PREDICTION_COLUMNS = ["config", "path", "true_lat", "true_lon", "pred_lat", "pre
 TABLE_METRICS = [
     *(f"acc@{t}km" for t in THRESHOLDS_KM), "coverage", "selective_acc@25km", "median_km", "mean_km", "geoscore", "country_acc",
     "retrieval_recall@1", "retrieval_recall@5", "retrieval_recall@10", "top1_before", "top1_after",
-    "vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "wall_s", "failures", "n",
+    "vlm_calls", "cache_hits", "input_tokens", "cached_input_tokens", "output_tokens", "cost_usd",
+    "input_tokens_per_photo", "cached_input_tokens_per_photo", "output_tokens_per_photo", "cost_usd_per_photo", "wall_s", "failures", "n",
 ]  # fmt: skip
 
 
@@ -87,7 +88,8 @@ def prediction_from(result: LocateResult, path: str, lat: float, lon: float, cou
         features=result.confidence_features,
         retrieval_ranking=[c.id for c in by_retrieval], final_ranking=[c.id for c in result.candidates],
         vlm_calls=result.stats.vlm_calls, cache_hits=result.stats.cache_hits,
-        prompt_tokens=result.stats.prompt_tokens, completion_tokens=result.stats.completion_tokens,
+        input_tokens=result.stats.input_tokens, cached_input_tokens=result.stats.cached_input_tokens,
+        output_tokens=result.stats.output_tokens,
         wall_s=result.stats.wall_s, cost_usd=result.stats.cost_usd,
     )  # fmt: skip
 

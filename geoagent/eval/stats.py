@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from geoagent.eval.metrics import GEOSCORE_SCALE_KM, THRESHOLDS_KM, Prediction
+from geoagent.eval.metrics import GEOSCORE_SCALE_KM, THRESHOLDS_KM, TOKEN_METRICS, Prediction
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -63,8 +63,7 @@ class _Table:
         self.sums = {
             "vlm_calls": np.array([p.vlm_calls for p in predictions], dtype=np.float64),
             "cache_hits": np.array([p.cache_hits for p in predictions], dtype=np.float64),
-            "prompt_tokens": np.array([p.prompt_tokens for p in predictions], dtype=np.float64),
-            "completion_tokens": np.array([p.completion_tokens for p in predictions], dtype=np.float64),
+            **{name: np.array([getattr(p, name) for p in predictions], dtype=np.float64) for name in TOKEN_METRICS},
             "failures": np.array([p.error_km is None for p in predictions], dtype=np.float64),
         }
 
@@ -112,7 +111,8 @@ METRICS: dict[str, Metric] = {
     "top1_before": lambda table, idx: _nanmean(table.top1_before[idx]),
     "top1_after": lambda table, idx: _nanmean(table.top1_after[idx]),
     **{name: (lambda name: lambda table, idx: table.sums[name][idx].sum(axis=-1))(name) for name in
-       ("vlm_calls", "cache_hits", "prompt_tokens", "completion_tokens", "failures")},
+       ("vlm_calls", "cache_hits", *TOKEN_METRICS, "failures")},
+    **{f"{name}_per_photo": (lambda name: lambda table, idx: table.sums[name][idx].mean(axis=-1))(name) for name in TOKEN_METRICS},
 }  # fmt: skip
 
 

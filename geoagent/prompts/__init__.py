@@ -17,6 +17,9 @@ DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_SUFFIX = ".txt"
 #: The guide to the placeholders, exported beside the templates.
 PROMPTS_README = "README.md"
+#: The templates every question of a photo opens with (the shared prefix). A folder exported before they existed
+#: lacks them: the bundled ones stand in, so an older copy keeps working.
+SHARED_TEMPLATES = ("instructions", "query")
 
 
 def export_prompts(directory: str | Path, *, force: bool = False) -> list[Path]:
@@ -49,6 +52,8 @@ class PromptSet:
     def text(self, name: str) -> str:
         if name not in self._texts:
             path = self.directory / f"{name}{TEMPLATE_SUFFIX}"
+            if name in SHARED_TEMPLATES and not path.exists():
+                path = DEFAULT_PROMPTS_DIR / path.name
             try:
                 self._texts[name] = path.read_text(encoding="utf-8")
             except FileNotFoundError:

@@ -166,21 +166,25 @@ class VLMClient:
         task: str = "",
         sample: int = 0,
         system: str | None = None,
+        prefix: Sequence[ChatMessage] = (),
     ) -> Answer[AnswerT]:
         """Ask one question about ``images`` (sent in order) and return an answer valid for ``schema``.
 
+        ``prefix``: messages that open every question about the same photo, byte for byte (the instructions,
+        then the query image), sent before the question's own; a provider's prefix cache reuses them.
         ``sample`` distinguishes repeated samples of the same question (self-consistency): each has its own
         seed and cache entry. Identical questions in flight at once share one request; cancelling one asker
         leaves the others waiting. Raises BackendError or AnswerError with a message fit for a user.
         """
-        messages = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt, tuple(images)),)
+        opening = ((ChatMessage("system", system),) if system else ()) + tuple(prefix)
         request = ChatRequest(
-            messages=messages,
+            messages=(*opening, ChatMessage("user", prompt, tuple(images))),
             schema_name=schema.__name__,
             schema=_json_schema(schema),
             temperature=self.profile.temperature,
             seed=self.profile.seed + sample,
             max_tokens=self.profile.max_tokens,
+            prefix_messages=len(opening) if prefix else 0,
         )
         key = self.key_for(request, sample, await self.identity())
         shared = self._inflight.get(key)
@@ -239,6 +243,7 @@ class VLMClient:
                     temperature=request.temperature,
                     seed=request.seed,
                     max_tokens=request.max_tokens,
+                    prefix_messages=request.prefix_messages,
                 )
                 completion = await self._complete(repair, stats)
                 try:
@@ -287,13 +292,15 @@ class VLMClient:
                         raise
                     finally:
                         stats.requests += sent
-                    stats.prompt_tokens += completion.usage.prompt_tokens
-                    stats.completion_tokens += completion.usage.completion_tokens
+                    usage = completion.usage
+                    stats.input_tokens += usage.input_tokens
+                    stats.cached_input_tokens += usage.cached_input_tokens
+                    stats.output_tokens += usage.output_tokens
                     price = await self.price()
                     if price is None:
                         stats.unpriced_requests += 1
                     else:
-                        stats.cost_usd += price.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+                        stats.cost_usd += price.cost(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
                     return completion
         except TransientError as exc:
             where = tried[-1].url if tried else self.backend.url

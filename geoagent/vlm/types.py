@@ -10,6 +10,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 AnswerT = TypeVar("AnswerT", bound=BaseModel)
+ImageRole = Literal["query", "candidate"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class EncodedImage:
     height: int
     mime: str = "image/jpeg"
     label: str = field(default="", compare=False)
+    #: What the image is to the question: the query photo, or a candidate's (a backend may send them at another detail).
+    role: ImageRole = field(default="query", compare=False)
 
     @cached_property
     def b64(self) -> str:
@@ -49,11 +52,18 @@ class ChatRequest:
     temperature: float
     seed: int
     max_tokens: int
+    #: How many leading messages every question about the same photo shares byte for byte (instructions, then
+    #: the query image): a provider's prefix cache reuses them, and a backend may mark their end (cache_control).
+    prefix_messages: int = 0
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """Tokens one request read and wrote. ``input_tokens`` counts every prompt token, the ``cached_input_tokens``
+    a provider served from its prefix cache (billed at its cached rate) included."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class Completion(BaseModel):
@@ -73,8 +83,9 @@ class CallStats(BaseModel):
     cache_hits: int = 0
     repairs: int = 0
     failures: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    input_tokens: int = 0  # every prompt token, cached ones included
+    cached_input_tokens: int = 0  # of those, read from the provider's prefix cache (billed at its cached rate)
+    output_tokens: int = 0
     latency_s: float = 0.0
     cost_usd: float = 0.0  # of the requests whose model has a known price
     unpriced_requests: int = 0  # requests to a model without one

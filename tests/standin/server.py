@@ -454,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
             with standin._slots:
                 if config.latency_s:
                     time.sleep(config.latency_s)
-                question = hashlib.sha256(json.dumps(_first_user_message(body), sort_keys=True).encode()).hexdigest()
+                question = hashlib.sha256(json.dumps(_question_messages(body), sort_keys=True).encode()).hexdigest()
                 fault = standin._draw_fault(question)
                 entry.fault = fault
                 if fault == "hang":
@@ -528,8 +528,11 @@ def _schema_named_in(prompt: str) -> dict[str, Any]:
     return {"title": "", "properties": {key: {} for key in keys}} if keys else {}
 
 
-def _first_user_message(body: dict[str, Any]) -> Any:
-    return next((m for m in body.get("messages", []) if m.get("role") == "user"), None)
+def _question_messages(body: dict[str, Any]) -> list[Any]:
+    """What identifies a question across its retries and repair re-asks: its messages before any reply."""
+    messages = body.get("messages", [])
+    replied = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return messages[:replied]
 
 
 @dataclass

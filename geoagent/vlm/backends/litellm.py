@@ -17,8 +17,14 @@ import openai
 
 from geoagent.errors import ConfigError
 from geoagent.vlm.backend import Health, VLMBackend
-from geoagent.vlm.backends.openai import classify_openai_error, json_schema_format, openai_messages
-from geoagent.vlm.types import ChatRequest, Completion, Usage
+from geoagent.vlm.backends.openai import (
+    classify_openai_error,
+    image_details,
+    json_schema_format,
+    openai_messages,
+    openai_usage,
+)
+from geoagent.vlm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
     from geoagent.config import BackendProfile
@@ -50,6 +56,22 @@ def _litellm() -> Any:
 def litellm_model(model: str) -> str:
     """``ollama/`` flattens chats onto ``/api/generate``; ``ollama_chat/`` keeps ``/api/chat``."""
     return "ollama_chat/" + model.removeprefix("ollama/") if model.startswith("ollama/") else model
+
+
+#: Anthropic caches a prompt's prefix only up to a block marked so (OpenAI caches without a mark; litellm drops it there).
+CACHE_CONTROL = {"type": "ephemeral"}
+
+
+def litellm_messages(request: ChatRequest, profile: BackendProfile) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages; with the profile's ``cache_control``, the last block of the prefix every question of
+    a photo shares (the query image) carries Anthropic's cache mark."""
+    messages = openai_messages(request, image_details(profile))
+    if profile.cache_control and request.prefix_messages:
+        last = messages[request.prefix_messages - 1]
+        if isinstance(last["content"], str):
+            last["content"] = [{"type": "text", "text": last["content"]}]
+        last["content"][-1]["cache_control"] = dict(CACHE_CONTROL)
+    return messages
 
 
 class Backend(VLMBackend):
@@ -93,7 +115,7 @@ class Backend(VLMBackend):
         try:
             response = await litellm.acompletion(
                 model=litellm_model(self.profile.model),
-                messages=openai_messages(request),
+                messages=litellm_messages(request, self.profile),
                 response_format=json_schema_format(request),
                 temperature=request.temperature,
                 seed=request.seed,
@@ -108,11 +130,4 @@ class Backend(VLMBackend):
             if "Missing credentials" in str(exc) or "api_key" in str(exc).lower() and "missing" in str(exc).lower():
                 raise self.auth_error(401) from None
             raise classify_openai_error(self, exc) from None
-        usage = getattr(response, "usage", None)
-        return Completion(
-            text=response.choices[0].message.content or "",
-            usage=Usage(
-                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            ),
-        )
+        return Completion(text=response.choices[0].message.content or "", usage=openai_usage(getattr(response, "usage", None)))

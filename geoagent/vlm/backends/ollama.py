@@ -168,8 +168,8 @@ class Backend(VLMBackend):
         response = await self._api(
             self._client.chat(model=self.profile.model, messages=messages, format=request.schema, options=options, stream=False)
         )
-        usage = Usage(prompt_tokens=response.prompt_eval_count or 0, completion_tokens=response.eval_count or 0)
-        if self._window.observe(request, num_ctx, usage.prompt_tokens) and not self._cut_reported:
+        usage = Usage(input_tokens=response.prompt_eval_count or 0, output_tokens=response.eval_count or 0)
+        if self._window.observe(request, num_ctx, usage.input_tokens) and not self._cut_reported:
             self._cut_reported = True
             warnings.warn(
                 f"backend '{self.name}' ({self.profile.model}): a prompt filled the whole context of {num_ctx} tokens, "

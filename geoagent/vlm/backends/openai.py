@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import openai
@@ -25,17 +26,47 @@ CONTEXT_OVERFLOW = re.compile(
 LITELLM_HTML_REPLY = re.compile(r"invalid response from LLM endpoint.*<(!doctype )?html", re.IGNORECASE | re.DOTALL)
 
 
-def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
-    """Chat messages in OpenAI's shape: text first, then ``image_url`` data URLs in order."""
+def openai_messages(request: ChatRequest, detail: Mapping[str, str | None] | None = None) -> list[dict[str, Any]]:
+    """Chat messages in OpenAI's shape, in order: each message's text, then its ``image_url`` data URLs.
+
+    ``detail``: ``image_url.detail`` per image role ("query", "candidate"); a role without one sends none.
+    """
     messages: list[dict[str, Any]] = []
     for message in request.messages:
         if not message.images:
             messages.append({"role": message.role, "content": message.text})
             continue
-        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}]
-        parts += [{"type": "image_url", "image_url": {"url": image.data_url}} for image in message.images]
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}] if message.text else []
+        for image in message.images:
+            url: dict[str, Any] = {"url": image.data_url}
+            if detail and detail.get(image.role):
+                url["detail"] = detail[image.role]
+            parts.append({"type": "image_url", "image_url": url})
         messages.append({"role": message.role, "content": parts})
     return messages
+
+
+def image_details(profile: Any) -> dict[str, str | None]:
+    """The profile's ``image_url.detail`` per image role."""
+    return {"query": profile.query_detail, "candidate": profile.candidate_detail}
+
+
+def openai_usage(usage: Any) -> Usage:
+    """Tokens from an OpenAI-shaped ``usage`` (the openai client's, or litellm's): cached input tokens from
+    ``prompt_tokens_details.cached_tokens``, else Anthropic's ``cache_read_input_tokens`` (litellm passes it on);
+    both are part of ``prompt_tokens``."""
+    if usage is None:
+        return Usage()
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if not cached:
+        cached = getattr(usage, "cache_read_input_tokens", None)
+    return Usage(
+        input_tokens=prompt,
+        cached_input_tokens=min(int(cached or 0), prompt),
+        output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+    )
 
 
 def json_schema_format(request: ChatRequest) -> dict[str, Any]:
@@ -137,20 +168,13 @@ class Backend(VLMBackend):
         response = raw.parse()
         if not response.choices:
             raise TransientError("the server returned no choices")
-        usage = response.usage
-        return Completion(
-            text=response.choices[0].message.content or "",
-            usage=Usage(
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-            ),
-        )
+        return Completion(text=response.choices[0].message.content or "", usage=openai_usage(response.usage))
 
     async def complete(self, request: ChatRequest) -> Completion:
         options: dict[str, Any] = {"temperature": request.temperature, "seed": request.seed, "max_tokens": request.max_tokens}
         if self._structured:
             options["response_format"] = json_schema_format(request)
-        return await self._create(openai_messages(request), **options)
+        return await self._create(openai_messages(request, image_details(self.profile)), **options)
 
     async def aclose(self) -> None:
         await self._client.close()

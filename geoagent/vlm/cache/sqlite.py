@@ -51,7 +51,7 @@ _COLUMNS = "key, kind, model, task, answer, prompt_tokens, completion_tokens, cr
 def _entry(row: Sequence[Any]) -> StoredEntry:
     return StoredEntry(
         key=row[0], kind=row[1], model=row[2], task=row[3], answer=json.loads(row[4]),
-        usage=Usage(prompt_tokens=row[5], completion_tokens=row[6]), created=row[7],
+        usage=Usage(input_tokens=row[5], output_tokens=row[6]), created=row[7],
     )
 
 
@@ -125,7 +125,7 @@ class SqliteCache(ResponseCache):
             keys,
         )
         return {
-            row[0]: CachedAnswer(answer=json.loads(row[1]), usage=Usage(prompt_tokens=row[2], completion_tokens=row[3]))
+            row[0]: CachedAnswer(answer=json.loads(row[1]), usage=Usage(input_tokens=row[2], output_tokens=row[3]))
             for row in rows
             if not expired(row[4], self.ttl_s)
         }
@@ -135,7 +135,7 @@ class SqliteCache(ResponseCache):
 
     def _put_sync(self, entries: list[StoredEntry]) -> None:
         rows = [
-            (e.key, e.kind, e.model, e.task, json.dumps(e.answer, ensure_ascii=False), e.usage.prompt_tokens, e.usage.completion_tokens, e.created)
+            (e.key, e.kind, e.model, e.task, json.dumps(e.answer, ensure_ascii=False), e.usage.input_tokens, e.usage.output_tokens, e.created)
             for e in entries
         ]
         with self._connection() as conn:

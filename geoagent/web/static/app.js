@@ -145,7 +145,9 @@ function showExplanation(result, where, exif) {
   }
   if (exif) why.appendChild(element("li", `The photo's EXIF GPS (${fmt(exif.lat, 4)}, ${fmt(exif.lon, 4)}) is ${fmt(exif.distance_km, 1)} km from this answer`));
   const cost = stats.cost_usd !== undefined && stats.cost_usd !== null ? `, $${fmt(stats.cost_usd, 4)}` : "";
-  why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
+  const cachedTokens = stats.cached_input_tokens ? ` (${stats.cached_input_tokens} cached)` : "";
+  const tokens = `${stats.input_tokens || 0} input tokens${cachedTokens}, ${stats.output_tokens || 0} output`;
+  why.appendChild(element("li", `${stats.vlm_calls || 0} VLM requests, ${stats.cache_hits || 0} cache hits, ${tokens}${cost}, ${fmt(stats.wall_s || 0, 1)} s`));
   const failed = stats.failed_questions || [];
   if (failed.length) why.appendChild(element("li", `${count(failed.length, "question")} failed; the agent went on without them`));
   $("explanation").hidden = false;
