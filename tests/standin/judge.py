@@ -181,17 +181,6 @@ class WorldJudge:
         g_lon = ((lon + km / (111.2 * max(math.cos(math.radians(lat)), 0.05)) * math.sin(bearing) + 180) % 360) - 180
         return {"clues": ["stand-in: the marker says so"], "country": country, "latitude": g_lat, "longitude": g_lon, "confidence": 0.6}
 
-    # provisional: replaced by h-honest's error model at merge
-    def _nearest_choice(self, lat: float, lon: float, options: list[tuple[float, float]], rng: random.Random, query_marker: int) -> int:
-        """The index of the option chosen (0: the first shown): slot A regardless with ``first_position_bias``, else
-        the option nearest the truth with ``pairwise_accuracy``, else a random other one."""
-        if rng.random() < self.knobs.first_position_bias:
-            return 0
-        nearest = min(range(len(options)), key=lambda i: _km(lat, lon, *options[i]))
-        if rng.random() < self.knobs.pairwise_accuracy:
-            return nearest
-        return rng.choice([i for i in range(len(options)) if i != nearest])
-
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     p1, p2 = math.radians(lat1), math.radians(lat2)
