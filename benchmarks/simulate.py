@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -47,11 +48,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "allpairs": {"strategy": "allpairs", **BOTH_ORDERS, **NO_VLM_EXTRAS},
     "allpairs, Copeland": {"strategy": "allpairs", "vote_model": "copeland", **BOTH_ORDERS, **NO_VLM_EXTRAS},
     "allpairs, Copeland, no consensus": {"strategy": "allpairs", "vote_model": "copeland", "fusion_consensus": 0.0, **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "allpairs, adaptive": {"strategy": "allpairs", **ADAPTIVE, **NO_VLM_EXTRAS},
     "allpairs, one order": {"strategy": "allpairs", **ONE_ORDER, **NO_VLM_EXTRAS},
     "tournament, both orders": {"strategy": "tournament", **BOTH_ORDERS, **NO_VLM_EXTRAS},
     "tournament, adaptive (default)": {"strategy": "tournament", **ADAPTIVE, **NO_VLM_EXTRAS},
     "tournament, one order": {"strategy": "tournament", **ONE_ORDER, **NO_VLM_EXTRAS},
     "sorting, both orders": {"strategy": "sorting", **BOTH_ORDERS, **NO_VLM_EXTRAS},
+    "sorting, adaptive": {"strategy": "sorting", **ADAPTIVE, **NO_VLM_EXTRAS},
+    "sorting, one order": {"strategy": "sorting", **ONE_ORDER, **NO_VLM_EXTRAS},
     "tournament + prior + reasoning": {"strategy": "tournament", "country_prior": True, "reasoning": True},
     "tournament + country submap": {"strategy": "tournament", "country_prior": True, "reasoning": False, "submap": "country"},
 }
@@ -68,9 +72,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pointwise-noise", type=float, default=defaults.pointwise_noise)
     parser.add_argument("--pointwise-calibration", type=float, default=defaults.pointwise_calibration)
     parser.add_argument("--prior-accuracy", type=float, default=defaults.prior_accuracy)
+    parser.add_argument("--near-equal-km", type=float, default=defaults.near_equal_km)
+    parser.add_argument("--distance-sharpness", type=float, default=defaults.distance_sharpness)
+    parser.add_argument("--shared-belief", type=float, default=defaults.shared_belief)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only these variants (labels)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default="simulation", help="writes OUT/NAME.md and OUT/NAME/")
     return parser.parse_args()
 
 
@@ -125,13 +133,14 @@ def main() -> None:
     knobs = Knobs(
         pairwise_accuracy=args.pairwise_accuracy, first_position_bias=args.first_position_bias,
         pointwise_noise=args.pointwise_noise, pointwise_calibration=args.pointwise_calibration,
-        prior_accuracy=args.prior_accuracy, seed=args.seed,
+        prior_accuracy=args.prior_accuracy, near_equal_km=args.near_equal_km,
+        distance_sharpness=args.distance_sharpness, shared_belief=args.shared_belief, seed=args.seed,
     )  # fmt: skip
     variants = {label: agent for label, agent in VARIANTS.items() if not args.only or label in args.only}
     run, elapsed, references = simulate(knobs, variants, seed=args.seed, places_per_country=args.places_per_country)
-    report = write_outputs(run, args.out / "simulation")
+    report = write_outputs(run, args.out / args.name)
     text = render(report, knobs, args, elapsed, len(run.items), references) + comparisons(run)
-    (args.out / "simulation.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 
@@ -144,7 +153,7 @@ def render(report: dict, knobs: Knobs, args: argparse.Namespace, elapsed: float,
         "each with a look-alike decoy 20-80 km away), tiny random-weight CLIP, top-k 10.",
         "Knobs: " + ", ".join(f"{k}={v}" for k, v in asdict(knobs).items() if k != "reasoning_error_km")
         + f", reasoning_error_km={knobs.reasoning_error_km}.",
-        f"Produced by `.venv/bin/python benchmarks/simulate.py` in {elapsed:.0f} s.",
+        f"Produced by `.venv/bin/python benchmarks/simulate.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}` in {elapsed:.0f} s.",
         "",
         "| variant | " + " | ".join(ROWS) + " |",
         "| --- |" + " ---: |" * len(ROWS),
@@ -156,7 +165,7 @@ def render(report: dict, knobs: Knobs, args: argparse.Namespace, elapsed: float,
         cells = [_with_interval(m.get(r), column["intervals"].get(r), r != "median_km") for r in ROWS[:-1]] + [f"{calls:.1f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Accuracies are shown with their 95% bootstrap interval over the query photos (2,000 resamples, seed 0)."]
-    return "\n".join(lines) + "\n\nFull per-column metrics: benchmarks/results/simulation/report.md\n"
+    return "\n".join(lines) + f"\n\nFull per-column metrics: benchmarks/results/{args.name}/report.md\n"
 
 
 def _with_interval(value: float | None, interval: list[float | None] | None, show: bool) -> str:
@@ -170,7 +179,10 @@ def _with_interval(value: float | None, interval: list[float | None] | None, sho
 #: The claims the docs make from this table, each checked as a paired difference on the same photos.
 CLAIMS = [
     ("allpairs", "allpairs, Copeland"), ("tournament, adaptive (default)", "tournament, both orders"),
-    ("tournament, adaptive (default)", "tournament, one order"), ("pointwise", "retrieval only"),
+    ("tournament, adaptive (default)", "tournament, one order"), ("sorting, adaptive", "sorting, both orders"),
+    ("sorting, adaptive", "sorting, one order"), ("allpairs, adaptive", "allpairs"), ("allpairs, adaptive", "allpairs, one order"),
+    ("tournament, adaptive (default)", "allpairs"), ("tournament, adaptive (default)", "sorting, both orders"),
+    ("pointwise", "retrieval only"),
     ("tournament, adaptive (default)", "retrieval only"),
 ]  # fmt: skip
 

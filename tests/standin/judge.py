@@ -35,8 +35,10 @@ class Knobs:
     # Pairwise (and set-wise) judgement: see WorldJudge._nearest_choice.
     pairwise_accuracy: float = 0.95  # the ceiling: picks the nearer of two clearly different candidates this often (when unbiased)
     first_position_bias: float = 0.05  # answers the first shown option ("A") regardless this often
-    near_equal_km: float = 25.0  # distances are judged as (d + this): places this close to each other look alike
-    distance_sharpness: float = 3.0  # how fast the odds of picking the nearer rise with the log distance ratio
+    # The next three are assumptions, not measured on a real model: errors concentrate on near-equal choices and
+    # repeat when the order is swapped. tests/test_judge.py and docs/reference/simulation.md show what they imply.
+    near_equal_km: float = 25.0  # distances are judged as (d + this): within a city's scale (acc@25km) places look alike
+    distance_sharpness: float = 3.0  # odds of picking the nearer of two = ((d_far + 25) / (d_near + 25)) ** this
     shared_belief: float = 0.5  # this share of option sets is answered from one belief in every order (errors repeat)
     pointwise_noise: float = 1.5  # per-candidate noise on a 0-10 score
     pointwise_calibration: float = 4.0  # per-query offset: scores are monotone in distance, badly calibrated
