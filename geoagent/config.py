@@ -397,6 +397,15 @@ class AgentConfig(_Section):
     max_image_side: int = Field(
         default=768, ge=64, le=8192, description="Images are EXIF-rotated, downscaled to this side and encoded once."
     )
+    candidate_image_side: int = Field(
+        default=512,
+        ge=64,
+        le=8192,
+        description=(
+            "Candidates' reference photos are downscaled to this side (the query to max_image_side): they are compared, "
+            "not studied, and each costs tokens in every question that shows it."
+        ),
+    )
     view: Literal["ground", "cross"] = Field(
         default="ground", description="cross: street-level queries against aerial references (the cross-view prompts)."
     )

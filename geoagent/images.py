@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from geoagent.errors import InputError
 from geoagent.paths import display_path, os_error_reason
-from geoagent.vlm.types import EncodedImage
+from geoagent.vlm.types import EncodedImage, ImageRole
 
 # Pillow's complaints about optional TIFF/EXIF tags are noise to a user (the photo still opens). Filters are
 # process-wide and warnings.catch_warnings is not thread-safe, so this one is installed once, here. Pillow's
@@ -200,14 +200,14 @@ def downscale(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
 
 
-def encode_image(image: Image.Image, max_side: int, label: str = "") -> EncodedImage:
-    """JPEG-encode once; the content hash identifies the image in cache keys."""
+def encode_image(image: Image.Image, max_side: int, label: str = "", role: ImageRole = "query") -> EncodedImage:
+    """JPEG-encode once; the content hash identifies the image in cache keys. ``role``: the query photo or a candidate's."""
     image = downscale(to_rgb(image), max_side)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     data = buffer.getvalue()
     return EncodedImage(
-        data=data, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height, label=label
+        data=data, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height, label=label, role=role
     )
 
 

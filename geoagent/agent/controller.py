@@ -589,7 +589,7 @@ class GeoAgent:
         candidate is then described by its coordinates."""
         cfg = self.settings.agent
         try:
-            return Photo.of(open_image(path), cfg.max_image_side, path, keep_pixels=cfg.image_layout == "composite")
+            return Photo.of(open_image(path), cfg.candidate_image_side, path, keep_pixels=cfg.image_layout == "composite", role="candidate")
         except InputError:
             return None
 

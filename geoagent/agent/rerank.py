@@ -26,6 +26,7 @@ from geoagent.prompts import PromptSet
 from geoagent.types import Candidate, Match, PointwiseScore, SetMatch
 from geoagent.vlm import Answer, CallStats, EncodedImage, VLMClient
 from geoagent.vlm.parsing import AnswerT
+from geoagent.vlm.types import ImageRole
 
 
 @dataclass
@@ -36,8 +37,8 @@ class Photo:
     pixels: Image.Image | None = None
 
     @classmethod
-    def of(cls, image: Image.Image, max_side: int, label: str = "", *, keep_pixels: bool = False) -> Photo:
-        encoded = encode_image(image, max_side, label)
+    def of(cls, image: Image.Image, max_side: int, label: str = "", *, keep_pixels: bool = False, role: ImageRole = "query") -> Photo:
+        encoded = encode_image(image, max_side, label, role)
         if not keep_pixels:
             return cls(encoded)
         pixels = image.copy()

@@ -9,6 +9,7 @@ costs none (the pool fails over from it, or waits for a server to come back).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
@@ -232,18 +233,13 @@ class VLMClient:
                         f"backend '{self.name}' ({self.profile.model}): invalid {request.schema_name} answer "
                         f"and no request left for a repair re-ask (max_retries = {self.profile.max_retries}): {first}"
                     ) from None
-                repair = ChatRequest(
+                repair = dataclasses.replace(  # the same question, its prefix included, and the re-ask after it
+                    request,
                     messages=(
                         *request.messages,
                         ChatMessage("assistant", completion.text),
                         ChatMessage("user", REPAIR_PROMPT.format(error=first, schema=request.schema)),
                     ),
-                    schema_name=request.schema_name,
-                    schema=request.schema,
-                    temperature=request.temperature,
-                    seed=request.seed,
-                    max_tokens=request.max_tokens,
-                    prefix_messages=request.prefix_messages,
                 )
                 completion = await self._complete(repair, stats)
                 try:

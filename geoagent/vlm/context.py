@@ -48,6 +48,12 @@ MINICPM_V_SLICE_TOKENS = 64
 MINICPM_V_MAX_SLICES = 9
 LLAMA4_TILE = 336
 LLAMA4_TILE_TOKENS = 144  # 24 x 24 patches, pixel-shuffled by 2
+#: OpenAI (GPT-4o): an image sent with ``detail: "low"`` is one 512-px view of 85 tokens; high detail adds 170 per
+#: 512-px tile of the image fitted in 2048 px and shortened to 768 px on its short side.
+OPENAI_BASE_TOKENS = 85
+OPENAI_TILE_TOKENS = 170
+OPENAI_TILE = 512
+LOW_DETAIL_TOKENS = OPENAI_BASE_TOKENS
 
 
 def fixed(tokens: int) -> ImageTokens:
@@ -92,6 +98,18 @@ def llama4_tokens(width: int, height: int) -> int:
     return LLAMA4_TILE_TOKENS * (tiles + (tiles > 1))
 
 
+def openai_image_tokens(width: int, height: int, detail: str = "high", base: int = OPENAI_BASE_TOKENS, tile: int = OPENAI_TILE_TOKENS) -> int:
+    """OpenAI's count for one image: ``base`` at low detail; else ``base`` plus ``tile`` per 512-px tile after fitting
+    the image in 2048 x 2048 and scaling its short side down to 768 (GPT-4o: 85 and 170; GPT-4o mini: 2833 and 5667)."""
+    if detail == "low":
+        return base
+    scale = min(1.0, 2048 / max(width, height))
+    width, height = width * scale, height * scale
+    scale = min(1.0, 768 / min(width, height))
+    tiles = math.ceil(width * scale / OPENAI_TILE) * math.ceil(height * scale / OPENAI_TILE)
+    return base + tile * tiles
+
+
 #: Tokens per image for each encoder family (upper bounds: a window too big costs memory, one too small the photo).
 IMAGE_TOKENS: dict[str, ImageTokens] = {
     "llava-next": llava_next_tokens,  # LLaVA 1.6: Ollama's llava:7b/13b/34b
@@ -130,13 +148,19 @@ def image_family(model: str, architectures: Sequence[str] = ()) -> str:
     return next((family for fragment, family in _NAMES if fragment in name), DEFAULT_FAMILY)
 
 
-def estimate_prompt_tokens(request: ChatRequest, family: str) -> int:
-    """An upper-bound token count for ``request``'s prompt (text and images), not counting the reply."""
+def estimate_prompt_tokens(request: ChatRequest, family: str, detail: Mapping[str, str | None] | None = None) -> int:
+    """An upper-bound token count for ``request``'s prompt (text and images), not counting the reply.
+
+    ``detail``: the ``image_url.detail`` sent per image role; an image sent at low detail costs LOW_DETAIL_TOKENS.
+    """
     image_tokens = IMAGE_TOKENS.get(family, IMAGE_TOKENS[DEFAULT_FAMILY])
     total = TEMPLATE_TOKENS
     for message in request.messages:
         total += TOKENS_PER_MESSAGE + math.ceil(len(message.text) / CHARS_PER_TOKEN)
-        total += sum(image_tokens(image.width, image.height) for image in message.images)
+        total += sum(
+            LOW_DETAIL_TOKENS if detail and detail.get(image.role) == "low" else image_tokens(image.width, image.height)
+            for image in message.images
+        )
     return total
 
 

@@ -5,7 +5,9 @@ decides the answer, and misbehaves on request: latency, a bounded parallel capac
 when full, and injected 500/503/429 (with Retry-After)/400, hangs, truncated JSON, fenced JSON and prose.
 It also models a context window as Ollama and vLLM do: images cost tokens, an Ollama prompt longer than its
 ``num_ctx`` (or the default context) is cut from the start, and an OpenAI-protocol prompt that does not fit
-is refused with a 400. It pulls models as Ollama does (``/api/pull`` streams NDJSON progress, layer by layer, from
+is refused with a 400. Like OpenAI, it caches prompt prefixes: an OpenAI-protocol reply reports
+``usage.prompt_tokens_details.cached_tokens`` for the longest prefix the model read before (from 1,024 tokens, in
+128-token steps). It pulls models as Ollama does (``/api/pull`` streams NDJSON progress, layer by layer, from
 a registry of the models that exist; ``/api/tags`` lists a pulled model from then on) and serves that registry's
 manifests (``/v2/<namespace>/<name>/manifests/<tag>``). Every request is logged so tests can count what was sent.
 """
@@ -27,6 +29,8 @@ from typing import Any
 
 from PIL import Image
 
+from geoagent.vlm.context import LOW_DETAIL_TOKENS  # what an OpenAI image sent with detail "low" costs
+
 FAULTS = ("http_503", "http_429", "http_500", "hang", "truncated", "fenced", "prose", "http_400")
 #: What an injected HTTP fault says; 400 is the refusal a retry cannot fix.
 FAULT_MESSAGES = {503: "server overloaded", 429: "rate limit reached", 500: "internal error", 400: "image could not be processed"}
@@ -34,6 +38,10 @@ FAULT_MESSAGES = {503: "server overloaded", 429: "rate limit reached", 500: "int
 PULL_MISSING = "pull model manifest: file does not exist"
 #: Characters per text token in the stand-in's token count (a tokenizer's usual ratio for English).
 CHARS_PER_TOKEN = 4
+#: OpenAI's prompt caching: a repeated prefix of at least this many tokens is cached, counted in steps of
+#: PREFIX_CACHE_STEP tokens (OpenAI: 1,024 and 128), and reported as usage.prompt_tokens_details.cached_tokens.
+PREFIX_CACHE_MIN = 1024
+PREFIX_CACHE_STEP = 128
 
 
 @dataclass
@@ -72,6 +80,7 @@ class SeenRequest:
     options: dict[str, Any]
     truncated: bool = False  # the prompt was cut to fit the context: what is left may not hold the question
     prompt_tokens: int = 0  # tokens the model read (after any cut)
+    cached_tokens: int = 0  # of those, served from the prefix cache (OpenAI protocol)
 
 
 @dataclass
@@ -88,6 +97,8 @@ class LoggedRequest:
     context: int | None = None  # the context window that applied (None: unlimited)
     truncated: bool = False  # the prompt was cut from the start to fit ``context``
     model: str = ""  # the model a pull or show named
+    cached_tokens: int = 0  # reported as read from the prefix cache (OpenAI protocol)
+    body: bytes = b""  # the request body as received (chat requests, with StandinConfig.keep_bodies)
 
 
 Judge = Callable[[SeenRequest], dict[str, Any]]
@@ -113,6 +124,8 @@ class StandinConfig:
     pull_steps: int = 4  # progress lines per layer of a pull
     pull_line_s: float = 0.0  # wait before each progress line (a download that takes its time)
     hold_show: threading.Event | None = None  # /api/show waits until this is set (a preflight held up, for tests)
+    prefix_cache: bool = True  # OpenAI protocol: report cached_tokens for prompt prefixes served before, as OpenAI does
+    keep_bodies: bool = False  # keep each chat request's body in the log (tests comparing the bytes sent)
 
     def digest(self, model: str) -> str:
         return self.digests.get(model, hashlib.sha256(model.encode()).hexdigest())
@@ -151,6 +164,7 @@ class StandinServer:
         self._rng = random.Random(self.config.faults.seed)
         self._faults_by_question: dict[str, int] = {}
         self._busy = 0
+        self._prefixes: dict[str, set[str]] = {}  # model -> chained digests of every prompt prefix served
         self.max_busy = 0  # most chat requests in the server at once
         self.killed = False
         self._slots = threading.Semaphore(self.config.capacity)
@@ -198,6 +212,20 @@ class StandinServer:
     def _record(self, entry: LoggedRequest) -> None:
         with self._lock:
             self.log.append(entry)
+
+    def _cached_tokens(self, model: str, segments: list[_Segment]) -> int:
+        """OpenAI's prompt caching: the longest prefix (in whole segments) of ``segments`` this model has read before,
+        in PREFIX_CACHE_STEP-token steps, when at least PREFIX_CACHE_MIN tokens; then this prompt's prefixes are kept."""
+        chain, digests = "", []
+        for segment in segments:
+            chain = hashlib.sha256(f"{chain}|{segment.role}|{segment.key}".encode()).hexdigest()
+            digests.append(chain)
+        with self._lock:
+            seen = self._prefixes.setdefault(model, set())
+            matched = next((i + 1 for i in range(len(digests) - 1, -1, -1) if digests[i] in seen), 0)
+            seen.update(digests)
+        tokens = sum(segment.tokens for segment in segments[:matched])
+        return tokens // PREFIX_CACHE_STEP * PREFIX_CACHE_STEP if tokens >= PREFIX_CACHE_MIN else 0
 
     def _admit(self) -> bool:
         with self._lock:
@@ -281,6 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b"{}"
+        self.raw_body = raw
         return json.loads(raw or b"{}")
 
     # --- routes -------------------------------------------------------------------------------------
@@ -412,6 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry.status = 401
             return
         seen, segments = _parse_chat(protocol, body, config.image_tokens)
+        if config.keep_bodies:
+            entry.body = self.raw_body
         entry.schema_name, entry.prompt, entry.options = seen.schema_name, seen.prompt, seen.options
         entry.images, entry.prompt_tokens = len(seen.images), seen.prompt_tokens
         if seen.model not in config.models:
@@ -446,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif context is not None and seen.prompt_tokens > context:  # Ollama keeps the last num_ctx tokens, silently
             seen = _keep_last(seen, segments, context)
             entry.truncated = True
+        if protocol == "openai" and config.prefix_cache and seen.model in config.models:
+            seen.cached_tokens = entry.cached_tokens = standin._cached_tokens(seen.model, segments)
         if not standin._admit():
             entry.status, entry.fault = 503, "queue_full"
             self._error(protocol, 503, "server busy, please try again.  maximum pending requests exceeded")
@@ -512,7 +545,10 @@ class _Handler(BaseHTTPRequestHandler):
                     "created": int(time.time()),
                     "model": seen.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                    "usage": {
+                        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                        "prompt_tokens_details": {"cached_tokens": seen.cached_tokens},
+                    },
                 },
             )
 
@@ -543,14 +579,19 @@ class _Segment:
     tokens: int
     text: str = ""
     image: Image.Image | None = None
+    key: str = ""  # what identifies it in a prefix: the text, or a digest of the image as sent
 
 
 def _text(role: str, text: str) -> _Segment:
-    return _Segment(role, -(-len(text) // CHARS_PER_TOKEN), text=text)
+    return _Segment(role, -(-len(text) // CHARS_PER_TOKEN), text=text, key=text)
 
 
-def _image(role: str, image: Image.Image, cost: ImageTokens) -> _Segment:
-    return _Segment(role, cost if isinstance(cost, int) else cost(*image.size), image=image)
+def _image(role: str, data: str, cost: ImageTokens, detail: str | None = None) -> _Segment:
+    """An image as sent (base64 or a data URL); ``detail: "low"`` (OpenAI) costs LOW_DETAIL_TOKENS whatever its size."""
+    image = _decode_image(data)
+    tokens = LOW_DETAIL_TOKENS if detail == "low" else cost if isinstance(cost, int) else cost(*image.size)
+    key = hashlib.sha256(f"{detail}|{data}".encode()).hexdigest()
+    return _Segment(role, tokens, image=image, key=key)
 
 
 def _parse_chat(protocol: str, body: dict[str, Any], image_tokens: ImageTokens) -> tuple[SeenRequest, list[_Segment]]:
@@ -560,7 +601,7 @@ def _parse_chat(protocol: str, body: dict[str, Any], image_tokens: ImageTokens) 
         role = message.get("role", "")
         content = message.get("content")
         # Ollama puts a message's images before its text ([img-0] tags); OpenAI keeps the parts' order.
-        segments.extend(_image(role, _decode_image(data), image_tokens) for data in message.get("images") or [])
+        segments.extend(_image(role, data, image_tokens) for data in message.get("images") or [])
         if isinstance(content, str):
             segments.append(_text(role, content))
         elif isinstance(content, list):
@@ -568,8 +609,8 @@ def _parse_chat(protocol: str, body: dict[str, Any], image_tokens: ImageTokens) 
                 if part.get("type") == "text":
                     segments.append(_text(role, part.get("text", "")))
                 elif part.get("type") == "image_url":
-                    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-                    segments.append(_image(role, _decode_image(url), image_tokens))
+                    spec = part["image_url"] if isinstance(part["image_url"], dict) else {"url": part["image_url"]}
+                    segments.append(_image(role, spec["url"], image_tokens, spec.get("detail")))
     if protocol == "ollama":
         schema = body.get("format") if isinstance(body.get("format"), dict) else {}
         name = schema.get("title", "")

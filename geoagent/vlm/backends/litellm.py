@@ -65,13 +65,7 @@ CACHE_CONTROL = {"type": "ephemeral"}
 def litellm_messages(request: ChatRequest, profile: BackendProfile) -> list[dict[str, Any]]:
     """OpenAI-shaped messages; with the profile's ``cache_control``, the last block of the prefix every question of
     a photo shares (the query image) carries Anthropic's cache mark."""
-    messages = openai_messages(request, image_details(profile))
-    if profile.cache_control and request.prefix_messages:
-        last = messages[request.prefix_messages - 1]
-        if isinstance(last["content"], str):
-            last["content"] = [{"type": "text", "text": last["content"]}]
-        last["content"][-1]["cache_control"] = dict(CACHE_CONTROL)
-    return messages
+    return openai_messages(request, image_details(profile), mark_prefix=CACHE_CONTROL if profile.cache_control else None)
 
 
 class Backend(VLMBackend):
@@ -123,6 +117,7 @@ class Backend(VLMBackend):
                 api_base=self.profile.base_url,
                 api_key=self._key(),
                 timeout=self.profile.timeout_s,
+                drop_params=True,  # a provider without a parameter (Anthropic: seed) answers without it instead of refusing
                 num_retries=0,  # geoagent's single retry layer decides
                 max_retries=0,
             )

@@ -26,23 +26,34 @@ CONTEXT_OVERFLOW = re.compile(
 LITELLM_HTML_REPLY = re.compile(r"invalid response from LLM endpoint.*<(!doctype )?html", re.IGNORECASE | re.DOTALL)
 
 
-def openai_messages(request: ChatRequest, detail: Mapping[str, str | None] | None = None) -> list[dict[str, Any]]:
+def openai_messages(
+    request: ChatRequest, detail: Mapping[str, str | None] | None = None, *, mark_prefix: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Chat messages in OpenAI's shape, in order: each message's text, then its ``image_url`` data URLs.
 
-    ``detail``: ``image_url.detail`` per image role ("query", "candidate"); a role without one sends none.
+    Consecutive user messages (the photo's query message, then the task's) become one message whose parts keep
+    their order: the prefix stays identical, and chat templates that insist on alternating roles (Gemma 3,
+    Mistral on vLLM) accept it. ``detail``: ``image_url.detail`` per image role ("query", "candidate"); a role
+    without one sends none. ``mark_prefix``: set on the last part of the shared prefix (Anthropic's cache_control).
     """
     messages: list[dict[str, Any]] = []
-    for message in request.messages:
-        if not message.images:
-            messages.append({"role": message.role, "content": message.text})
-            continue
-        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}] if message.text else []
+    for index, message in enumerate(request.messages):
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.text}] if message.text or not message.images else []
         for image in message.images:
             url: dict[str, Any] = {"url": image.data_url}
             if detail and detail.get(image.role):
                 url["detail"] = detail[image.role]
             parts.append({"type": "image_url", "image_url": url})
-        messages.append({"role": message.role, "content": parts})
+        if mark_prefix and index == request.prefix_messages - 1:
+            parts[-1] = {**parts[-1], "cache_control": dict(mark_prefix)}
+        if messages and message.role == "user" and messages[-1]["role"] == "user":
+            messages[-1]["content"] += parts
+        else:
+            messages.append({"role": message.role, "content": parts})
+    for entry in messages:  # a message of one text part goes as a plain string, as it always did
+        only = entry["content"][0] if len(entry["content"]) == 1 else None
+        if only is not None and only["type"] == "text" and "cache_control" not in only:
+            entry["content"] = only["text"]
     return messages
 
 
@@ -189,9 +200,10 @@ def classify_openai_error(backend: VLMBackend, exc: openai.OpenAIError) -> Excep
     if isinstance(exc, openai.APIConnectionError):
         return TransientError(f"connection failed: {exc}")
     if isinstance(exc, openai.APIStatusError):
-        headers = getattr(exc, "litellm_response_headers", None) or exc.response.headers
+        response = getattr(exc, "response", None)  # litellm raises some (unsupported parameters) before any response
+        headers = getattr(exc, "litellm_response_headers", None) or (response.headers if response is not None else {})
         message = _error_message(exc)
-        content_type = exc.response.headers.get("content-type", "")
+        content_type = response.headers.get("content-type", "") if response is not None else ""
         if is_html(content_type):  # never quoted: the wrong server, or a proxy's error page (retried)
             return backend.page_error(exc.status_code, content_type, OPENAI_API, OPENAI_URL_HINT)
         if LITELLM_HTML_REPLY.search(message):
