@@ -117,7 +117,7 @@ def figures(predictions: list[Prediction], reference: list[Prediction], is_refer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one synthetic world per seed")
-    parser.add_argument("--places-per-country", type=int, default=10, help="8 countries; each place also has a decoy")
+    parser.add_argument("--places-per-country", type=int, default=12, help="8 countries; each place also has a decoy")
     parser.add_argument("--only", nargs="*", help="run only these columns (the reference always runs)")
     parser.add_argument("--all", action="store_true", help="also run sorting and allpairs (costlier than the reference)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
