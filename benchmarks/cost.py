@@ -36,7 +36,7 @@ from standin import Knobs, StandinConfig, StandinServer  # noqa: E402
 from geoagent.eval.metrics import Prediction, summarise  # noqa: E402
 from geoagent.eval.stats import intervals, paired  # noqa: E402
 from geoagent.vlm.context import openai_image_tokens  # noqa: E402
-from geoagent.vlm.pricing import table_price  # noqa: E402
+from geoagent.vlm.pricing import Price, table_price  # noqa: E402
 
 TOP_K = 10
 #: Priced in litellm's table with a cached-input rate (checked at start).
@@ -140,8 +140,8 @@ def main() -> None:
                 knobs, variants, seed=seed, places_per_country=args.places_per_country,
                 profile=openai_profile, config=config, server_per_column=True,
             )  # fmt: skip
-            for label in columns:
-                pooled[vlm][label] += run.predictions.get(label, [])
+            for label in columns:  # photos named by world too: the paired comparison matches photos by path
+                pooled[vlm][label] += [p.model_copy(update={"path": f"seed {seed}: {p.path}"}) for p in run.predictions.get(label, [])]
             print(f"{vlm}, seed {seed}: done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
     table = {vlm: {label: figures(rows, pooled[vlm][REFERENCE], label == REFERENCE) for label, rows in by_label.items()} for vlm, by_label in pooled.items()}
@@ -159,7 +159,7 @@ def _interval(low: float | None, high: float | None, signed: bool = False) -> st
     return f"[{low:{spec}}, {high:{spec}}]"
 
 
-def render(table: dict[str, dict[str, Figures]], knobs: dict[str, Knobs], args: argparse.Namespace, elapsed: float, price) -> str:
+def render(table: dict[str, dict[str, Figures]], knobs: dict[str, Knobs], args: argparse.Namespace, elapsed: float, price: Price) -> str:
     photos = next(iter(next(iter(table.values())).values())).photos
     seeds = ", ".join(map(str, args.seeds))
     lines = [
