@@ -79,7 +79,8 @@ class AnswerError(GeoAgentError):
 class PhotoError(GeoAgentError):
     """Nothing usable remained for one photo: every VLM question about it failed.
 
-    ``cause`` is the first question's error, so a batch can tell a dead server from a picky model.
+    ``cause`` is the first server failure among its questions (an unreachable server before anything else), so a
+    batch can tell a dead server from a picky model.
     """
 
     per_item = True

@@ -18,6 +18,7 @@ from geoagent.config import Settings  # noqa: E402
 from geoagent.images import encode_image  # noqa: E402
 from geoagent.vlm.types import EncodedImage  # noqa: E402
 from standin import StandinConfig, StandinServer, marked_scene, marker_judge  # noqa: E402
+from warmcli import RUNNER as WARM_CLI  # noqa: E402
 
 #: How each backend kind reaches the stand-in: (kind, model, which stand-in URL).
 BACKEND_ROUTES = {
@@ -132,8 +133,10 @@ def write_world_config(path: Path, world, server: StandinServer, cache: Path, ba
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``geoagent ARGS`` in a fresh process, as a user would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+    """``geoagent ARGS`` in a new process, as a user would run it: forked from a helper that has PyTorch imported
+    already (tests/warmcli.py), or a plain ``python -m geoagent`` when ``env`` changes what an import reads."""
+    full_env = {**os.environ, **(env or {})}
+    warm = WARM_CLI.run(list(args), cwd, full_env, timeout=600)
+    if warm is not None:
+        return warm
+    return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)

@@ -297,3 +297,26 @@ async def test_a_re_pulled_model_does_not_answer_from_the_old_models_cache(world
     server.config.digests["llava:7b"] = "sha256:" + "2" * 64  # `ollama pull llava:7b` brought new weights
     results = await locate_each(GeoAgent(settings, retriever=world_retriever), photo)
     assert server.chat_requests() and results[0][1].stats.cache_hits == 0  # type: ignore[union-attr]
+
+
+async def test_a_photo_whose_server_died_mid_request_is_lost_to_the_server_not_failed():
+    """The server killed while a question was in flight: that question fails as "connection failed" (a plain
+    BackendError), the photo's later ones find it unreachable. The photo's error is the unreachable server's, so a
+    batch stops without journalling it as failed (a rerun does it); seen under load as a flaky
+    test_batch.py::test_a_server_lost_mid_batch_stops_it_journalling_no_failure_and_a_rerun_finishes."""
+    from geoagent.agent.questions import QuestionLog
+    from geoagent.errors import BackendError, UnreachableError
+
+    async def fails(exc: Exception):
+        raise exc
+
+    log = QuestionLog()
+    in_flight = BackendError("backend 'sim': gave up after 2 attempts: connection failed: ReadError")
+    gone = UnreachableError("backend 'sim': cannot connect to http://127.0.0.1:9")
+    for n, exc in enumerate([in_flight, gone, in_flight]):
+        assert await log.ask(fails(exc), "pairwise", f"q{n}") is None
+    error = log.nothing_answered("p.jpg")
+    assert error is not None and error.cause is gone and len(log.failed) == 3
+    only_in_flight = QuestionLog()
+    assert await only_in_flight.ask(fails(in_flight), "pairwise", "q") is None
+    assert only_in_flight.nothing_answered("p.jpg").cause is in_flight  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from geoagent.errors import AnswerError, BackendError, PhotoError
+from geoagent.errors import AnswerError, BackendError, PhotoError, UnreachableError
 from geoagent.types import FailedQuestion
 from geoagent.vlm import CallStats
 
@@ -25,7 +25,9 @@ class QuestionLog:
         self.answered = 0
         #: What the photo's questions cost, by task; the stages add their answers', failed questions add theirs.
         self.spent: defaultdict[str, CallStats] = defaultdict(CallStats)
-        self._backend_error: BackendError | None = None  # the first failure that was the server's, not the model's
+        #: The first failure that was the server's, not the model's; an unreachable server's wins over a request
+        #: that failed in flight (the server died under it), so a photo lost to a dead server is not blamed.
+        self._backend_error: BackendError | None = None
 
     async def ask(self, question: Awaitable[T], task: str, detail: str) -> T | None:
         """The question's answer, or None when it failed after its retries (recorded)."""
@@ -37,8 +39,8 @@ class QuestionLog:
             self.failed.append(FailedQuestion(task=task, detail=detail, error=str(exc)))
             if exc.stats is not None:
                 self.spent[task].add(exc.stats)
-            if isinstance(exc, BackendError):
-                self._backend_error = self._backend_error or exc
+            if isinstance(exc, BackendError) and not isinstance(self._backend_error, UnreachableError):
+                self._backend_error = exc if isinstance(exc, UnreachableError) else self._backend_error or exc
             return None
         self.answered += 1
         return result
