@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,30 +82,49 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def simulate(knobs: Knobs, variants: dict[str, dict[str, object]], *, seed: int, places_per_country: int) -> tuple[EvalRun, float, int]:
+def ollama_profile(server: StandinServer) -> dict[str, object]:
+    """The backend profile the simulations use unless told otherwise: the stand-in as Ollama serving llava:7b."""
+    return {"kind": "ollama", "model": "llava:7b", "base_url": server.url, "max_concurrency": 32, "timeout_s": 30}
+
+
+def simulate(
+    knobs: Knobs,
+    variants: dict[str, dict[str, object]],
+    *,
+    seed: int,
+    places_per_country: int,
+    profile: Callable[[StandinServer], dict[str, object]] = ollama_profile,
+    config: StandinConfig | None = None,
+    server_per_column: bool = False,
+) -> tuple[EvalRun, float, int]:
     """Build the world for ``seed``, run one eval column per variant against a stand-in with ``knobs``.
 
+    ``profile`` makes the backend profile for a started stand-in, ``config`` configures the stand-in. With
+    ``server_per_column`` every column gets its own stand-in, so no column reads another's prefix cache.
     Returns the finished run, its wall time and the number of reference photos.
     """
-    with tempfile.TemporaryDirectory(prefix="geoagent-sim-") as scratch:
+    config = config or StandinConfig(capacity=64)
+    with tempfile.TemporaryDirectory(prefix="geoagent-sim-") as scratch, contextlib.ExitStack() as servers:
         work = Path(scratch)
         world = build_world(work / "world", places_per_country=places_per_country, seed=seed)
         retrieval = {"clip_model": str(TINY_CLIP), "clip_pretrained": "none", "index": str(work / "index")}
         build_index(world.references_csv, work / "index", Embedder.load(Settings(retrieval=retrieval).retrieval))
         dataset = load_dataset(world.queries_csv)
-        with StandinServer(WorldJudge(world.truth, knobs), StandinConfig(capacity=64)) as server:
-            columns = []
-            for label, agent in variants.items():
-                backend = {"kind": "ollama", "model": "llava:7b", "base_url": server.url, "max_concurrency": 32, "timeout_s": 30}
-                settings = Settings(
-                    backends={"sim": backend}, tasks={"default": "sim"}, retrieval=retrieval, agent=agent,
-                    cache={"dir": work / "cache" / label.replace(" ", "_")},  # each column pays for its own calls
-                )
-                columns.append(Column(label, settings))
-            run = EvalRun(dataset, columns)
-            started = time.perf_counter()
-            asyncio.run(run.execute())
-            elapsed = time.perf_counter() - started
+        judge = WorldJudge(world.truth, knobs)
+        server = servers.enter_context(StandinServer(judge, config))
+        columns = []
+        for label, agent in variants.items():
+            if server_per_column and columns:
+                server = servers.enter_context(StandinServer(judge, config))
+            settings = Settings(
+                backends={"sim": profile(server)}, tasks={"default": "sim"}, retrieval=retrieval, agent=agent,
+                cache={"dir": work / "cache" / label.replace(" ", "_")},  # each column pays for its own calls
+            )
+            columns.append(Column(label, settings))
+        run = EvalRun(dataset, columns)
+        started = time.perf_counter()
+        asyncio.run(run.execute())
+        elapsed = time.perf_counter() - started
     return run, elapsed, len(world.references)
 
 
