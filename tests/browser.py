@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,16 @@ def wait_until(page: Any, expression: str, timeout_s: float = WAIT_S) -> Any:
         assert time.monotonic() < deadline, f"not true within {timeout_s} s: {expression}"
         time.sleep(POLL_S)
     return value
+
+
+def wait_for(page: Any, condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll a condition on this side (e.g. on the requests the route handler logged, which Playwright delivers as
+    events while the page is being talked to) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout_s} s: {what}"
+        page.evaluate("0")  # a round trip: Playwright dispatches the events that arrived meanwhile
+        time.sleep(POLL_S)
 
 
 @contextmanager

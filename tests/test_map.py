@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from browser import artifacts_dir, offline_browser, wait_until
+from browser import artifacts_dir, offline_browser, wait_for, wait_until
 from conftest import run_cli, write_world_config
 from geoagent.eval.metrics import THRESHOLDS_KM, Prediction
 from geoagent.exif import ExifGPS, ExifInfo
@@ -295,7 +295,8 @@ def test_draw_options_replace_the_basemap_and_drop_the_panel_for_the_serve_page(
     assert count(page, ".leaflet-tile") == 0 and browser.blocked[asked:] == []
     assert page.evaluate(REDRAW, {"tiles": "https://tiles.invalid/{z}/{x}/{y}.png"}) == 4
     wait_until(page, "document.querySelectorAll('.leaflet-tile').length > 0")
-    assert browser.blocked[asked:] and all(u.startswith("https://tiles.invalid/") for u in browser.blocked[asked:])
+    wait_for(page, lambda: len(browser.blocked) > asked, "the new tiles' requests reach the route handler")
+    assert all(u.startswith("https://tiles.invalid/") for u in browser.blocked[asked:])
     assert count(page, ".geoagent-panel") == 1
     assert not [e for e in page.geoagent_errors if e.startswith("uncaught")], page.geoagent_errors
 
