@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simulate import ADAPTIVE, BOTH_ORDERS, NO_VLM_EXTRAS, ROOT, simulate  # noqa: E402
+from simulate import ADAPTIVE, BOTH_ORDERS, NO_VLM_EXTRAS, ONE_ORDER, ROOT, simulate  # noqa: E402
 from standin import Knobs, StandinConfig, StandinServer  # noqa: E402
 
 from geoagent.eval.metrics import Prediction, summarise  # noqa: E402
@@ -61,6 +61,11 @@ COLUMNS: dict[str, dict[str, object]] = {
 COSTLY: dict[str, dict[str, object]] = {
     "sorting, adaptive": {"strategy": "sorting", **ADAPTIVE},
     "allpairs, adaptive": {"strategy": "allpairs", **ADAPTIVE},
+}
+#: Set-wise's other position-bias rules (both rotations always; one ask in seed order): ``--debias``.
+DEBIAS: dict[str, dict[str, object]] = {
+    "setwise c=4, both orders": {"strategy": "setwise", "set_size": 4, **BOTH_ORDERS},
+    "setwise c=4, one order": {"strategy": "setwise", "set_size": 4, **ONE_ORDER},
 }
 #: Cheaper than the reference needs at most this share of its full-price input tokens per photo.
 COST_TARGET = 0.5
@@ -120,12 +125,13 @@ def main() -> None:
     parser.add_argument("--places-per-country", type=int, default=12, help="8 countries; each place also has a decoy")
     parser.add_argument("--only", nargs="*", help="run only these columns (the reference always runs)")
     parser.add_argument("--all", action="store_true", help="also run sorting and allpairs (costlier than the reference)")
+    parser.add_argument("--debias", action="store_true", help="also run set-wise c=4 with both orders and with one order")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     price = table_price(MODEL)
     if price is None or price.cached is None:
         sys.exit(f"benchmarks/cost.py: litellm's price table has no cached-input rate for {MODEL}")
-    every = {**COLUMNS, **(COSTLY if args.all else {})}
+    every = {**COLUMNS, **(COSTLY if args.all else {}), **(DEBIAS if args.debias else {})}
     columns = {label: agent for label, agent in every.items() if not args.only or label in args.only or label == REFERENCE}
     variants = {label: {**agent, **NO_VLM_EXTRAS, "top_k": TOP_K} for label, agent in columns.items()}
     config = StandinConfig(models=(MODEL,), capacity=64, image_tokens=mini_image_tokens)
@@ -252,7 +258,7 @@ def plot(table: dict[str, dict[str, Figures]], path: Path) -> None:
 
     from matplotlib.ticker import FuncFormatter
 
-    colours = {label: f"C{i}" for i, label in enumerate({**COLUMNS, **COSTLY})}  # one colour per column in both panels
+    colours = {label: f"C{i}" for i, label in enumerate({**COLUMNS, **COSTLY, **DEBIAS})}  # one colour per column in both panels
     figure, axes = plt.subplots(1, len(table), figsize=(12, 5), dpi=110, sharex=True, sharey=True)
     for axis, (vlm, columns) in zip(axes, table.items()):
         points: dict[tuple[float, float], list[str]] = {}  # columns with the same figures share one marker
