@@ -50,7 +50,9 @@ def installed_package() -> None:
     check(not location.is_relative_to(REPO), f"geoagent imported from the source tree: {location}")
     listing = cli("prompts", "list").stdout.splitlines()
     check(str(location.parent) in listing[0], f"prompts not from the installed package: {listing[0]}")
-    check(len(listing) == 8, f"expected 7 templates: {listing}")
+    shipped = sorted(path.stem for path in (REPO / "geoagent" / "prompts" / "templates").glob("*.txt"))
+    listed = sorted(line.split()[0] for line in listing[1:])
+    check(listed == shipped, f"the wheel should list every template of the source tree {shipped}: {listing}")
 
 
 def retrieval_only() -> None:
