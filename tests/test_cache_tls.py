@@ -76,3 +76,38 @@ def test_a_tls_server_reached_wrongly_is_one_line_saying_what_to_fix(tls_redis, 
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"127.0.0.1:{tls_redis.port}" in lines[0] and says in lines[0], lines[0]
     assert "start it" not in lines[0]
+
+
+def redis_cache(url: str):
+    from geoagent.vlm.cache.redis import RedisCache
+
+    return RedisCache(url, password=None, timeout_s=1.0, ttl_s=None, prefix="geoagent:")
+
+
+def test_a_certificate_failure_kept_only_as_the_errors_context_is_still_named():
+    """redis-py before 5.1 raises ``ConnectionError("Error 1 connecting to host. 1.")`` from inside its handler of
+    the TLS failure, so the certificate problem is only in ``__context__``: the line still says it is not trusted."""
+    import ssl
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        except OSError:
+            raise RedisConnectionError("Error 1 connecting to 127.0.0.1:6380. 1.")
+    except RedisConnectionError as exc:
+        said = redis_cache("rediss://127.0.0.1:6380/0").problem(exc)
+    assert said.startswith("the Redis server's TLS certificate is not trusted ([SSL: CERTIFICATE_VERIFY_FAILED]"), said
+
+
+def test_a_connection_closed_after_the_server_answered_is_a_lost_server_not_a_tls_hint():
+    """"Connection closed by server" on a redis:// URL is a TLS-only server before the first answer, and a server
+    that went away (killed, restarted) after it: only the first gets the rediss:// hint."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    cache = redis_cache("redis://127.0.0.1:6380/0")
+    closed = RedisConnectionError("Connection closed by server.")
+    assert "use a rediss:// URL" in cache.problem(closed)
+    cache.reached = True
+    assert cache.problem(closed).startswith("cannot reach the Redis server (Connection closed by server.)")

@@ -94,6 +94,8 @@ class ResponseCache(ABC):
         self.ttl_s = ttl_s
         #: Set once the store failed in this run: every later read misses and every write is skipped.
         self.stopped: str | None = None
+        #: Set once the store answered in this run: a failure after that is a lost store, not a wrong address.
+        self.reached = False
         #: Round trips made by lookups (one per coalesced batch): what pipelining saves, shown by tests.
         self.lookups = 0
         self._waiting: dict[str, list[asyncio.Future[CachedAnswer | None]]] = {}
@@ -161,10 +163,12 @@ class ResponseCache(ABC):
 
     async def _guarded(self, work: Any, fallback: Any) -> Any:
         try:
-            return await work
+            result = await work
         except (*self.failures, CacheError) as exc:
             self.stop(exc)
             return fallback
+        self.reached = True
+        return result
 
     def stop(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Stop caching for the rest of the run; the first time, say so (unless ``quiet``: already reported)."""
@@ -222,9 +226,11 @@ class ResponseCache(ABC):
 
     async def _admin(self, work: Any) -> Any:
         try:
-            return await work
+            result = await work
         except self.failures as exc:
             raise CacheError(f"cache {self.label}: {self.problem(exc)}") from None
+        self.reached = True
+        return result
 
     def problem(self, exc: BaseException) -> str:
         """One line saying what went wrong and what to do; subclasses name their own fixes."""

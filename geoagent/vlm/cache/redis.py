@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -54,6 +55,18 @@ def _decode(key: str, raw: bytes) -> StoredEntry:
     return StoredEntry.model_validate({**json.loads(raw), "key": key})
 
 
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc``, if one is in its chain of causes."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: chains can loop
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class RedisCache(ResponseCache):
     """Answers on a Redis server several processes and machines share."""
 
@@ -89,7 +102,8 @@ class RedisCache(ResponseCache):
         if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
             return "the server refused the password (set [cache] password_env to the variable that holds it)"
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)):
-            reason = super().problem(exc)
+            tls_error = _ssl_error(exc)  # redis-py < 5.1 keeps a TLS failure only in the exception's context
+            reason = super().problem(tls_error if tls_error is not None else exc)
             tls = self._tls_problem(reason)
             if tls:
                 return tls
@@ -104,7 +118,8 @@ class RedisCache(ResponseCache):
             return f"the Redis server's TLS certificate is not trusted ({reason}); {where}"
         if ca and not Path(ca).expanduser().is_file():
             return f"the CA file the URL names (ssl_ca_certs) does not exist: {ca}"
-        if not self.url.lower().startswith("rediss://") and ("reset by peer" in reason or "closed by server" in reason):
+        plain = not self.url.lower().startswith("rediss://")
+        if plain and not self.reached and ("reset by peer" in reason or "closed by server" in reason):
             return f"the Redis server closed the connection ({reason}); if it speaks TLS, use a rediss:// URL"
         return None
 
