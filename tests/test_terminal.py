@@ -76,8 +76,11 @@ async def test_explain_draws_the_tournament_as_a_bracket(world, standin, world_r
     matches = result.trace.matches  # type: ignore[union-attr]
     assert sorted(m.round for m in matches) == [1, 1, 1, 2, 3]  # type: ignore[type-var]
     first, second, final = ([m for m in matches if m.round == r] for r in (1, 2, 3))
-    went_on = {m.winner for m in first}
-    assert {second[0].a, second[0].b} <= went_on | {c for c in result.trace.pool}  # type: ignore[union-attr]
+    later = {second[0].a, second[0].b, final[0].a, final[0].b}
+    for m in first:  # a match's winner goes on; on a tie (winner None) the one better by evidence does
+        assert (m.a in later) != (m.b in later) and m.winner in (None, m.a if m.a in later else m.b)
+    went_on = {m.a if m.a in later else m.b for m in first}
+    assert {second[0].a, second[0].b} <= went_on
     bye = (went_on - {second[0].a, second[0].b}).pop()  # three went on, two met: the third waited
 
     text = rendered(result)
