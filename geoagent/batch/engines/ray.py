@@ -207,7 +207,7 @@ def spread_over_nodes(cpus: dict[str, int], count: int) -> list[str]:
     is best effort and can put every worker on one node; this puts them where the CPUs are, every time."""
     nodes = sorted(node for node, n in cpus.items() if n > 0) or sorted(cpus)
     turns = [node for turn in range(max([1, *(cpus[node] for node in nodes)])) for node in nodes if turn < max(1, cpus[node])]
-    return [turns[i % len(turns)] for i in range(count)]
+    return [turns[i % len(turns)] for i in range(count)] if turns else []
 
 
 class Engine(BaseEngine):
