@@ -206,7 +206,8 @@ def spread_over_nodes(cpus: dict[str, int], count: int) -> list[str]:
     CPUs (a node with none, such as a head kept free, takes none unless no node has any). Ray's own ``SPREAD``
     is best effort and can put every worker on one node; this puts them where the CPUs are, every time."""
     nodes = sorted(node for node, n in cpus.items() if n > 0) or sorted(cpus)
-    turns = [node for turn in range(max([1, *(cpus[node] for node in nodes)])) for node in nodes if turn < max(1, cpus[node])]
+    shares = {node: max(1, cpus[node]) for node in nodes}
+    turns = [node for turn in range(max(shares.values(), default=0)) for node in nodes if turn < shares[node]]
     return [turns[i % len(turns)] for i in range(count)] if turns else []
 
 
