@@ -48,7 +48,6 @@ from geoagent.vlm.cache.sqlite import NETWORK_FILESYSTEMS, cache_filesystem
 import ray  # after ray_build, which says how to install it when it is missing
 import ray.data
 import ray.util
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 WORKERS_ENV = "GEOAGENT_RAY_WORKERS"  # how many LocateWorker actors (default: one per CPU of the cluster)
 EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
@@ -92,7 +91,7 @@ class ClusterSlot:
             self._gate.release.remote()
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
 class LocateWorker:
     """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
 
@@ -201,16 +200,6 @@ def worker_count(resources: dict[str, float]) -> int:
     return count_from_env(WORKERS_ENV, max(1, int(resources.get("CPU", 1))))
 
 
-def spread_over_nodes(cpus: dict[str, int], count: int) -> list[str]:
-    """The node of each of ``count`` workers: round-robin over the nodes, each taking turns in proportion to its
-    CPUs (a node with none, such as a head kept free, takes none unless no node has any). Ray's own ``SPREAD``
-    is best effort and can put every worker on one node; this puts them where the CPUs are, every time."""
-    nodes = sorted(node for node, n in cpus.items() if n > 0) or sorted(cpus)
-    shares = {node: max(1, cpus[node]) for node in nodes}
-    turns = [node for turn in range(max(shares.values(), default=0)) for node in nodes if turn < shares[node]]
-    return [turns[i % len(turns)] for i in range(count)] if turns else []
-
-
 class Engine(BaseEngine):
     """The batch on Ray: ``ray.data`` embeds INPUT chunk by chunk, :class:`LocateWorker` actors locate, the
     driver keeps at most ``GeoAgent.photos_in_flight()`` photos at the workers and one chunk embedded ahead."""
@@ -238,11 +227,9 @@ class Engine(BaseEngine):
             ]
             for name in self.settings.routed_profiles()
         }
-        cpus = {node["NodeID"]: int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")}
         self.workers = [
-            LocateWorker.options(max_concurrency=self.slots, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-            .remote(self.settings, self.gates)
-            for node in spread_over_nodes(cpus, worker_count(resources))
+            LocateWorker.options(max_concurrency=self.slots).remote(self.settings, self.gates)
+            for _ in range(worker_count(resources))
         ]
         self.gpus_per_embedder = 1 if resources.get("GPU", 0) else 0
 
