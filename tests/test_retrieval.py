@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -163,6 +164,28 @@ def test_another_embedder_cannot_search_the_index(photo_folder, embedder, tmp_pa
     build_index(folder, tmp_path / "idx", embedder)
     with pytest.raises(IndexMismatchError, match="built with embedder tiny-clip / none, seed 0"):
         Retriever.load_sync(tiny_config(index=tmp_path / "idx", seed=1), tmp_path / "cache")
+
+
+def test_an_embedders_spec_is_known_without_importing_open_clip_and_is_the_one_a_loaded_model_has(embedder):
+    """What the Ray workers and the Ray build's driver check an index against: in a fresh process, the spec of a
+    model open_clip ships and of a config JSON is computed with neither open_clip nor PyTorch imported (they
+    cost a worker seconds and memory); each shipped model's config is the very one open_clip registers (so an
+    index's recorded hash is unchanged), and the JSON's spec is the loaded embedder's."""
+    from open_clip.factory import _MODEL_CONFIGS
+
+    from geoagent.retrieval.embedder import _model_config
+
+    code = (
+        "import sys, json; from geoagent.config import RetrievalConfig; from geoagent.retrieval.embedder import embedder_spec;"
+        "specs = [embedder_spec(RetrievalConfig(clip_model=m, clip_pretrained='none')).model_dump() for m in sys.argv[1:]];"
+        "print(json.dumps([specs, sorted(m for m in ('torch', 'open_clip') if m in sys.modules)]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "ViT-B-32", TINY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (shipped, tiny), imported = json.loads(proc.stdout)
+    assert imported == []
+    assert tiny == embedder.spec.model_dump() and shipped["model"] == "ViT-B-32"
+    assert [name for name in _MODEL_CONFIGS if _model_config(name)[1] != _MODEL_CONFIGS[name]] == []
 
 
 def test_random_weights_are_identical_across_processes(embedder):

@@ -108,6 +108,7 @@ class Embedder:
         import open_clip
         import torch
 
+        _register_model_config(config.clip_model)  # open_clip knows a config JSON only once it is added
         spec = embedder_spec(config)
         model_name = spec.model
         device = _pick_device(config.device)
@@ -206,12 +207,14 @@ def check_model_files(config: RetrievalConfig) -> None:
 
 
 def embedder_spec(config: RetrievalConfig) -> EmbedderSpec:
-    """The spec :meth:`Embedder.load` gives for ``config``, without loading the model (for a process that only
-    writes or checks vectors others embed: the Ray index build's driver)."""
-    model_name, config_hash = _register_model_config(config.clip_model)
+    """The spec :meth:`Embedder.load` gives for ``config``, without loading the model or importing open_clip
+    (for a process that only writes or checks vectors others embed: the Ray index build's driver and the Ray
+    batch's locate workers, which then never import PyTorch)."""
+    model_name, model_config, _ = _model_config(config.clip_model)
     pretrained = config.clip_pretrained
     if pretrained != "none" and Path(pretrained).expanduser().is_file():
         pretrained = "file:" + _file_digest(Path(pretrained).expanduser())
+    config_hash = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
     return EmbedderSpec(model=model_name, pretrained=pretrained, seed=config.seed, config_hash=config_hash)
 
 
@@ -246,11 +249,10 @@ def _file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _register_model_config(clip_model: str) -> tuple[str, str]:
-    """(open_clip model name, hash of its config); a JSON path is registered with open_clip under its stem."""
-    import open_clip
-    from open_clip.factory import _MODEL_CONFIGS
-
+def _model_config(clip_model: str) -> tuple[str, dict[str, Any], Path | None]:
+    """(open_clip model name, its config, the JSON file it came from if a path), read as open_clip reads it:
+    a built-in name from the ``model_configs`` folder open_clip ships, found without importing open_clip
+    (and so PyTorch); any other name is looked up in open_clip itself."""
     path = Path(clip_model).expanduser()
     if clip_model.endswith(".json") or path.is_file():
         try:
@@ -259,17 +261,48 @@ def _register_model_config(clip_model: str) -> tuple[str, str]:
             raise ConfigError(f"retrieval.clip_model: no model config at {path}") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not a readable open_clip model config ({exc})") from None
-        if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
+        if not _is_model_config(config):
             raise ConfigError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+        return path.stem, config, path
+    shipped = _shipped_model_config(clip_model)
+    if shipped is not None:
+        return clip_model, shipped, None
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    if clip_model not in open_clip.list_models():
+        raise ConfigError(f"retrieval.clip_model: unknown open_clip model '{clip_model}' (see open_clip.list_models())")
+    return clip_model, _MODEL_CONFIGS[clip_model], None
+
+
+def _is_model_config(config: object) -> bool:
+    return isinstance(config, dict) and all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg"))
+
+
+def _shipped_model_config(name: str) -> dict[str, Any] | None:
+    """``open_clip/model_configs/NAME.json`` as open_clip registers it at import, or None (not there, or not a
+    model config open_clip would list)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+    if spec is None or not spec.submodule_search_locations or "/" in name or name.startswith("."):
+        return None
+    file = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{name}.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if _is_model_config(config) else None
+
+
+def _register_model_config(clip_model: str) -> str:
+    """The name open_clip knows the model by; a JSON path is registered with open_clip under its stem."""
+    name, _, path = _model_config(clip_model)
+    if path is not None:
+        import open_clip
+
         open_clip.add_model_config(path)
-        name = path.stem
-    else:
-        name = clip_model
-        if name not in open_clip.list_models():
-            raise ConfigError(f"retrieval.clip_model: unknown open_clip model '{name}' (see open_clip.list_models())")
-        config = _MODEL_CONFIGS[name]
-    canonical = json.dumps(config, sort_keys=True).encode()
-    return name, hashlib.sha256(canonical).hexdigest()
+    return name
 
 
 def _pick_device(device: str) -> str:

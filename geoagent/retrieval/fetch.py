@@ -44,7 +44,7 @@ def clip_name_for_open_clip(config: RetrievalConfig) -> str:
     """The name open_clip knows the model by (a config JSON is registered under its stem first)."""
     from geoagent.retrieval.embedder import _register_model_config
 
-    return _register_model_config(config.clip_model)[0]
+    return _register_model_config(config.clip_model)
 
 
 def weights_plan(config: RetrievalConfig, *, ask_hub: bool = False) -> WeightsPlan:
