@@ -32,8 +32,9 @@ from pathlib import Path
 #: Imported once by the helper: what makes a command that loads CLIP slow to start.
 PRELOAD = ("numpy", "PIL.Image", "torch", "open_clip", "faiss")
 #: Environment variables that may differ from the helper's: each is read when used, never when a module is
-#: imported (the tests' own cache folder, geoagent's settings, pytest's bookkeeping).
-RUNTIME_ONLY = ("GEOAGENT_", "PYTEST_", "XDG_CACHE_HOME")
+#: imported (the tests' own cache folder, geoagent's settings, pytest's bookkeeping, the Ray cluster a driver
+#: joins: read by ``ray.init``, and the helper never imports ray).
+RUNTIME_ONLY = ("GEOAGENT_", "PYTEST_", "XDG_CACHE_HOME", "RAY_ADDRESS")
 MESSAGE_BYTES = 1 << 20
 #: TESTS_COLD_CLI=1: every command a plain ``python -m geoagent`` (to compare, or to rule this helper out).
 COLD = os.environ.get("TESTS_COLD_CLI") == "1"
