@@ -69,6 +69,16 @@ def split_panels(image: Image.Image) -> list[Image.Image]:
     return panels
 
 
+def panel_markers(image: Image.Image) -> list[int | None]:
+    """The marker of each panel of ``image``, read once per decoded image (the server decodes the same bytes
+    once, so a photo asked about again is not read again); kept on the image itself."""
+    markers: list[int | None] | None = getattr(image, "_standin_markers", None)
+    if markers is None:
+        markers = [read_marker(panel) for panel in split_panels(image)]
+        image._standin_markers = markers  # type: ignore[attr-defined]
+    return markers
+
+
 class WorldJudge:
     """Answers geolocation questions about a synthetic world, knowing where each marker was taken."""
 
@@ -83,8 +93,7 @@ class WorldJudge:
             return marker_judge(seen)
         if seen.truncated:  # the question lost its start (the query photo first): a real model guesses
             return self._guess(seen, properties)
-        panels = [panel for image in seen.images for panel in split_panels(image)]
-        markers = [read_marker(panel) for panel in panels]
+        markers = [marker for image in seen.images for marker in panel_markers(image)]
         if not markers or markers[0] not in self.truth:
             raise ValueError(f"no known marker on the query image (read {markers[:1]})")
         lat, lon, country = self.truth[markers[0]]  # type: ignore[index]

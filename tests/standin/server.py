@@ -15,6 +15,7 @@ manifests (``/v2/<namespace>/<name>/manifests/<tag>``). Every request is logged 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -254,7 +255,10 @@ class StandinServer:
         return ""
 
 
+@functools.lru_cache(maxsize=512)
 def _decode_image(data: str) -> Image.Image:
+    """The image sent as ``data``; the same bytes sent again (a query photo in every question about it) are
+    decoded once. Callers only read it."""
     if data.startswith("data:"):
         data = data.split(",", 1)[1]
     image = Image.open(io.BytesIO(base64.b64decode(data)))
