@@ -53,6 +53,10 @@ WORKERS_ENV = "GEOAGENT_RAY_WORKERS"  # how many LocateWorker actors (default: o
 EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
 EMBED_CHUNK = 256  # photos read from INPUT per ray.data pass (each pass loads the CLIP model once)
 GATE_MAX_WAITERS = 100_000  # calls one ProfileGate accepts at once (waiting for a slot is one of them)
+#: What a LocateWorker reserves: a token of memory. Ray spreads only actors that reserve some resource (with
+#: none, a 2-node cluster got both workers on one node in 7 runs of 8, ray-project/ray#27577; with this, every
+#: run used both). Memory, not a CPU share: a share would keep a 1-CPU node's CPU from the CLIP actor.
+WORKER_MEMORY = 1 << 20
 
 
 @ray.remote(num_cpus=0)
@@ -91,7 +95,7 @@ class ClusterSlot:
             self._gate.release.remote()
 
 
-@ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
+@ray.remote(num_cpus=0, memory=WORKER_MEMORY, scheduling_strategy="SPREAD")
 class LocateWorker:
     """``GeoAgent.locate`` on embedded photos, several at once; every request through its profile's gate."""
 
