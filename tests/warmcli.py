@@ -5,7 +5,8 @@ A helper process per test worker imports the heavy libraries once (``PRELOAD``) 
 child forked from it: a new process with its own working folder, environment, stdin (/dev/null), stdout and
 stderr, run as ``python -m geoagent ARGS`` runs (``runpy``, ``sys.argv``, ``sys.path[0]`` the working folder) and
 ended by Python's normal exit (atexit, threads joined, streams flushed), its exit code read back as
-``subprocess.run`` reads it. Nothing of the geoagent package is imported before the fork.
+``subprocess.run`` reads it. The geoagent modules every command imports are imported before the fork (none
+reads the environment at import: settings are read when a command runs).
 
 What a forked child cannot show is what a fresh interpreter does at import time, so ``run`` answers None (the
 caller then starts a plain ``python -m geoagent``) when the environment asked for differs from the helper's in a
@@ -29,8 +30,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-#: Imported once by the helper: what makes a command that loads CLIP slow to start.
-PRELOAD = ("numpy", "PIL.Image", "torch", "open_clip", "faiss")
+#: Imported once by the helper: what makes a command that loads CLIP slow to start, and what every command
+#: imports (the CLI, the agent, the batch runner, the model servers' clients: about 1 s of CPU a command).
+#: None of them reads the environment when imported.
+PRELOAD = ("numpy", "PIL.Image", "torch", "open_clip", "faiss", "ollama", "openai",
+           "geoagent.cli", "geoagent.agent.controller", "geoagent.batch.runner", "geoagent.vlm.backends.openai")
 #: Environment variables that may differ from the helper's: each is read when used, never when a module is
 #: imported (the tests' own cache folder, geoagent's settings, pytest's bookkeeping, the Ray cluster a driver
 #: joins: read by ``ray.init``, and the helper never imports ray).
