@@ -15,7 +15,6 @@ manifests (``/v2/<namespace>/<name>/manifests/<tag>``). Every request is logged 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import io
 import json
@@ -23,6 +22,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -255,14 +255,28 @@ class StandinServer:
         return ""
 
 
-@functools.lru_cache(maxsize=512)
+_DECODED: OrderedDict[str, Image.Image] = OrderedDict()  # small images by their data, least recently used first
+_DECODED_LOCK = threading.Lock()
+DECODED_KEEP = 256  # small images kept decoded (a world run asks about ~150 photos: its queries and references)
+DECODED_SMALL = 320 * 320  # pixels: what is kept (the world's photos are 320 x 240): at most ~80 MB in all
+
+
 def _decode_image(data: str) -> Image.Image:
-    """The image sent as ``data``; the same bytes sent again (a query photo in every question about it) are
-    decoded once. Callers only read it."""
-    if data.startswith("data:"):
-        data = data.split(",", 1)[1]
-    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    """The image sent as ``data``. A small one sent again (a query photo in every question about it) is
+    decoded once; callers only read it."""
+    with _DECODED_LOCK:
+        image = _DECODED.get(data)
+        if image is not None:
+            _DECODED.move_to_end(data)
+            return image
+    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    image = Image.open(io.BytesIO(base64.b64decode(raw)))
     image.load()
+    if image.width * image.height <= DECODED_SMALL:
+        with _DECODED_LOCK:
+            _DECODED[data] = image
+            if len(_DECODED) > DECODED_KEEP:
+                _DECODED.popitem(last=False)
     return image
 
 
