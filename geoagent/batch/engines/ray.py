@@ -54,8 +54,8 @@ EMBED_BATCH = 32  # photos per map_batches call of the CLIP actor
 EMBED_CHUNK = 256  # photos read from INPUT per ray.data pass (each pass loads the CLIP model once)
 GATE_MAX_WAITERS = 100_000  # calls one ProfileGate accepts at once (waiting for a slot is one of them)
 #: What a LocateWorker reserves: a token of memory. Ray spreads only actors that reserve some resource (with
-#: none, a 2-node cluster got both workers on one node in 7 runs of 8, ray-project/ray#27577; with this, every
-#: run used both). Memory, not a CPU share: a share would keep a 1-CPU node's CPU from the CLIP actor.
+#: none, a 2-node cluster got both workers on one node in 7 runs of 8, ray-project/ray#27577; with this, all 24
+#: runs of 2 or 4 workers used both). Memory, not a CPU share: a share keeps a 1-CPU node's CPU from the CLIP actor.
 WORKER_MEMORY = 1 << 20
 
 
