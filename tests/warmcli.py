@@ -11,7 +11,7 @@ reads the environment at import: settings are read when a command runs).
 What a forked child cannot show is what a fresh interpreter does at import time, so ``run`` answers None (the
 caller then starts a plain ``python -m geoagent``) when the environment asked for differs from the helper's in a
 variable that is not known to be read only at run time: ``PYTHONPROFILEIMPORTTIME`` (a test of what a command
-imports), ``HF_*`` (read by huggingface_hub when imported), ``PYTHONPATH``, ``RAY_ADDRESS`` and so on.
+imports), ``HF_*`` (read by huggingface_hub when imported), ``PYTHONPATH`` and so on.
 """
 
 from __future__ import annotations
