@@ -91,7 +91,6 @@ def test_a_worker_count_that_is_not_a_number_is_one_clear_line(monkeypatch):
     assert worker_count({"CPU": 4.0}) == 4
 
 
-
 def test_a_retriever_with_a_deferred_embedder_searches_given_vectors_without_loading_a_model(world, tmp_path):
     """What the Ray batch workers use (their photos come embedded by ray.data): the index is opened and checked
     against the configured embedder's spec, no CLIP model is loaded until a photo must be embedded here, and
