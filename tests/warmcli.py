@@ -35,10 +35,13 @@ from pathlib import Path
 #: None of them reads the environment when imported.
 PRELOAD = ("numpy", "PIL.Image", "torch", "open_clip", "faiss", "ollama", "openai",
            "geoagent.cli", "geoagent.agent.controller", "geoagent.batch.runner", "geoagent.vlm.backends.openai")
-#: Environment variables that may differ from the helper's: each is read when used, never when a module is
-#: imported (the tests' own cache folder, geoagent's settings, pytest's bookkeeping, the Ray cluster a driver
-#: joins: read by ``ray.init``, and the helper never imports ray).
-RUNTIME_ONLY = ("GEOAGENT_", "PYTEST_", "XDG_CACHE_HOME", "RAY_ADDRESS")
+#: Environment variables that may differ from the helper's: each is read when used, never when a module the
+#: helper imported is imported (the tests' own cache folder, geoagent's settings, pytest's bookkeeping; Ray's:
+#: the helper never imports ray). Three are set in the test worker's own environment by what a test imports
+#: there, and would otherwise send every later command of that worker to a fresh interpreter: ``ray.init`` sets
+#: ``RAY_*`` and ``PYTHONBREAKPOINT`` (read when ``breakpoint()`` is called); importing litellm sets
+#: ``TIKTOKEN_CACHE_DIR`` (read by tiktoken when it loads an encoding; litellm sets it again when imported).
+RUNTIME_ONLY = ("GEOAGENT_", "PYTEST_", "XDG_CACHE_HOME", "RAY_", "PYTHONBREAKPOINT", "TIKTOKEN_CACHE_DIR")
 MESSAGE_BYTES = 1 << 20
 #: TESTS_COLD_CLI=1: every command a plain ``python -m geoagent`` (to compare, or to rule this helper out).
 COLD = os.environ.get("TESTS_COLD_CLI") == "1"
