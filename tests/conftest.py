@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Nothing in the suite may reach the Hugging Face Hub: the sandbox has no network and a test must not depend on
+# one. Set here, before anything imports huggingface_hub (it reads the variable once), so the warm CLI helper
+# (tests/warmcli.py) has it too and a test asking for it still gets a forked command, not a fresh interpreter.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from geoagent.config import Settings  # noqa: E402
 from geoagent.images import encode_image  # noqa: E402
@@ -150,3 +154,16 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     if warm is not None:
         return warm
     return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL,
+              stderr: Any = subprocess.PIPE, text: bool = False) -> Any:
+    """``geoagent ARGS`` started in the background, as ``subprocess.Popen`` starts it (stdin /dev/null): forked
+    from the warm helper (a :class:`warmcli.WarmProcess`) or, when ``env`` changes what an import reads, a plain
+    ``python -m geoagent``. ``env`` is the whole environment (default: this process's)."""
+    full_env = dict(os.environ if env is None else env)
+    warm = WARM_CLI.start(list(args), cwd, full_env, stdout, stderr, text=text)
+    if warm is not None:
+        return warm
+    return subprocess.Popen([sys.executable, "-m", "geoagent", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr, text=text)  # fmt: skip

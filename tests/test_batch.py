@@ -8,13 +8,12 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import indexed_world, run_cli, world_retrieval_config, world_settings, write_world_config
+from conftest import indexed_world, run_cli, start_cli, world_retrieval_config, world_settings, write_world_config
 from geoagent.batch.engines import load_engine
 from geoagent.batch.formats import plan_output
 from geoagent.batch.inputs import BatchInput, BatchInputError, BatchItem
@@ -60,9 +59,9 @@ def lines_in(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def start_batch(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+def start_batch(args: list[str], cwd: Path):
     """``geoagent batch ARGS`` started in the background (stderr kept for the test's messages)."""
-    return subprocess.Popen([sys.executable, "-m", "geoagent", "batch", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return start_cli("batch", *args, cwd=cwd)
 
 
 def run_until_lines(args: list[str], journal_path: Path, lines: int, cwd: Path) -> None:

@@ -10,12 +10,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import run_cli, write_world_config
+from conftest import run_cli, start_cli, write_world_config
 from geoagent.eval.datasets import load_dataset
 from geoagent.eval.metrics import Prediction, accuracy_at, geoscore, summarise
 from geoagent.geo import haversine_km
@@ -145,10 +144,9 @@ def test_editing_the_pairwise_prompt_re_sends_only_pairwise_requests(standin, wo
 def test_ctrl_c_writes_a_partial_report_and_a_rerun_resumes_from_the_cache(standin, world, tmp_path):
     server = standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.15))
     config = write_world_config(tmp_path / "c.toml", world, server, tmp_path / "cache", strategy="tournament", reasoning=False, max_concurrent_photos=1)
-    args = [sys.executable, "-m", "geoagent", "eval", str(world.queries_csv), "--config", str(config), "--out", str(tmp_path / "out")]
-    # A shell's background jobs inherit SIGINT as ignored; the user's Ctrl-C reaches a foreground process.
-    restore_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore_ctrl_c)
+    # A foreground command, as a user's Ctrl-C finds it: SIGINT not ignored (a shell's background jobs have it ignored).
+    proc = start_cli("eval", str(world.queries_csv), "--config", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path,
+                     stdout=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
     while len([r for r in server.chat_requests() if r.status == 200]) < 40 and time.time() < deadline:
         time.sleep(0.1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from browser import offline_browser
-from conftest import run_cli, write_world_config
+from conftest import run_cli, start_cli, write_world_config
 from standin import StandinConfig, StandinServer, WorldJudge
 
 OUTAGE_S = 5.0  # how long the stand-in stays down: many times the longest probe backoff below
@@ -39,10 +38,8 @@ def outage_serve(world, tmp_path) -> Iterator[tuple[str, StandinServer, Path]]:
     config = write_world_config(tmp_path / "geoagent.toml", world, vlm, tmp_path / "cache", backend=backend, strategy="tournament")
     out = tmp_path / "stdout.txt"
     with out.open("wb") as stdout:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "geoagent", "serve", "--port", "0", "--config", str(config), "--tiles", "none"],
-            cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")}, stdout=stdout, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        process = start_cli("serve", "--port", "0", "--config", str(config), "--tiles", "none", cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("GEOAGENT_")}, stdout=stdout, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while READY_LINE not in out.read_text():
         if process.poll() is not None or time.monotonic() > deadline:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import run_cli, write_world_config
+from conftest import run_cli, start_cli, write_world_config
 from redisd import RedisServer
 from standin import StandinConfig, WorldJudge
 from test_batch import journal, path_list, prediction
@@ -177,10 +176,8 @@ def test_redis_lost_mid_run_on_ray_is_said_once_by_the_driver(world, standin, tw
         listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[1::4][:10]])
         out = tmp_path / "r.jsonl"
         env = {**os.environ, "RAY_ADDRESS": two_nodes.address, "GEOAGENT_RAY_WORKERS": "2"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "geoagent", "batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray"],
-            cwd=two_nodes.head_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+        proc = start_cli("batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray",
+                         cwd=two_nodes.head_dir, env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
         deadline = time.monotonic() + 300
         while len(answer_keys(redis_server)) < 5 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -5,12 +5,10 @@ random-weight CLIP of the other tests; offline CLIP weights and hosted keys name
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import TINY_CLIP, run_cli, world_retrieval_config
 from geoagent.config import Settings
@@ -254,9 +252,3 @@ async def test_a_hosted_profile_needs_its_key_variable_and_never_shows_the_key(m
     monkeypatch.delenv("MY_CLAUDE_KEY")
     gone = await backend_step("cloud", settings.backends["cloud"], dry_run=False, on_progress=lambda _: None)
     assert gone.state == "failed" and "MY_CLAUDE_KEY is not set" in gone.summary
-
-
-@pytest.fixture(autouse=True)
-def _no_hf_network(monkeypatch):
-    """Nothing here may reach the Hugging Face Hub: the sandbox has no network, and a test must not depend on it."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 #: Imported once by the helper: what makes a command that loads CLIP slow to start, and what every command
 #: imports (the CLI, the agent, the batch runner, the model servers' clients: about 1 s of CPU a command).
@@ -81,28 +82,117 @@ class WarmRunner:
         changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
         return all(k.startswith(RUNTIME_ONLY) for k in changed)
 
-    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str] | None:
-        """``geoagent ARGS`` in a child forked from the helper; None when ``env`` needs a fresh interpreter."""
+    def _ready(self, env: dict[str, str]) -> bool:
+        """The helper started (on first use); False when ``env`` needs a fresh interpreter (or TESTS_COLD_CLI)."""
         if COLD:
-            return None
+            return False
         with self.lock:
             if self.process is None or self.process.poll() is not None:
                 self._start()
-        if not self.warm_enough(env):
-            return None
+        return self.warm_enough(env)
+
+    def _fork(self, args: list[str], cwd: Path, env: dict[str, str], fds: list[int]) -> tuple[socket.socket, int]:
+        """Ask the helper for a child with ``fds`` as its stdin, stdout and stderr: the connection its exit code
+        will come back on, and its pid."""
         request = json.dumps({"args": args, "cwd": str(Path(cwd).resolve()), "env": env}).encode()
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null, \
-                socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:  # fmt: skip
-            conn.connect(self.address)
-            socket.send_fds(conn, [request], [null.fileno(), out.fileno(), err.fileno()])
-            pid = json.loads(conn.recv(MESSAGE_BYTES))["pid"]
-            conn.settimeout(timeout)
-            try:
-                status = json.loads(conn.recv(MESSAGE_BYTES))["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(["geoagent", *args], timeout) from None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(self.address)
+        socket.send_fds(conn, [request], fds)
+        return conn, json.loads(conn.recv(MESSAGE_BYTES))["pid"]
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str] | None:
+        """``geoagent ARGS`` in a child forked from the helper; None when ``env`` needs a fresh interpreter."""
+        if not self._ready(env):
+            return None
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
+            conn, pid = self._fork(args, cwd, env, [null.fileno(), out.fileno(), err.fileno()])
+            with conn:
+                conn.settimeout(timeout)
+                try:
+                    status = json.loads(conn.recv(MESSAGE_BYTES))["returncode"]
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(["geoagent", *args], timeout) from None
             return subprocess.CompletedProcess([sys.executable, "-m", "geoagent", *args], status, _text(out), _text(err))
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str], stdout: Any, stderr: Any, text: bool = False) -> WarmProcess | None:
+        """``geoagent ARGS`` started in a child forked from the helper, as ``subprocess.Popen`` starts it (stdin
+        /dev/null; ``stdout`` and ``stderr`` each ``subprocess.PIPE``, ``subprocess.DEVNULL`` or an open file);
+        None when ``env`` needs a fresh interpreter."""
+        if not self._ready(env):
+            return None
+        ends: list[tuple[int, Any]] = []  # (the child's end, what the caller reads: a pipe's end or None)
+        for target in (stdout, stderr):
+            if target == subprocess.PIPE:
+                read, write = os.pipe()
+                ends.append((write, open(read, "r" if text else "rb")))  # noqa: SIM115 - the process's to close
+            elif target == subprocess.DEVNULL:
+                ends.append((os.open(os.devnull, os.O_WRONLY), None))
+            else:
+                ends.append((os.dup(target.fileno()), None))
+        try:
+            with open(os.devnull, "rb") as null:
+                conn, pid = self._fork(args, cwd, env, [null.fileno(), *(end for end, _ in ends)])
+        finally:
+            for end, _ in ends:
+                os.close(end)  # the child holds them now: the pipes end when it does
+        return WarmProcess([sys.executable, "-m", "geoagent", *args], conn, pid, ends[0][1], ends[1][1])
+
+
+class WarmProcess:
+    """A command started by :meth:`WarmRunner.start`: what the tests use of ``subprocess.Popen`` (its exit code
+    comes from the helper, which is its parent)."""
+
+    def __init__(self, args: list[str], conn: socket.socket, pid: int, stdout: Any, stderr: Any) -> None:
+        self.args, self.pid, self.stdout, self.stderr = args, pid, stdout, stderr
+        self.returncode: int | None = None
+        self._conn = conn
+
+    def _exited(self, timeout: float | None) -> bool:
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
+            try:
+                message = self._conn.recv(MESSAGE_BYTES)
+            except (TimeoutError, BlockingIOError):
+                return False
+            self.returncode = json.loads(message)["returncode"]
+            self._conn.close()
+        return True
+
+    def poll(self) -> int | None:
+        self._exited(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
+        """Everything left on the pipes (read at once, as Popen does), then the exit code."""
+        read: dict[int, Any] = {}
+        readers = [
+            threading.Thread(target=lambda n, f: read.__setitem__(n, f.read()), args=(n, f), daemon=True)
+            for n, f in enumerate((self.stdout, self.stderr)) if f is not None
+        ]  # fmt: skip
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout)
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        self.wait(timeout)
+        for pipe in (self.stdout, self.stderr):
+            if pipe is not None:
+                pipe.close()
+        return read.get(0), read.get(1)
 
 
 def _text(file) -> str:
@@ -126,6 +216,7 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket]) -> Non
     for target, fd in enumerate(fds):  # stdin, stdout, stderr (fd 0 was the helper's pipe from the test worker)
         os.dup2(fd, target)
         os.close(fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a command in a terminal gets it
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
