@@ -146,14 +146,15 @@ def write_world_config(path: Path, world, server: StandinServer, cache: Path, ba
     return path
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``geoagent ARGS`` in a new process, as a user would run it: forked from a helper that has PyTorch imported
-    already (tests/warmcli.py), or a plain ``python -m geoagent`` when ``env`` changes what an import reads."""
+    already (tests/warmcli.py), or a plain ``python -m geoagent`` when ``env`` changes what an import reads.
+    ``subprocess.TimeoutExpired`` (the command killed) past ``timeout`` seconds."""
     full_env = {**os.environ, **(env or {})}
-    warm = WARM_CLI.run(list(args), cwd, full_env, timeout=600)
+    warm = WARM_CLI.run(list(args), cwd, full_env, timeout=timeout)
     if warm is not None:
         return warm
-    return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+    return subprocess.run([sys.executable, "-m", "geoagent", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL,

@@ -219,8 +219,7 @@ def test_a_fifo_among_batch_photos_is_named_and_the_rest_answered(kind, world, s
     if kind == "list":
         source.write_text("".join(f"{p}\n" for p in sorted(folder.iterdir())))
     try:
-        proc = subprocess.run(geoagent("batch", str(source), "--out", "run.jsonl", "--config", str(config)),
-                              cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+        proc = run_cli_guarded(["batch", str(source), "--out", "run.jsonl", "--config", str(config)], tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("batch hung on a FIFO")
     assert proc.returncode == 1, proc.stderr
@@ -244,7 +243,8 @@ def test_a_fifo_as_batch_input_is_refused_at_once(tmp_path):
 
 
 def run_cli_guarded(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(geoagent(*args), cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    """``geoagent ARGS``, killed (``subprocess.TimeoutExpired``) if it runs past the hang guard."""
+    return run_cli(*args, cwd=cwd, timeout=HANG_GUARD_S)
 
 
 # --- damaged indexes (F3 and the minor point) -----------------------------------------------------------------
