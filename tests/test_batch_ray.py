@@ -33,25 +33,31 @@ def ray_batch(listing: Path, out: Path, config: Path, address: str, workers: int
     return run_cli("batch", str(listing), "--out", str(out), "--config", str(config), "--engine", "ray", cwd=cwd, env=env)
 
 
-def test_the_ray_engine_gives_the_local_engines_predictions(world, standin, ray_address, tmp_path):
-    """The same photos and config through --engine ray (two workers, embedding by ray.data, a photo that cannot
-    be opened among them) and --engine local, each with its own cache: the same journal, prediction for prediction."""
-    server = standin(judge=WorldJudge(world.truth))
+def test_the_ray_engine_gives_the_local_engines_predictions_and_holds_each_servers_slots(world, standin, ray_address, tmp_path):
+    """The same photos (a photo that cannot be opened among them) through --engine local, against one stand-in,
+    and through --engine ray (two workers, embedding by ray.data) against a profile over two stand-ins
+    (base_url = [a, b], max_concurrency = 2: 2 slots each; each worker's own client holds 2 per server, so the
+    two together could hold 4), each run with its own cache: the same journal, prediction for prediction, and
+    the same questions, asked once each. Each server's limit is held cluster-wide: neither stand-in ever holds
+    more than 2 requests at once, both reach 2 (the slots are used), and both answer part of the run."""
+    local_server = standin(judge=WorldJudge(world.truth))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     listing = path_list(tmp_path / "photos.txt", [*(q.path for q in world.queries[::5][:8]), broken])
-    local_config = write_world_config(tmp_path / "local.toml", world, server, tmp_path / "local-cache", **AGENT)
+    local_config = write_world_config(tmp_path / "local.toml", world, local_server, tmp_path / "local-cache", **AGENT)
     local = run_cli("batch", str(listing), "--out", str(tmp_path / "local.jsonl"), "--config", str(local_config), cwd=tmp_path)
     assert local.returncode == 1, local.stderr  # the broken photo
-    local_requests = len(server.chat_requests())
 
-    config = write_world_config(tmp_path / "ray.toml", world, server, tmp_path / "ray-cache", **AGENT)
+    servers = [standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.05)) for _ in range(2)]
+    backend = {"base_url": [s.url for s in servers], "max_concurrency": 2}
+    config = write_world_config(tmp_path / "ray.toml", world, servers[0], tmp_path / "ray-cache", backend=backend, **AGENT)
     proc = ray_batch(listing, tmp_path / "ray.jsonl", config, ray_address, 2, tmp_path)
     assert proc.returncode == 1 and f"{broken}: not an image" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     ray_entries = journal(tmp_path / "ray.jsonl")
     assert sorted(map(prediction, ray_entries)) == sorted(map(prediction, journal(tmp_path / "local.jsonl")))
-    assert len(server.chat_requests()) - local_requests == local_requests  # the same questions, asked once each
+    assert sum(len(s.chat_requests()) for s in servers) == len(local_server.chat_requests())  # the same questions, once each
+    assert [s.max_busy for s in servers] == [2, 2] and all(s.chat_requests() for s in servers)
 
 
 def test_the_ray_engine_without_the_ray_extra_says_how_to_install_it(world, tmp_path):
@@ -185,18 +191,3 @@ def test_a_ray_build_embeds_a_few_open_images_as_the_local_model_does(world, ray
     config = RetrievalConfig(**world_retrieval_config(world))
     images = [open_image(q.path) for q in world.queries[:5]]
     assert np.allclose(RayEmbedding(config).embed_images_sync(images), Embedder.load(config).embed_images_sync(images), atol=1e-6)
-
-
-def test_two_ray_workers_hold_each_servers_max_concurrency(world, standin, ray_address, tmp_path):
-    """A profile over two servers (base_url = [a, b], max_concurrency = 2: 2 slots each) and two workers with four
-    photos each (each worker's own client holds 2 per server, so the two together could hold 4): each server's
-    limit is held cluster-wide, per server: neither stand-in ever holds more than 2 requests at once, both reach
-    2 (the slots are used), and both answer part of the run."""
-    servers = [standin(judge=WorldJudge(world.truth), config=StandinConfig(latency_s=0.05)) for _ in range(2)]
-    listing = path_list(tmp_path / "photos.txt", [q.path for q in world.queries[2::5][:8]])
-    backend = {"base_url": [s.url for s in servers], "max_concurrency": 2}
-    config = write_world_config(tmp_path / "g.toml", world, servers[0], tmp_path / "cache", backend=backend, **AGENT)
-    proc = ray_batch(listing, tmp_path / "r.jsonl", config, ray_address, 2, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert len(journal(tmp_path / "r.jsonl")) == 8
-    assert [s.max_busy for s in servers] == [2, 2] and all(s.chat_requests() for s in servers)
