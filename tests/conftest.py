@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -167,4 +168,10 @@ def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdout: 
     if warm is not None:
         return warm
     return subprocess.Popen([sys.executable, "-m", "geoagent", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                            stdout=stdout, stderr=stderr, text=text)  # fmt: skip
+                            stdout=stdout, stderr=stderr, text=text, preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default, as a command in a terminal has it (a test worker may ignore SIGINT, and children inherit
+    that); the warm helper's children get the same."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
