@@ -8,8 +8,8 @@ ended by Python's normal exit (atexit, threads joined, streams flushed), its exi
 ``subprocess.run`` reads it. The geoagent modules every command imports are imported before the fork (none
 reads the environment at import: settings are read when a command runs).
 
-What a forked child cannot show is what a fresh interpreter does at import time, so ``run`` answers None (the
-caller then starts a plain ``python -m geoagent``) when the environment asked for differs from the helper's in a
+What a forked child cannot show is what a fresh interpreter does at import time, so ``run`` and ``start`` answer
+None (the caller then starts a plain ``python -m geoagent``) when the environment asked for differs from the helper's in a
 variable that is not known to be read only at run time: ``PYTHONPROFILEIMPORTTIME`` (a test of what a command
 imports), ``HF_*`` (read by huggingface_hub when imported), ``PYTHONPATH`` and so on.
 """
@@ -101,18 +101,18 @@ class WarmRunner:
         return conn, json.loads(conn.recv(MESSAGE_BYTES))["pid"]
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str] | None:
-        """``geoagent ARGS`` in a child forked from the helper; None when ``env`` needs a fresh interpreter."""
-        if not self._ready(env):
-            return None
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
-            conn, pid = self._fork(args, cwd, env, [null.fileno(), out.fileno(), err.fileno()])
-            with conn:
-                conn.settimeout(timeout)
-                try:
-                    status = json.loads(conn.recv(MESSAGE_BYTES))["returncode"]
-                except TimeoutError:
-                    os.kill(pid, signal.SIGKILL)
-                    raise subprocess.TimeoutExpired(["geoagent", *args], timeout) from None
+        """``geoagent ARGS`` in a child forked from the helper, waited for (killed past ``timeout``, as
+        ``subprocess.run`` kills); None when ``env`` needs a fresh interpreter."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = self.start(args, cwd, env, out, err)
+            if process is None:
+                return None
+            try:
+                status = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise subprocess.TimeoutExpired(["geoagent", *args], timeout) from None
             return subprocess.CompletedProcess([sys.executable, "-m", "geoagent", *args], status, _text(out), _text(err))
 
     def start(self, args: list[str], cwd: Path, env: dict[str, str], stdout: Any, stderr: Any, text: bool = False) -> WarmProcess | None:
